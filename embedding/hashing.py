@@ -1,0 +1,70 @@
+"""Raw 64-bit ids → table rows, by salted hashing, inside the model.
+
+Raw ids in the logs are arbitrary 64-bit values (never dense indices). ``IdHasher`` maps every
+value of a KeyedJaggedTensor to ``mix64(raw ^ salt[key]) mod hash_size[key]`` where the salt is a
+stable hash of the *field name*: two fields sharing one table therefore do not collide
+systematically. All keys are hashed in one vectorized pass (no per-key Python loop): the
+per-key salt and size are expanded to per-value tensors with ``repeat_interleave`` over
+``length_per_key``. Managed collision (MCH/ZCH) replaces this module in a later stage.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+_M1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64 multipliers, as signed int64
+_M2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _shr(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Logical right shift on int64 (torch's ``>>`` is arithmetic)."""
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finalizer on int64 tensors (wrapping multiply)."""
+    x = x ^ _shr(x, 30)
+    x = x * _M1
+    x = x ^ _shr(x, 27)
+    x = x * _M2
+    return x ^ _shr(x, 31)
+
+
+def name_salt(name: str) -> int:
+    """A stable 63-bit salt for a feature name."""
+    h = zlib.crc32(name.encode()) | (zlib.crc32(name.encode()[::-1]) << 32)
+    return h & ((1 << 63) - 1)
+
+
+class IdHasher(nn.Module):
+    """Hash each key's raw ids into its table's ``hash_size`` rows.
+
+    Example, keys ``["a", "b"]`` with sizes ``[10, 1000]``::
+
+        raw KJT      a: [[7], [7, 9]]   b: [[7], []]
+        hashed KJT   a: [[h_a(7) % 10], [h_a(7) % 10, h_a(9) % 10]]   b: [[h_b(7) % 1000], []]
+    """
+
+    def __init__(self, keys: list[str], hash_sizes: list[int]) -> None:
+        super().__init__()
+        self.keys = list(keys)
+        self.register_buffer("salts", torch.tensor([name_salt(k) for k in keys], dtype=torch.int64),
+                             persistent=False)
+        self.register_buffer("sizes", torch.tensor(hash_sizes, dtype=torch.int64), persistent=False)
+
+    def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        if kjt.keys() != self.keys:
+            raise ValueError(f"IdHasher expects keys {self.keys[:5]}…, got {kjt.keys()[:5]}…")
+        per_key = torch.tensor(kjt.length_per_key(), device=self.salts.device)
+        salt = torch.repeat_interleave(self.salts, per_key)
+        size = torch.repeat_interleave(self.sizes, per_key)
+        rows = torch.remainder(mix64(kjt.values().long() ^ salt), size)
+        return KeyedJaggedTensor(
+            keys=kjt.keys(), values=rows, lengths=kjt.lengths(), offsets=kjt.offsets(),
+            stride=kjt.stride(), length_per_key=kjt.length_per_key(),
+            offset_per_key=kjt.offset_per_key(),
+        )

@@ -1,0 +1,142 @@
+"""Sharding: planner + ``DistributedModelParallel`` + the fused sparse optimizer.
+
+The one place outside ``jobs/`` that touches ``torch.distributed``. Passes, in order:
+
+1. ``apply_sparse_optimizer`` — tables get a fused optimizer (row-wise Adagrad by default),
+   applied inside the backward by the FBGEMM kernels (no dense gradient for tables);
+2. ``shard`` — the planner proposes a plan (optionally restricted to some sharding types) and
+   ``DistributedModelParallel`` replaces the EBC/EC with sharded twins, materializing only the
+   local shards of tables built on ``meta``; dense parameters are wrapped in DDP;
+3. ``dense_optimizer`` — Adam (or SGD) over every parameter that has no fused optimizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingPlan, ShardingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+SHARDING_TYPES = tuple(t.value for t in ShardingType)
+SPARSE_OPTIMIZERS = ("rowwise_adagrad", "sgd")
+DENSE_OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardingConfig:
+    sharding_types: tuple[str, ...] = ()  # allowed for every table; empty: the planner chooses
+    table_sharding_types: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per table
+    sparse_optimizer: str = "rowwise_adagrad"
+    sparse_lr: float = 0.05
+    dense_optimizer: str = "adam"
+    dense_lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        bad = [t for ts in (self.sharding_types, *self.table_sharding_types.values()) for t in ts
+               if t not in SHARDING_TYPES]
+        if bad:
+            raise ValueError(f"sharding.sharding_types: unknown {bad}; choose from {SHARDING_TYPES}")
+        if self.sparse_optimizer not in SPARSE_OPTIMIZERS:
+            raise ValueError(f"sharding.sparse_optimizer: choose one of {SPARSE_OPTIMIZERS}")
+        if self.dense_optimizer not in DENSE_OPTIMIZERS:
+            raise ValueError(f"sharding.dense_optimizer: choose one of {DENSE_OPTIMIZERS}")
+
+
+def embedding_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))]
+
+
+def apply_sparse_optimizer(model: nn.Module, cfg: ShardingConfig) -> None:
+    params = [p for m in embedding_modules(model) for p in m.parameters()]
+    if cfg.sparse_optimizer == "rowwise_adagrad":
+        apply_optimizer_in_backward(RowWiseAdagrad, params, {"lr": cfg.sparse_lr})
+    else:
+        apply_optimizer_in_backward(torch.optim.SGD, params, {"lr": cfg.sparse_lr})
+
+
+class CPURowWiseEBCSharder(EmbeddingBagCollectionSharder):
+    """TorchRec lists row-wise for pooled tables only on CUDA; the FBGEMM CPU kernels it needs
+    (block bucketize, reduce-scatter of pooled rows) exist, and ``tests/distributed`` checks the
+    result against the unsharded model, so it is allowed on CPU too."""
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        types = super().sharding_types(compute_device_type)
+        if compute_device_type == "cpu":
+            types = types + [ShardingType.ROW_WISE.value]
+        return types
+
+
+def sharders() -> list:
+    return [CPURowWiseEBCSharder(), EmbeddingCollectionSharder()]
+
+
+def _constraints(model: nn.Module, cfg: ShardingConfig, device: torch.device):
+    constraints = {}
+    for module, sharder in _modules_and_sharders(model):
+        supported = sharder.sharding_types(device.type)
+        for table in _table_names(module):
+            wanted = cfg.table_sharding_types.get(table, cfg.sharding_types)
+            if not wanted:
+                continue
+            allowed = [t for t in wanted if t in supported]
+            if not allowed:
+                raise ValueError(
+                    f"sharding: table '{table}' ({type(module).__name__}) cannot use {list(wanted)} on "
+                    f"{device.type}; supported there: {supported}"
+                )
+            constraints[table] = ParameterConstraints(sharding_types=allowed)
+    return constraints or None
+
+
+def _modules_and_sharders(model: nn.Module):
+    ebc_sharder, ec_sharder = sharders()
+    for m in embedding_modules(model):
+        yield m, ebc_sharder if isinstance(m, EmbeddingBagCollection) else ec_sharder
+
+
+def plan(model: nn.Module, cfg: ShardingConfig, device: torch.device,
+         pg: dist.ProcessGroup | None = None) -> ShardingPlan:
+    pg = pg or dist.group.WORLD
+    world = dist.get_world_size(pg)
+    topology = Topology(world_size=world, compute_device=device.type, local_world_size=world)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=_constraints(model, cfg, device))
+    return planner.collective_plan(model, sharders(), pg)
+
+
+def _table_names(module: nn.Module) -> list[str]:
+    if isinstance(module, EmbeddingBagCollection):
+        return [c.name for c in module.embedding_bag_configs()]
+    return [c.name for c in module.embedding_configs()]
+
+
+def shard(model: nn.Module, cfg: ShardingConfig, device: torch.device,
+          pg: dist.ProcessGroup | None = None) -> DistributedModelParallel:
+    """Fused optimizer, plan, DMP — in that order (the optimizer must be attached first)."""
+    apply_sparse_optimizer(model, cfg)
+    sharding_plan = plan(model, cfg, device, pg)
+    return DistributedModelParallel(module=model, device=device, plan=sharding_plan,
+                                    sharders=sharders())
+
+
+def dense_optimizer(model: nn.Module, cfg: ShardingConfig) -> CombinedOptimizer:
+    """One optimizer for the step: the dense one plus the tables' fused one (for state_dict)."""
+    params = dict(in_backward_optimizer_filter(model.named_parameters()))
+    if cfg.dense_optimizer == "adam":
+        dense = KeyedOptimizerWrapper(params, lambda ps: torch.optim.Adam(ps, lr=cfg.dense_lr))
+    else:
+        dense = KeyedOptimizerWrapper(params, lambda ps: torch.optim.SGD(ps, lr=cfg.dense_lr))
+    parts = [("dense", dense)]
+    if isinstance(model, DistributedModelParallel):
+        parts.append(("sparse", model.fused_optimizer))
+    return CombinedOptimizer(parts)

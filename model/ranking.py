@@ -1,0 +1,59 @@
+"""The servable ranking model (Batch → logits, no loss) and its training wrapper."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embedding.schema import FeatureSchema
+from model.dlrm import DLRMConfig, DLRMTower
+from model.sparse import SparseArch, common_dim
+
+TOWERS = ("dlrm",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    tower: str = "dlrm"
+    use_sequences: bool = True  # False: the ablation without behaviour sequences
+    dlrm: DLRMConfig = field(default_factory=DLRMConfig)
+
+    def __post_init__(self) -> None:
+        if self.tower not in TOWERS:
+            raise ValueError(f"model.tower: unknown tower '{self.tower}'; choose one of {TOWERS}")
+
+
+class RankingModel(nn.Module):
+    """``forward(batch) → logits [B, T]``. Embedding tables may be built on ``meta`` for sharding."""
+
+    def __init__(self, schema: FeatureSchema, cfg: ModelConfig,
+                 sparse_device: torch.device | None = None) -> None:
+        super().__init__()
+        self.schema = schema if cfg.use_sequences else schema.without_sequences()
+        self.cfg = cfg
+        self.sparse_arch = SparseArch(self.schema, sparse_device)
+        self.tower = DLRMTower(
+            num_dense=len(self.schema.dense), num_fields=len(self.schema.sparse),
+            num_sequences=len(self.schema.sequences), dim=common_dim(self.schema, "the DLRM tower"),
+            num_tasks=len(self.schema.labels), cfg=cfg.dlrm,
+        )
+
+    def forward(self, batch) -> torch.Tensor:
+        sparse = self.sparse_arch(batch.fields, batch.sequences if self.schema.sequences else None)
+        return self.tower(batch.dense, sparse)
+
+
+class RankingTrain(nn.Module):
+    """Adds the loss: mean BCE over tasks, weighted per batch (weight 0 = a padding step)."""
+
+    def __init__(self, model: RankingModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(batch)
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels) * weight
+        return loss, logits.detach()

@@ -1,0 +1,46 @@
+"""Day partitions: ``<root>/day=YYYY-MM-DD/part-*.parquet`` and day ranges ``A..B``."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+
+def parse_day(s: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(s)
+    except ValueError:
+        raise ValueError(f"bad day '{s}': expected YYYY-MM-DD") from None
+
+
+def parse_days(spec: str) -> list[dt.date]:
+    """``"2026-01-01..2026-01-03"`` → three dates (inclusive); ``"2026-01-01"`` → one."""
+    if ".." in spec:
+        a, b = spec.split("..", 1)
+        start, end = parse_day(a), parse_day(b)
+        if end < start:
+            raise ValueError(f"bad day range '{spec}': end before start")
+        return [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
+    return [parse_day(spec)]
+
+
+def next_day(day: dt.date, offset: int = 1) -> dt.date:
+    return day + dt.timedelta(days=offset)
+
+
+def day_dir(root: str | Path, day: dt.date) -> Path:
+    return Path(root) / f"day={day.isoformat()}"
+
+
+def day_files(root: str | Path, days: list[dt.date]) -> list[Path]:
+    """Every Parquet file of the given days, in day order; a missing day is an error."""
+    files: list[Path] = []
+    for day in days:
+        d = day_dir(root, day)
+        if not d.is_dir():
+            raise FileNotFoundError(f"no data for day {day}: folder {d} does not exist")
+        found = sorted(d.glob("*.parquet"))
+        if not found:
+            raise FileNotFoundError(f"no data for day {day}: {d} holds no *.parquet file")
+        files += found
+    return files

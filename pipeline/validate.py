@@ -1,0 +1,171 @@
+"""Validation: schema-level problems stop the job; row-level problems quarantine the row.
+
+* ``check_files`` reads only Parquet footers and raises ``SchemaMismatchError`` naming the file and
+  the column when a column is missing or its type disagrees with the schema. Run before training.
+* ``split_valid`` is columnar: it returns the good rows and the bad rows, each bad row with the
+  first reason it failed (``_reason``). Nothing is dropped: ``rows_in = good + bad``.
+* ``QuarantineWriter`` is the Ray Data ``map_batches`` step that writes bad rows to
+  ``<quarantine_dir>/part-*.parquet`` and passes good rows on.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from embedding.schema import FeatureSchema
+
+REASON = "_reason"
+SOURCE = "path"  # Ray Data's include_paths column
+
+
+class SchemaMismatchError(ValueError):
+    """A file's columns disagree with the feature schema; raised before any training."""
+
+
+def _kind(t: pa.DataType) -> str:
+    if pa.types.is_integer(t):
+        return "int"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return f"list<{_kind(t.value_type)}>"
+    return str(t)
+
+
+def expected_kinds(schema: FeatureSchema) -> dict[str, set[str]]:
+    """Column → accepted type kinds."""
+    id_kind = {"int64": "int", "string": "string"}
+    exp: dict[str, set[str]] = {schema.ts: {"int"}}
+    exp[schema.user_id] = {id_kind[schema.user_id_type]}
+    for label in schema.labels:
+        exp[label] = {"int", "float"}
+    for f in schema.dense:
+        exp[f.name] = {"float"}
+    for f in schema.sparse:
+        k = id_kind[f.raw_type]
+        exp[f.name] = {f"list<{k}>"} if f.multi_valued else {k}
+    for q in schema.sequences:
+        for feat in q.features:
+            exp[q.column(feat)] = {f"list<{id_kind[feat.raw_type]}>"}
+    return exp
+
+
+def check_files(files: list[Path], schema: FeatureSchema) -> int:
+    """Check every file's footer against the schema; return the total row count."""
+    exp = expected_kinds(schema)
+    rows = 0
+    for path in files:
+        try:
+            meta = pq.read_metadata(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise SchemaMismatchError(f"{path}: not a readable Parquet file ({e})") from None
+        arrow = meta.schema.to_arrow_schema()
+        for col, kinds in exp.items():
+            idx = arrow.get_field_index(col)
+            if idx < 0:
+                raise SchemaMismatchError(f"{path}: column '{col}' is missing (schema expects {sorted(kinds)})")
+            got = _kind(arrow.field(idx).type)
+            if got not in kinds:
+                raise SchemaMismatchError(
+                    f"{path}: column '{col}' has type {arrow.field(idx).type} ({got}), "
+                    f"schema expects {' or '.join(sorted(kinds))}"
+                )
+        rows += meta.num_rows
+    return rows
+
+
+def _np(mask: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def split_valid(table: pa.Table, schema: FeatureSchema) -> tuple[pa.Table, pa.Table]:
+    """(good rows, bad rows + ``_reason``), columnar; each bad row carries its first failure."""
+    n = table.num_rows
+    reason = np.full(n, "", dtype=object)
+
+    def flag(mask: np.ndarray, why: str) -> None:
+        hit = mask & (reason == "")
+        if hit.any():
+            reason[hit] = why
+
+    def nulls(col: str) -> np.ndarray:
+        c = table.column(col)
+        return _np(c.is_null()) if c.null_count else np.zeros(n, dtype=bool)
+
+    for label in schema.labels:
+        flag(nulls(label), f"null label '{label}'")
+        c = table.column(label).fill_null(0)
+        flag(~_np(pc.is_in(c, pa.array([0, 1], c.type))), f"label '{label}' not 0 or 1")
+    flag(nulls(schema.user_id), f"null user id '{schema.user_id}'")
+    flag(nulls(schema.ts), f"null timestamp '{schema.ts}'")
+    for f in schema.dense:
+        flag(nulls(f.name), f"null dense '{f.name}'")
+        c = table.column(f.name).fill_null(0)
+        flag(~_np(pc.is_finite(c)), f"NaN or inf dense '{f.name}'")
+    for f in schema.sparse:
+        flag(nulls(f.name), f"null id '{f.name}'")
+        if f.multi_valued and pc.list_flatten(table.column(f.name)).null_count:
+            flag(_list_has_null(table.column(f.name)), f"null element in '{f.name}'")
+    for q in schema.sequences:
+        first = None
+        for col in q.columns:
+            flag(nulls(col), f"null sequence list '{col}'")
+            if table.column(col).null_count == 0 and pc.list_flatten(table.column(col)).null_count:
+                flag(_list_has_null(table.column(col)), f"null element in sequence '{col}'")
+            lens = pc.list_value_length(table.column(col)).fill_null(-1).to_numpy(zero_copy_only=False)
+            if first is None:
+                first = lens
+            else:
+                flag(lens != first, f"misaligned sequence '{q.name}': '{col}' length differs from "
+                                    f"'{q.columns[0]}'")
+    bad = reason != ""
+    if not bad.any():
+        return table, table.slice(0, 0).append_column(REASON, pa.array([], pa.string()))
+    good_rows = table.filter(pa.array(~bad))
+    bad_rows = table.filter(pa.array(bad)).append_column(REASON, pa.array(reason[bad].astype(str)))
+    return good_rows, bad_rows
+
+
+def _list_has_null(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Per row: does the list hold a null element?"""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    lens = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False)
+    parent = np.repeat(np.arange(len(arr)), lens)
+    flat_null = _np(pc.list_flatten(arr).is_null())
+    out = np.zeros(len(arr), dtype=bool)
+    out[parent[flat_null]] = True
+    return out
+
+
+class QuarantineWriter:
+    """Ray Data ``map_batches`` step (pyarrow batches): bad rows → quarantine Parquet, good rows on."""
+
+    def __init__(self, schema: FeatureSchema, quarantine_dir: str) -> None:
+        self.schema, self.dir = schema, Path(quarantine_dir)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        good, bad = split_valid(table, self.schema)
+        if bad.num_rows:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.dir / f".part-{uuid.uuid4().hex}.parquet.tmp"
+            pq.write_table(bad, tmp)
+            tmp.rename(tmp.with_name(tmp.name[1:-4]))  # atomic publish
+        return good
+
+
+def count_quarantined(quarantine_dir: str | Path) -> tuple[int, dict[str, int]]:
+    """Rows in the quarantine folder, total and by reason."""
+    files = sorted(Path(quarantine_dir).glob("part-*.parquet")) if Path(quarantine_dir).is_dir() else []
+    if not files:
+        return 0, {}
+    reasons = pa.concat_tables([pq.read_table(f, columns=[REASON]) for f in files]).column(REASON)
+    counts = pc.value_counts(reasons).to_pylist()
+    return len(reasons), {c["values"]: c["counts"] for c in counts}
