@@ -144,6 +144,19 @@ class FeatureSchema:
         )
 
     # ---- TOML ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The fully expanded schema in the input format (``from_dict(to_dict())`` round-trips)."""
+        return {
+            "user_id": self.user_id, "user_id_type": self.user_id_type, "ts": self.ts,
+            "labels": list(self.labels),
+            "tables": {t.name: {"hash_size": t.hash_size, "dim": t.dim} for t in self.tables},
+            "sparse": [dataclasses.asdict(f) for f in self.sparse],
+            "dense": [dataclasses.asdict(f) for f in self.dense],
+            "sequences": [{"name": q.name, "max_len": q.max_len,
+                           "features": [dataclasses.asdict(f) for f in q.features]}
+                          for q in self.sequences],
+        }
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FeatureSchema:
         d = dict(d)

@@ -47,13 +47,15 @@ class RankingModel(nn.Module):
 
 
 class RankingTrain(nn.Module):
-    """Adds the loss: mean BCE over tasks, weighted per batch (weight 0 = a padding step)."""
+    """Adds the loss: BCE averaged over tasks and over real rows (``batch.weights`` > 0).
+    An all-padding batch gives loss 0 and zero gradients."""
 
     def __init__(self, model: RankingModel) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, batch, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(batch)
-        loss = F.binary_cross_entropy_with_logits(logits, batch.labels) * weight
+        per_row = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none").mean(1)
+        loss = (per_row * batch.weights).sum() / batch.weights.sum().clamp(min=1.0)
         return loss, logits.detach()

@@ -5,6 +5,7 @@
     sequences  KeyedJaggedTensor | None     one key per sequence column, newest last, <= max_len
     labels     Tensor[B, T] float32         one column per task, schema order
     user_ids   Tensor[B] int64              raw user ids (strings hashed), for GAUC
+    weights    Tensor[B] float32            1 for real rows, 0 for padding rows
 
 Ids stay raw 64-bit values here; mapping into table rows is the embedding layer's job.
 """
@@ -25,6 +26,7 @@ class Batch(Pipelineable):
     sequences: KeyedJaggedTensor | None
     labels: torch.Tensor
     user_ids: torch.Tensor
+    weights: torch.Tensor
 
     @property
     def size(self) -> int:
@@ -38,6 +40,7 @@ class Batch(Pipelineable):
             else self.sequences.to(device, non_blocking=non_blocking),
             labels=self.labels.to(device, non_blocking=non_blocking),
             user_ids=self.user_ids.to(device, non_blocking=non_blocking),
+            weights=self.weights.to(device, non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -47,10 +50,12 @@ class Batch(Pipelineable):
             self.sequences.record_stream(stream)
         self.labels.record_stream(stream)
         self.user_ids.record_stream(stream)
+        self.weights.record_stream(stream)
 
     def pin_memory(self) -> Batch:
         return Batch(
             dense=self.dense.pin_memory(), fields=self.fields.pin_memory(),
             sequences=None if self.sequences is None else self.sequences.pin_memory(),
             labels=self.labels.pin_memory(), user_ids=self.user_ids.pin_memory(),
+            weights=self.weights.pin_memory(),
         )

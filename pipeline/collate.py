@@ -67,9 +67,22 @@ def keep_newest(lengths: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarr
     return idx, new_lengths
 
 
-def collate(table: pa.Table, schema: FeatureSchema) -> Batch:
-    """Build a ``Batch`` from rows that passed ``pipeline.validate``."""
+def collate(table: pa.Table, schema: FeatureSchema, pad_to: int | None = None,
+            padding_row: pa.Table | None = None) -> Batch:
+    """Build a ``Batch`` from rows that passed ``pipeline.validate``.
+
+    With ``pad_to``, the batch is filled up to that many rows with copies of ``padding_row``
+    (weight 0): sharded collectives need the same batch size on every worker.
+    """
+    real = table.num_rows
+    if pad_to is not None and real < pad_to:
+        if padding_row is None:
+            raise ValueError("collate: pad_to needs a padding_row")
+        columns = padding_row.column_names
+        table = pa.concat_tables([table.select(columns)] + [padding_row] * (pad_to - real))
     n = table.num_rows
+    weights = np.zeros(n, dtype=np.float32)
+    weights[:real] = 1.0
     values, lengths = [], []
     for f in schema.sparse:
         arr = _column(table, f.name)
@@ -109,4 +122,5 @@ def collate(table: pa.Table, schema: FeatureSchema) -> Batch:
         sequences=sequences,
         labels=torch.from_numpy(_floats(table, list(schema.labels))),
         user_ids=torch.from_numpy(np.array(_ids(users, schema.user_id_type))),
+        weights=torch.from_numpy(weights),
     )

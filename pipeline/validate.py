@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from pathlib import Path
 
@@ -80,6 +81,16 @@ def check_files(files: list[Path], schema: FeatureSchema) -> int:
                 )
         rows += meta.num_rows
     return rows
+
+
+def first_valid_row(files: list[Path], schema: FeatureSchema) -> pa.Table:
+    """One valid row (schema columns only): the shape template for a worker's padding steps."""
+    columns = list(expected_kinds(schema))
+    for path in files:
+        good, _ = split_valid(pq.read_table(path, columns=columns), schema)
+        if good.num_rows:
+            return good.slice(0, 1)
+    raise ValueError(f"no valid row in any of {len(files)} files; see the quarantine reasons")
 
 
 def _np(mask: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -155,9 +166,14 @@ class QuarantineWriter:
         good, bad = split_valid(table, self.schema)
         if bad.num_rows:
             self.dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.dir / f".part-{uuid.uuid4().hex}.parquet.tmp"
+            # Named by content: a block re-read (next epoch, retried task) rewrites the same file.
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, bad.schema) as w:
+                w.write_table(bad)
+            name = f"part-{hashlib.sha256(sink.getvalue()).hexdigest()[:24]}.parquet"
+            tmp = self.dir / f".{name}.{uuid.uuid4().hex}.tmp"
             pq.write_table(bad, tmp)
-            tmp.rename(tmp.with_name(tmp.name[1:-4]))  # atomic publish
+            tmp.rename(self.dir / name)  # atomic publish
         return good
 
 

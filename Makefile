@@ -1,0 +1,34 @@
+# Set-up from nothing: every target creates .venv and installs the pinned versions when needed.
+# A second run is fast: the install is redone only when requirements/ or pyproject.toml change.
+
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PIP     := $(BIN)/python -m pip --disable-pip-version-check -q
+LOCK    := requirements/cpu.lock
+
+.PHONY: install test demo lint bench clean
+
+$(STAMP): $(LOCK) requirements/torchrec.txt pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@echo "installing pinned requirements into $(VENV) (first time: ~2 minutes)"
+	$(PIP) install -r $(LOCK) > $(VENV)/install.log 2>&1 || (cat $(VENV)/install.log; exit 1)
+	$(PIP) install --no-deps -r requirements/torchrec.txt >> $(VENV)/install.log 2>&1 || (cat $(VENV)/install.log; exit 1)
+	$(PIP) install --no-deps --no-build-isolation -e . >> $(VENV)/install.log 2>&1 || (cat $(VENV)/install.log; exit 1)
+	$(BIN)/python -c "import torch, torchrec, fbgemm_gpu, ray, mlflow; print('torch', torch.__version__, '| torchrec', torchrec.__version__, '| ray', ray.__version__, '| mlflow', mlflow.__version__)"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/tokenrec demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .tokenrec

@@ -1,0 +1,114 @@
+"""The job config: one TOML file with a table per component, each read into its typed config.
+
+    [schema]     embedding.schema.FeatureSchema
+    [generator]  pipeline.generator.GeneratorConfig
+    [model]      model.ranking.ModelConfig
+    [train]      TrainConfig below (with [train.sharding] → embedding.sharding.ShardingConfig)
+    [tracking]   TrackingConfig below
+
+Unknown tables and keys are errors naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from embedding.schema import FeatureSchema
+from embedding.sharding import ShardingConfig
+from embedding.typed_config import from_dict
+from model.ranking import ModelConfig
+from pipeline.generator import GeneratorConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    days: str = ""  # "YYYY-MM-DD..YYYY-MM-DD"; --days overrides
+    eval_offset: int = 1  # evaluate on the day this many days after the last training day
+    num_workers: int = 2
+    batch_size: int = 512
+    eval_batch_size: int = 4096
+    epochs: int = 1
+    log_every: int = 50
+    seed: int = 0
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("num_workers", "batch_size", "eval_batch_size", "epochs", "log_every"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"[train].{key}: must be positive, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingConfig:
+    experiment: str = "tokenrec"
+    model_name: str = "tokenrec-ranker"
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobConfig:
+    schema: FeatureSchema
+    generator: GeneratorConfig
+    model: ModelConfig
+    train: TrainConfig
+    tracking: TrackingConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, default=str)
+
+
+SECTIONS = ("schema", "generator", "model", "train", "tracking")
+
+
+def _override(doc: dict, assignment: str) -> None:
+    """Apply ``section.key=value`` (value in TOML syntax; bare words are strings)."""
+    if "=" not in assignment:
+        raise ValueError(f"--set {assignment!r}: expected section.key=value")
+    key, raw = assignment.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    *parents, leaf = key.strip().split(".")
+    node = doc
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {assignment!r}: '{p}' is not a table")
+    node[leaf] = value
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read a job TOML; ``overrides`` are ``section.key=value`` strings applied first."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    with open(path, "rb") as f:
+        try:
+            doc = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML: {e}") from None
+    for assignment in overrides:
+        _override(doc, assignment)
+    unknown = sorted(set(doc) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"{path}: unknown table(s) {unknown}; allowed: {list(SECTIONS)}")
+    if "schema" not in doc:
+        raise ValueError(f"{path}: a [schema] table is required")
+    try:
+        return JobConfig(
+            schema=FeatureSchema.from_dict(doc["schema"]),
+            generator=from_dict(GeneratorConfig, doc.get("generator"), "generator"),
+            model=from_dict(ModelConfig, doc.get("model"), "model"),
+            train=from_dict(TrainConfig, doc.get("train"), "train"),
+            tracking=from_dict(TrackingConfig, doc.get("tracking"), "tracking"),
+        )
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None

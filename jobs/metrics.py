@@ -1,0 +1,41 @@
+"""Evaluation metrics, one implementation used by training, evaluation and (later) the gate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from pipeline.generator import auc
+
+
+def logloss(labels: np.ndarray, probs: np.ndarray) -> float:
+    p = np.clip(probs, 1e-7, 1 - 1e-7)
+    return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+
+
+def gauc(labels: np.ndarray, probs: np.ndarray, users: np.ndarray) -> float:
+    """Impression-weighted mean of per-user AUC over users having both classes."""
+    df = pd.DataFrame({"y": (labels > 0.5).astype(np.float64), "p": probs, "u": users})
+    df["r"] = df.groupby("u")["p"].rank()  # within-user ranks, ties averaged
+    df["ry"] = df.r * df.y
+    g = df.groupby("u").agg(n=("y", "size"), pos=("y", "sum"), rpos=("ry", "sum"))
+    g["neg"] = g.n - g.pos
+    g = g[(g.pos > 0) & (g.neg > 0)]
+    if g.empty:
+        return float("nan")
+    user_auc = (g.rpos - g.pos * (g.pos + 1) / 2) / (g.pos * g.neg)
+    return float(np.average(user_auc, weights=g.n))
+
+
+def evaluate(labels: np.ndarray, probs: np.ndarray, users: np.ndarray, prefix: str = "eval_") -> dict:
+    """AUC, GAUC, logloss, calibration (mean prediction / mean label) per task column."""
+    labels, probs = np.atleast_2d(labels.T).T, np.atleast_2d(probs.T).T
+    out: dict[str, float] = {f"{prefix}rows": float(len(labels))}
+    for t in range(labels.shape[1]):
+        y, p = labels[:, t], probs[:, t]
+        sfx = "" if t == 0 else f"_task{t}"
+        out[f"{prefix}auc{sfx}"] = auc(y, p)
+        out[f"{prefix}gauc{sfx}"] = gauc(y, p, users)
+        out[f"{prefix}logloss{sfx}"] = logloss(y, p)
+        out[f"{prefix}calibration{sfx}"] = float(p.mean() / max(y.mean(), 1e-12))
+    return out

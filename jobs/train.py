@@ -1,0 +1,156 @@
+"""``tokenrec train``: days of logs → Ray Train workers → next-day evaluation → MLflow registry.
+
+Order: check every file's columns (before anything starts) → open the MLflow run → Ray Data
+streams with quarantine → TorchTrainer (N gloo workers, DMP) → accounting identity
+``rows_in = rows_trained + rows_quarantined`` → export the unsharded model → register a version
+carrying its metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import ray
+import ray.data
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from deploy.export import export_checkpoint, log_pyfunc
+from jobs.config import JobConfig
+from jobs.tracking import connect, default_tracking_uri, flatten, redact
+from jobs.worker import WorkerArgs, train_loop
+from pipeline.days import day_files, next_day, parse_days
+from pipeline.source import UnequalSplit, read_logs
+from pipeline.validate import check_files, count_quarantined, first_valid_row
+
+REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements" / "cpu.lock"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainRequest:
+    days: str
+    data_root: Path
+    workdir: Path
+    tracking_uri: str | None = None
+    address: str | None = None  # a Ray cluster; None starts a local one
+
+
+def _worker_entry(config: dict) -> None:
+    train_loop(config["args"])
+
+
+def init_ray(address: str | None, num_workers: int) -> None:
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address)
+    else:  # logical CPUs for the workers plus room for Ray Data's read and quarantine tasks
+        ray.init(num_cpus=max(os.cpu_count() or 1, num_workers + 2), include_dashboard=False,
+                 configure_logging=False)
+
+
+def oracle_auc(data_root: Path, day: str) -> float | None:
+    meta = data_root / "_generator.json"
+    if meta.exists():
+        return json.loads(meta.read_text()).get(day, {}).get("oracle_auc")
+    return None
+
+
+def run_train(cfg: JobConfig, req: TrainRequest, log=print) -> dict:
+    days = parse_days(req.days or cfg.train.days)
+    eval_day = next_day(days[-1], cfg.train.eval_offset)
+    train_files = day_files(req.data_root, days)
+    eval_files = day_files(req.data_root, [eval_day])
+    rows_in = check_files(train_files, cfg.schema)  # schema problems stop here, before training
+    eval_rows_in = check_files(eval_files, cfg.schema)
+    log(f"train days {days[0]}..{days[-1]}: {len(train_files)} files, {rows_in:,} rows; "
+        f"eval day {eval_day}: {eval_rows_in:,} rows")
+
+    req.workdir.mkdir(parents=True, exist_ok=True)
+    tracking_uri = req.tracking_uri or default_tracking_uri(req.workdir)
+    client, exp_id = connect(tracking_uri, cfg.tracking.experiment, req.workdir / "mlartifacts")
+    run = client.create_run(exp_id, run_name=f"train {days[0]}..{days[-1]}", tags={
+        "tokenrec.days": f"{days[0]}..{days[-1]}", "tokenrec.eval_day": str(eval_day),
+        "tokenrec.schema": cfg.schema.fingerprint(), "tokenrec.data_root": str(req.data_root),
+    })
+    run_id = run.info.run_id
+    log(f"MLflow run {run_id} in {redact(tracking_uri)}")
+    try:
+        metrics = _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eval_files,
+                                      rows_in, eval_rows_in, str(eval_day), log)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return metrics | {"run_id": run_id, "tracking_uri": tracking_uri}
+
+
+def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eval_files, rows_in,
+                        eval_rows_in, eval_day, log) -> dict:
+    params = flatten({k: v for k, v in cfg.to_dict().items() if k != "schema"})
+    params |= {"schema.num_sparse": len(cfg.schema.sparse), "schema.num_dense": len(cfg.schema.dense),
+               "schema.num_tables": len(cfg.schema.tables), "schema.num_sequences": len(cfg.schema.sequences)}
+    for i in range(0, len(params), 100):
+        chunk = dict(list(params.items())[i:i + 100])
+        client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in chunk.items()])
+    client.log_text(run_id, cfg.to_json(), "config/resolved_config.json")
+
+    init_ray(req.address, cfg.train.num_workers)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # workers print progress
+    run_dir = (req.workdir / "runs" / run_id).resolve()
+    quarantine = run_dir / "quarantine"
+    datasets = {"train": read_logs(train_files, cfg.schema, quarantine / "train"),
+                "eval": read_logs(eval_files, cfg.schema, quarantine / "eval")}
+    args = WorkerArgs(cfg=cfg, run_id=run_id, tracking_uri=tracking_uri,
+                      checkpoint_dir=str(run_dir / "checkpoint"), has_eval=True,
+                      template=first_valid_row(train_files, cfg.schema))
+    trainer = TorchTrainer(
+        _worker_entry, train_loop_config={"args": args},
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=False),
+        datasets=datasets, dataset_config=UnequalSplit(),
+        run_config=RunConfig(name=f"train-{run_id}", storage_path=str(req.workdir.resolve() / "ray_results")),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    if result.checkpoint is None or not result.metrics:
+        raise RuntimeError(f"training returned no checkpoint/metrics (Ray Train result: {result})")
+    m = dict(result.metrics)
+    checkpoint = Path(result.checkpoint.path)
+    m["wall_seconds"] = time.perf_counter() - t0
+
+    # Accounting: nothing lost. (Rows of the first epoch; later epochs re-read the same rows.)
+    rows_trained = m["rows_trained"] // cfg.train.epochs
+    q_train, reasons = count_quarantined(quarantine / "train")
+    q_eval, eval_reasons = count_quarantined(quarantine / "eval")
+    m |= {"rows_in": rows_in, "rows_trained": rows_trained, "rows_quarantined": q_train,
+          "eval_rows_in": eval_rows_in, "eval_rows_quarantined": q_eval}
+    if rows_in != rows_trained + q_train or eval_rows_in != m["eval_rows"] + q_eval:
+        raise RuntimeError(
+            f"row accounting broken: train rows_in {rows_in} != trained {rows_trained} + "
+            f"quarantined {q_train}; eval rows_in {eval_rows_in} vs evaluated {m['eval_rows']} + {q_eval}")
+    if q_train or q_eval:
+        log(f"quarantined {q_train:,} train and {q_eval:,} eval rows into {quarantine}: "
+            f"{reasons | eval_reasons}")
+    oracle = oracle_auc(req.data_root, eval_day)
+    if oracle is not None:
+        m["eval_oracle_auc"] = oracle
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0)
+                                      for k, v in m.items() if isinstance(v, (int, float))])
+    client.log_dict(run_id, {"train": reasons, "eval": eval_reasons}, "quarantine/reasons.json")
+    client.set_tag(run_id, "tokenrec.checkpoint", str(checkpoint))
+
+    export_dir = export_checkpoint(cfg.schema, cfg.model, checkpoint, run_dir / "export")
+    with mlflow.start_run(run_id=run_id):
+        info = log_pyfunc(export_dir, REQUIREMENTS.read_text().split())
+    version = mlflow.register_model(info.model_uri, cfg.tracking.model_name,
+                                    tags={k: str(v) for k, v in m.items() if k.startswith("eval_")}
+                                    | {"tokenrec.days": client.get_run(run_id).data.tags["tokenrec.days"]})
+    m["model_version"] = int(version.version)
+    log(f"registered {cfg.tracking.model_name} version {version.version}")
+    return m

@@ -1,0 +1,41 @@
+"""Ray Data source: day-partitioned Parquet → validated, quarantined pyarrow blocks.
+
+``read_logs`` reads only the schema's columns (extra columns are ignored), tags each row with its
+source file, and runs the columnar ``QuarantineWriter`` step; ``iter_batches`` on a worker's shard
+then feeds ``pipeline.collate``. ``UnequalSplit`` hands each Ray Train worker a disjoint stream
+without dropping rows (Ray's default equalizes by dropping); the training loop equalizes step
+counts itself with zero-weight steps, so every row in is trained or quarantined.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ray
+import ray.data
+from ray.train import DataConfig
+
+from embedding.schema import FeatureSchema
+from pipeline.validate import SOURCE, QuarantineWriter, expected_kinds
+
+
+def read_logs(files: list[Path], schema: FeatureSchema, quarantine_dir: str | Path) -> ray.data.Dataset:
+    columns = list(expected_kinds(schema))
+    ds = ray.data.read_parquet([str(f) for f in files], columns=columns, include_paths=True,
+                               override_num_blocks=max(len(files), 1))
+    writer = QuarantineWriter(schema, str(quarantine_dir))
+    return ds.map_batches(writer, batch_format="pyarrow", batch_size=None, zero_copy_batch=True) \
+        .drop_columns([SOURCE])
+
+
+class UnequalSplit(DataConfig):
+    """Like Ray Train's DataConfig, but ``streaming_split(equal=False)``: no row is dropped."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = [{} for _ in range(world_size)]
+        for name, ds in datasets.items():
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                output[i][name] = split
+        return output
