@@ -38,9 +38,9 @@ class ShardingConfig:
     sharding_types: tuple[str, ...] = ()  # allowed for every table; empty: the planner chooses
     table_sharding_types: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per table
     sparse_optimizer: str = "rowwise_adagrad"
-    sparse_lr: float = 0.05
+    sparse_lr: float = 0.1
     dense_optimizer: str = "adam"
-    dense_lr: float = 1e-3
+    dense_lr: float = 3e-3
 
     def __post_init__(self) -> None:
         bad = [t for ts in (self.sharding_types, *self.table_sharding_types.values()) for t in ts

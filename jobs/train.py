@@ -47,6 +47,7 @@ def _worker_entry(config: dict) -> None:
 def init_ray(address: str | None, num_workers: int) -> None:
     if ray.is_initialized():
         return
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints once, not twice
     if address:
         ray.init(address=address)
     else:  # logical CPUs for the workers plus room for Ray Data's read and quarantine tasks
@@ -65,8 +66,8 @@ def run_train(cfg: JobConfig, req: TrainRequest, log=print) -> dict:
     days = parse_days(req.days or cfg.train.days)
     eval_day = next_day(days[-1], cfg.train.eval_offset)
     train_files = day_files(req.data_root, days)
-    eval_files = day_files(req.data_root, [eval_day])
     rows_in = check_files(train_files, cfg.schema)  # schema problems stop here, before training
+    eval_files = day_files(req.data_root, [eval_day])
     eval_rows_in = check_files(eval_files, cfg.schema)
     log(f"train days {days[0]}..{days[-1]}: {len(train_files)} files, {rows_in:,} rows; "
         f"eval day {eval_day}: {eval_rows_in:,} rows")

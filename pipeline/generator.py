@@ -54,11 +54,11 @@ class GeneratorConfig:
     max_hist_len: int = 40
     interest_share: float = 0.7  # share of history items drawn from the session interest
     target_interest_share: float = 0.5  # share of targets drawn from the session interest
-    context_cardinality: tuple[int, int] = (3, 200)
+    context_cardinality: tuple[int, int] = (3, 50)
     num_signal_fields: int = 8
     num_pairs: int = 4
-    user_scale: float = 0.3
-    item_scale: float = 0.3
+    user_scale: float = 0.15
+    item_scale: float = 0.15
     category_scale: float = 0.3
     field_scale: float = 0.5
     pair_scale: float = 0.6
