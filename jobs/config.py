@@ -35,6 +35,7 @@ class TrainConfig:
     epochs: int = 1
     log_every: int = 50
     seed: int = 0
+    use_gpu: bool = False  # one GPU per worker, NCCL, CUDA FBGEMM (requirements/gpu.txt)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
 
     def __post_init__(self) -> None:

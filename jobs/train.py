@@ -112,8 +112,8 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
                       template=first_valid_row(train_files, cfg.schema))
     trainer = TorchTrainer(
         _worker_entry, train_loop_config={"args": args},
-        torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=False),
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
         datasets=datasets, dataset_config=UnequalSplit(),
         run_config=RunConfig(name=f"train-{run_id}", storage_path=str(req.workdir.resolve() / "ray_results")),
     )

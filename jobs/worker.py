@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -61,12 +62,13 @@ def train_loop(args: WorkerArgs) -> None:
     torch.set_num_threads(1)
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(tc.seed)
-    device = torch.device("cpu")
+    device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
     model = RankingTrain(RankingModel(cfg.schema, cfg.model, sparse_device=torch.device("meta")))
     dmp = shard(model, tc.sharding, device)
     opt = dense_optimizer(dmp, tc.sharding)
     def padding(size: int):
-        return collate(args.template.slice(0, 0), cfg.schema, pad_to=size, padding_row=args.template)
+        return collate(args.template.slice(0, 0), cfg.schema, pad_to=size,
+                       padding_row=args.template).to(device)
 
     logger = StepLogger(args.tracking_uri, args.run_id) if rank == 0 else None
 
@@ -74,7 +76,8 @@ def train_loop(args: WorkerArgs) -> None:
         shard_it = ray.train.get_dataset_shard(name)
         for table in shard_it.iter_batches(batch_size=batch_size, batch_format="pyarrow",
                                            prefetch_batches=2):
-            yield collate(table, cfg.schema, pad_to=batch_size, padding_row=args.template)
+            yield collate(table, cfg.schema, pad_to=batch_size,
+                          padding_row=args.template).to(device, non_blocking=True)
 
     step, rows, t0, window_rows, window_t = 0, 0, time.perf_counter(), 0, time.perf_counter()
     dmp.train()
@@ -105,8 +108,10 @@ def train_loop(args: WorkerArgs) -> None:
     state = {strip_prefixes(k): v for k, v in dmp.state_dict().items()}
     dcp.save(state, checkpoint_id=args.checkpoint_dir)
     if rank == 0:
+        slots = step * tc.batch_size * dist.get_world_size()
         metrics.update(rows_trained=int(totals[0]), steps=step, train_seconds=train_seconds,
-                       train_rows_per_s=float(totals[0]) / max(train_seconds, 1e-9))
+                       train_rows_per_s=float(totals[0]) / max(train_seconds, 1e-9),
+                       padding_share=1.0 - float(totals[0]) / max(slots, 1))
         logger.log(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     # Rank 0 hands the (shared-folder) checkpoint to Ray Train, which copies it into the run's
     # storage; the driver reads metrics and the checkpoint from the Result.
@@ -121,10 +126,10 @@ def evaluate_shard(dmp, batches: Iterator, padding) -> dict:
     labels, probs, users = [], [], []
     for batch in synced(batches, padding):
         _, logits = dmp(batch)
-        real = batch.weights.numpy() > 0
-        labels.append(batch.labels.numpy()[real])
-        probs.append(torch.sigmoid(logits).numpy()[real])
-        users.append(batch.user_ids.numpy()[real])
+        real = batch.weights.cpu().numpy() > 0
+        labels.append(batch.labels.cpu().numpy()[real])
+        probs.append(torch.sigmoid(logits).cpu().numpy()[real])
+        users.append(batch.user_ids.cpu().numpy()[real])
     local = (np.concatenate(labels) if labels else np.zeros((0, 1), np.float32),
              np.concatenate(probs) if probs else np.zeros((0, 1), np.float32),
              np.concatenate(users) if users else np.zeros(0, np.int64))

@@ -169,7 +169,7 @@ class World:
             pk = p if k == 0 else 1 / (1 + np.exp(-(logit * 0.5 - 1.0)))
             labels[name] = (rng.random(n) < pk).astype(np.float32)
             cols[name] = pa.array(labels[name])
-        start = int(dt.datetime.combine(self._date(day_index), dt.time(), dt.timezone.utc).timestamp())
+        start = int(dt.datetime.combine(self._date(day_index), dt.time(), dt.UTC).timestamp())
         cols[schema.ts] = pa.array(start + np.sort(rng.integers(0, 86_400, n)))
         cols["p_true"] = pa.array(p.astype(np.float32))
         stats = {"rows": n, "ctr": float(labels[schema.labels[0]].mean()),

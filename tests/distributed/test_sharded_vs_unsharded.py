@@ -4,17 +4,15 @@ Two real gloo processes."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-
-from embedding.schema import load_schema
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
+from embedding.schema import load_schema
 from embedding.sharding import ShardingConfig, apply_sparse_optimizer, shard
 from model.ranking import ModelConfig, RankingModel
 from pipeline.collate import collate

@@ -12,8 +12,14 @@ import pytest
 from embedding.schema import load_schema
 from pipeline.days import parse_days
 from pipeline.generator import GeneratorConfig, generate
-from pipeline.validate import REASON, QuarantineWriter, SchemaMismatchError, check_files, \
-    count_quarantined, split_valid
+from pipeline.validate import (
+    REASON,
+    QuarantineWriter,
+    SchemaMismatchError,
+    check_files,
+    count_quarantined,
+    split_valid,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = load_schema(ROOT / "configs/tiny.toml")
