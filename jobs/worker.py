@@ -99,6 +99,9 @@ def train_loop(args: WorkerArgs) -> None:
                           f"{rate.item():8.0f} rows/s", flush=True)
                     logger.log(step, {"train_loss": loss.item(), "rows_per_s": rate.item()})
                 window_rows, window_t = 0, time.perf_counter()
+        if rank == 0:
+            print(f"epoch {epoch} done: step {step}, {rows:,} rows so far on rank 0, "
+                  f"{time.perf_counter() - t0:.0f}s", flush=True)
     train_seconds = time.perf_counter() - t0
     totals = torch.tensor([rows, step], dtype=torch.int64)
     dist.all_reduce(totals)
