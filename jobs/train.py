@@ -105,9 +105,8 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
     ray.data.DataContext.get_current().enable_progress_bars = False  # workers print progress
     run_dir = (req.workdir / "runs" / run_id).resolve()
     quarantine = run_dir / "quarantine"
-    blocks = 16 * cfg.train.num_workers
-    datasets = {"train": read_logs(train_files, cfg.schema, quarantine / "train", blocks),
-                "eval": read_logs(eval_files, cfg.schema, quarantine / "eval", blocks)}
+    datasets = {"train": read_logs(train_files, cfg.schema, quarantine / "train"),
+                "eval": read_logs(eval_files, cfg.schema, quarantine / "eval")}
     args = WorkerArgs(cfg=cfg, run_id=run_id, tracking_uri=tracking_uri,
                       checkpoint_dir=str(run_dir / "checkpoint"), has_eval=True,
                       template=first_valid_row(train_files, cfg.schema))

@@ -20,15 +20,17 @@ from pipeline.validate import SOURCE, QuarantineWriter, expected_kinds
 
 
 def read_logs(files: list[Path], schema: FeatureSchema, quarantine_dir: str | Path,
-              num_blocks: int | None = None) -> ray.data.Dataset:
-    """``num_blocks``: how finely the stream is cut; more blocks balance workers better (blocks
-    go to whichever worker asks next), fewer cost less scheduling."""
+              rows_per_block: int = 8192) -> ray.data.Dataset:
+    """``rows_per_block``: blocks are cut to at most this many rows. The split hands out whole
+    blocks, so blocks much smaller than a file keep the workers' shares even (Ray otherwise
+    merges small files into a few large read blocks)."""
     columns = list(expected_kinds(schema))
     ds = ray.data.read_parquet([str(f) for f in files], columns=columns, include_paths=True,
-                               override_num_blocks=max(len(files), num_blocks or 1))
+                               override_num_blocks=max(len(files), 1))
     writer = QuarantineWriter(schema, str(quarantine_dir))
-    return ds.map_batches(writer, batch_format="pyarrow", batch_size=None, zero_copy_batch=True) \
-        .drop_columns([SOURCE])
+    return (ds.map_batches(writer, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+            .drop_columns([SOURCE])
+            .repartition(target_num_rows_per_block=rows_per_block))  # streaming, no shuffle
 
 
 class UnequalSplit(DataConfig):
