@@ -11,8 +11,9 @@ from torch import nn
 from embedding.schema import FeatureSchema
 from model.dlrm import DLRMConfig, DLRMTower
 from model.sparse import SparseArch, common_dim
+from model.tokenformer import TokenFormer, TokenFormerConfig, naive_transformer
 
-TOWERS = ("dlrm",)
+TOWERS = ("dlrm", "tokenformer", "naive_transformer")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,6 +21,7 @@ class ModelConfig:
     tower: str = "dlrm"
     use_sequences: bool = True  # False: the ablation without behaviour sequences
     dlrm: DLRMConfig = field(default_factory=DLRMConfig)
+    tokenformer: TokenFormerConfig = field(default_factory=TokenFormerConfig)  # also naive_transformer
 
     def __post_init__(self) -> None:
         if self.tower not in TOWERS:
@@ -35,15 +37,21 @@ class RankingModel(nn.Module):
         self.schema = schema if cfg.use_sequences else schema.without_sequences()
         self.cfg = cfg
         self.sparse_arch = SparseArch(self.schema, sparse_device)
-        self.tower = DLRMTower(
-            num_dense=len(self.schema.dense), num_fields=len(self.schema.sparse),
-            num_sequences=len(self.schema.sequences), dim=common_dim(self.schema, "the DLRM tower"),
-            num_tasks=len(self.schema.labels), cfg=cfg.dlrm,
-        )
+        self.tower = build_tower(self.schema, cfg)
 
     def forward(self, batch) -> torch.Tensor:
         sparse = self.sparse_arch(batch.fields, batch.sequences if self.schema.sequences else None)
         return self.tower(batch.dense, sparse)
+
+
+def build_tower(schema: FeatureSchema, cfg: ModelConfig) -> nn.Module:
+    dim = common_dim(schema, f"the {cfg.tower} tower")
+    num_tasks = len(schema.labels)
+    if cfg.tower == "dlrm":
+        return DLRMTower(num_dense=len(schema.dense), num_fields=len(schema.sparse),
+                         num_sequences=len(schema.sequences), dim=dim, num_tasks=num_tasks, cfg=cfg.dlrm)
+    tf_cfg = cfg.tokenformer if cfg.tower == "tokenformer" else naive_transformer(cfg.tokenformer)
+    return TokenFormer(schema, tf_cfg, emb_dim=dim, num_tasks=num_tasks)
 
 
 class RankingTrain(nn.Module):

@@ -1,0 +1,102 @@
+"""Attention benchmark: a sliding (banded) UIB layer against a full causal one, and BFTS stacks.
+
+    .venv/bin/python benchmarks/attention.py [--out benchmarks/results/attention.json] [--quick]
+
+Targets (issue 3), all measured side by side in one run, forward + backward, one thread:
+  * L = 4096, w = 32, d = 64: a sliding layer is >= 5x faster than a full causal layer;
+  * the sliding layer's time grows <= 5x from L = 1024 to L = 4096;
+  * a 2F2S TokenFormer stack (windows 32, 16) is >= 15% cheaper than 4F at L = 1024.
+Also a sequence-length table for 2F2S vs 4F at L = 256, 1024, 4096 (issue 7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from model.tokenformer import TokenFormerConfig, UnifiedInteractionBlock
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def time_fn(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def stack_step(layers, x, pos, valid):
+    def run():
+        h = x
+        for layer in layers:
+            h = layer(h, pos, valid)
+        h.sum().backward()
+    return run
+
+
+def make(cfg: TokenFormerConfig, windows: list[int | None], kernel: str):
+    torch.manual_seed(0)
+    return [UnifiedInteractionBlock(cfg, w, kernel) for w in windows]
+
+
+def inputs(batch: int, L: int, d: int):
+    x = torch.randn(batch, L, d, requires_grad=True)
+    pos = torch.arange(L)[None].expand(batch, L)
+    return x, pos, torch.ones(batch, L, dtype=torch.bool)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/attention.json")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    cfg = TokenFormerConfig(d_model=64, num_heads=1, num_full_layers=2, windows=(32, 16))
+    rows = {}
+    print(f"{'what':<34} {'L':>5} {'ms':>9}")
+    for L in (1024, 4096):
+        x, pos, valid = inputs(a.batch, L, 64)
+        for name, window, kernel in (("full causal layer (sdpa)", None, "sdpa"),
+                                     ("sliding layer w=32 (banded)", 32, "banded")):
+            t = time_fn(stack_step(make(cfg, [window], kernel), x, pos, valid), a.repeats)
+            rows[f"{name}@{L}"] = t
+            print(f"{name:<34} {L:>5} {t * 1e3:>9.1f}")
+    seq = {}
+    for L in (256, 1024, 4096):
+        x, pos, valid = inputs(a.batch, L, 64)
+        for sched, windows in (("4F", [None] * 4), ("2F2S", [None, None, 32, 16])):
+            t = time_fn(stack_step(make(replace(cfg), windows, "banded"), x, pos, valid), a.repeats)
+            seq[f"{sched}@{L}"] = t
+            print(f"{'TokenFormer stack ' + sched:<34} {L:>5} {t * 1e3:>9.1f}")
+    speedup_4096 = rows["full causal layer (sdpa)@4096"] / rows["sliding layer w=32 (banded)@4096"]
+    growth = rows["sliding layer w=32 (banded)@4096"] / rows["sliding layer w=32 (banded)@1024"]
+    saving_1024 = 1 - seq["2F2S@1024"] / seq["4F@1024"]
+    checks = {
+        "sliding_vs_full_speedup_L4096": {"value": speedup_4096, "target": ">= 5", "met": speedup_4096 >= 5},
+        "sliding_growth_1024_to_4096": {"value": growth, "target": "<= 5", "met": growth <= 5},
+        "2F2S_saving_vs_4F_L1024": {"value": saving_1024, "target": ">= 0.15", "met": saving_1024 >= 0.15},
+    }
+    for k, v in checks.items():
+        print(f"{k:<34} {v['value']:>9.2f}  target {v['target']}: {'met' if v['met'] else 'MISSED'}")
+    result = {"benchmark": "attention", "batch": a.batch, "d_model": 64, "heads": 1, "threads": 1,
+              "fwd_bwd_seconds": rows, "stack_fwd_bwd_seconds": seq, "checks": checks,
+              "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+              "date": time.strftime("%Y-%m-%d")}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

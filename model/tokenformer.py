@@ -1,0 +1,246 @@
+"""TokenFormer ("Unify the Multi-Field and Sequential Recommendation Worlds", Tencent 2026).
+
+One causal token stream per row::
+
+    [ field tokens | <sep> | behaviour tokens (newest last) | <sep> | target tokens ]
+      RoPE pos 0      0      1 .. n  (n real behaviours)      n+1      n+1
+
+Behaviours are right-aligned (padding first, masked as keys) so the newest behaviour sits next to
+the target, where the sliding windows of the top layers look. Unified Interaction Block (UIB),
+pre-RMSNorm::
+
+    A  = Attn(RMSNorm(X))                 causal; full in the bottom layers, sliding on top (BFTS)
+    Ĩ  = σ(X W_g + b) ⊙ A                 NLIR gate from the block input, W_g = 0 at init
+    I  = X + Ĩ
+    X' = I + SwiGLU(RMSNorm(I))
+
+After the full layers the field tokens and the first separator are dropped (the behaviour and
+target tokens have read them). Readout: final RMSNorm on the last target token → per-task heads.
+
+Shapes: B batch, F field tokens, L behaviour slots, T target tokens, S stream length,
+D model dim, H heads, E head dim, De embedding dim, K fields per field token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embedding.schema import FeatureSchema
+from model.attention import KERNELS, attention, default_kernel
+from model.sparse import SparseOutput
+
+MODES = ("new_impression",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenFormerConfig:
+    d_model: int = 64
+    num_heads: int = 4
+    num_full_layers: int = 2
+    windows: tuple[int, ...] = (32, 16)  # one per sliding layer above the full ones, shrinking
+    nlir: bool = True  # the σ(X W_g + b) gate; False: plain residual I = X + A
+    gate_bias: float = 0.0
+    drop_field_tokens: bool = True  # drop field tokens + first <sep> after the full layers
+    num_field_tokens: int = 0  # 0: one per field up to 32 fields, else 32 tokens of grouped fields
+    target_groups: tuple[str, ...] = ("item",)  # schema token groups that describe the target
+    ffn_hidden: int = 0  # SwiGLU hidden size; 0: 8/3 · d_model rounded up to a multiple of 8
+    attention_kernel: str = "auto"  # auto | reference | sdpa | banded
+    rope_theta: float = 10_000.0
+    mode: str = "new_impression"
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
+            raise ValueError("tokenformer: d_model / num_heads must be an even integer (RoPE pairs)")
+        if self.num_full_layers < 0 or self.num_layers < 1:
+            raise ValueError("tokenformer: need at least one layer and num_full_layers >= 0")
+        if any(w < 1 for w in self.windows):
+            raise ValueError(f"tokenformer.windows: every window must be >= 1, got {list(self.windows)}")
+        if any(b >= a for a, b in zip(self.windows, self.windows[1:])):
+            raise ValueError(f"tokenformer.windows: must strictly shrink layer by layer, got {list(self.windows)}")
+        if self.attention_kernel not in ("auto", *KERNELS):
+            raise ValueError(f"tokenformer.attention_kernel: choose auto or one of {KERNELS}")
+        if self.mode not in MODES:
+            raise ValueError(f"tokenformer.mode: choose one of {MODES}")
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_full_layers + len(self.windows)
+
+
+def naive_transformer(cfg: TokenFormerConfig) -> TokenFormerConfig:
+    """The baseline TokenFormer is measured against: same stream and depth, full attention
+    everywhere, no gate, no field-token dropping."""
+    return replace(cfg, num_full_layers=cfg.num_layers, windows=(), nlir=False, drop_field_tokens=False)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d: int, hidden: int) -> None:
+        super().__init__()
+        self.w_in = nn.Linear(d, 2 * hidden, bias=False)
+        self.w_out = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.w_in(x).chunk(2, dim=-1)
+        return self.w_out(F.silu(a) * b)
+
+
+def rope(x_BHSE: torch.Tensor, pos_BS: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding with per-row positions (rotate-half convention)."""
+    E = x_BHSE.shape[-1]
+    freq = theta ** (-torch.arange(0, E, 2, device=x_BHSE.device, dtype=torch.float32) / E)
+    ang = pos_BS[:, None, :, None].float() * freq  # B 1 S E/2
+    cos, sin = ang.cos().to(x_BHSE.dtype), ang.sin().to(x_BHSE.dtype)
+    x1, x2 = x_BHSE[..., : E // 2], x_BHSE[..., E // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class UnifiedInteractionBlock(nn.Module):
+    def __init__(self, cfg: TokenFormerConfig, window: int | None, kernel: str) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.window, self.kernel, self.heads, self.theta = window, kernel, cfg.num_heads, cfg.rope_theta
+        self.norm_attn = RMSNorm(d)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.gate = None
+        if cfg.nlir:
+            self.gate = nn.Linear(d, d)
+            nn.init.zeros_(self.gate.weight)
+            nn.init.constant_(self.gate.bias, cfg.gate_bias)
+        self.norm_ffn = RMSNorm(d)
+        self.ffn = SwiGLU(d, cfg.ffn_hidden or 8 * math.ceil(8 * d / 3 / 8))
+        self.captured: dict[str, torch.Tensor] | None = None  # set to {} to keep q, k for diagnostics
+
+    def forward(self, x_BSD: torch.Tensor, pos_BS: torch.Tensor, key_valid_BS: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        q, k, v = self.qkv(self.norm_attn(x_BSD)).view(B, S, 3, self.heads, D // self.heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # B H S E
+        q, k = rope(q, pos_BS, self.theta), rope(k, pos_BS, self.theta)
+        if self.captured is not None:
+            self.captured.update(q=q.detach(), k=k.detach(), key_valid=key_valid_BS)
+        a_BSD = self.proj(attention(self.kernel, q, k, v, key_valid_BS, self.window)
+                          .transpose(1, 2).reshape(B, S, D))
+        if self.gate is not None:
+            a_BSD = torch.sigmoid(self.gate(x_BSD)) * a_BSD
+        i_BSD = x_BSD + a_BSD
+        return i_BSD + self.ffn(self.norm_ffn(i_BSD))
+
+
+def right_align(x_BLD: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+    """Move each row's ``lengths`` leading items to the end: padding first, newest last."""
+    L = x_BLD.shape[1]
+    slot = torch.arange(L, device=x_BLD.device)[None, :]
+    src = slot - (L - lengths_B[:, None])  # slot s holds item s - (L - n)
+    valid = src >= 0
+    out = torch.gather(x_BLD, 1, src.clamp(min=0)[..., None].expand(-1, -1, x_BLD.shape[2]))
+    return out * valid[..., None]
+
+
+class TokenFormer(nn.Module):
+    def __init__(self, schema: FeatureSchema, cfg: TokenFormerConfig, emb_dim: int, num_tasks: int,
+                 device: torch.device | None = None) -> None:
+        super().__init__()
+        if len(schema.sequences) != 1:
+            raise ValueError(f"TokenFormer reads exactly one behaviour sequence; the schema has "
+                             f"{len(schema.sequences)} (set model.use_sequences or use a tower for several)")
+        self.cfg = cfg
+        d = cfg.d_model
+        groups = [f.group for f in schema.sparse]
+        unknown = set(cfg.target_groups) - set(groups)
+        if unknown:
+            raise ValueError(f"tokenformer.target_groups: {sorted(unknown)} are not token groups of the schema")
+        target_idx = [i for i, g in enumerate(groups) if g in cfg.target_groups]
+        field_idx = [i for i, g in enumerate(groups) if g not in cfg.target_groups]
+        if not target_idx:
+            raise ValueError("tokenformer: no field belongs to target_groups; the stream needs a target")
+        self.register_buffer("field_idx", torch.tensor(field_idx, dtype=torch.long), persistent=False)
+        # field tokens: fields chunked in schema order, each chunk concat → its own linear
+        n_fields = len(field_idx)
+        n_tokens = cfg.num_field_tokens or (n_fields if n_fields <= 32 else 32)
+        n_tokens = max(1, min(n_tokens, n_fields)) if n_fields else 0
+        self.num_field_tokens = n_tokens
+        self.fields_per_token = math.ceil(n_fields / n_tokens) if n_tokens else 0
+        if n_tokens:
+            k = self.fields_per_token * emb_dim
+            self.field_w = nn.Parameter(torch.randn(n_tokens, k, d) / math.sqrt(k))
+            self.field_b = nn.Parameter(torch.zeros(n_tokens, d))
+        self.dense_proj = nn.Linear(len(schema.dense), d) if schema.dense else None
+        # target tokens: one per target group
+        tgroups = list(dict.fromkeys(groups[i] for i in target_idx))
+        self.target_sets = [[i for i in target_idx if groups[i] == g] for g in tgroups]
+        for j, idx in enumerate(self.target_sets):
+            self.register_buffer(f"target_idx_{j}", torch.tensor(idx, dtype=torch.long), persistent=False)
+        self.target_proj = nn.ModuleList(nn.Linear(len(idx) * emb_dim, d) for idx in self.target_sets)
+        self.behaviour_proj = nn.Linear(emb_dim, d)
+        self.sep = nn.Parameter(torch.randn(2, d) * 0.02)
+        kernel = cfg.attention_kernel if cfg.attention_kernel != "auto" else default_kernel(device or torch.device("cpu"))
+        windows = [None] * cfg.num_full_layers + list(cfg.windows)
+        self.layers = nn.ModuleList(UnifiedInteractionBlock(cfg, w, kernel) for w in windows)
+        self.final_norm = RMSNorm(d)
+        self.head = nn.Linear(d, num_tasks)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Field tokens (+ the dense token) and the first separator: what BFTS drops."""
+        return self.num_field_tokens + (1 if self.dense_proj is not None else 0) + 1
+
+    def tokens(self, dense_BDd: torch.Tensor, sparse: SparseOutput):
+        """(x_BSD, pos_BS, key_valid_BS, num_behaviour_slots)."""
+        fields = sparse.fields_BFD
+        B, _, De = fields.shape
+        parts, pos, valid = [], [], []
+        if self.num_field_tokens:
+            f = fields.index_select(1, self.field_idx)
+            pad = self.num_field_tokens * self.fields_per_token - f.shape[1]
+            f = F.pad(f, (0, 0, 0, pad)).reshape(B, self.num_field_tokens, -1)
+            parts.append(torch.einsum("bnk,nkd->bnd", f, self.field_w) + self.field_b)
+        if self.dense_proj is not None:
+            parts.append(self.dense_proj(dense_BDd)[:, None])
+        n_prefix = sum(p.shape[1] for p in parts)
+        parts.append(self.sep[0].expand(B, 1, -1))
+        x_BLDe, lengths_B = sparse.sequences[0]
+        L = x_BLDe.shape[1]
+        parts.append(self.behaviour_proj(right_align(x_BLDe, lengths_B)))
+        parts.append(self.sep[1].expand(B, 1, -1))
+        for j, proj in enumerate(self.target_proj):
+            idx = getattr(self, f"target_idx_{j}")
+            parts.append(proj(fields.index_select(1, idx).reshape(B, -1))[:, None])
+        T = len(self.target_proj)
+        x = torch.cat(parts, dim=1)
+        dev = x.device
+        n = lengths_B.to(dev).long()[:, None]
+        slot = torch.arange(L, device=dev)[None, :]
+        time_idx = slot - (L - n) + 1  # 1..n for real behaviours, <= 0 for padding
+        pos = torch.cat([torch.zeros(B, n_prefix + 1, dtype=torch.long, device=dev), time_idx.clamp(min=0),
+                         (n + 1).expand(B, 1 + T)], dim=1)
+        valid = torch.cat([torch.ones(B, n_prefix + 1, dtype=torch.bool, device=dev), time_idx > 0,
+                           torch.ones(B, 1 + T, dtype=torch.bool, device=dev)], dim=1)
+        return x, pos, valid, L
+
+    def forward(self, dense_BDd: torch.Tensor, sparse: SparseOutput, return_states: bool = False):
+        x, pos, valid, L = self.tokens(dense_BDd, sparse)
+        start = self.num_prefix_tokens  # behaviour slots are x[:, start:start+L] until dropped
+        states = []
+        for i, layer in enumerate(self.layers):
+            if self.cfg.drop_field_tokens and i == self.cfg.num_full_layers and i > 0:
+                x, pos, valid = x[:, start:], pos[:, start:], valid[:, start:]
+                start = 0
+            x = layer(x, pos, valid)
+            if return_states:
+                states.append((x[:, start:start + L], valid[:, start:start + L]))
+        logits = self.head(self.final_norm(x[:, -1]))
+        return (logits, states) if return_states else logits

@@ -1,0 +1,99 @@
+"""TokenFormer: BFTS dropping equals masking, the gate starts at σ(b), schedule validation,
+stream causality, and every tower's shape and gradients."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from embedding.schema import load_schema
+from model.ranking import TOWERS, ModelConfig, RankingModel, RankingTrain
+from model.tokenformer import TokenFormerConfig, UnifiedInteractionBlock
+from pipeline.collate import collate
+from pipeline.days import parse_days
+from pipeline.generator import GeneratorConfig, generate
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = load_schema(ROOT / "configs/tiny.toml")
+TF = TokenFormerConfig(d_model=32, num_heads=4, num_full_layers=2, windows=(6, 3))
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tf")
+    generate(SCHEMA, GeneratorConfig(seed=4, rows_per_day=64, files_per_day=1, num_users=30,
+                                     num_items=20, num_categories=4), root, parse_days("2026-01-01"),
+             log=lambda *_: None)
+    return collate(pq.read_table(next(root.glob("day=*/*.parquet"))), SCHEMA)
+
+
+def _model(cfg: TokenFormerConfig, tower="tokenformer") -> RankingModel:
+    torch.manual_seed(0)
+    return RankingModel(SCHEMA, ModelConfig(tower=tower, tokenformer=cfg)).eval()
+
+
+def test_dropping_field_tokens_equals_masking_them(batch) -> None:
+    m = _model(TF)
+    with torch.no_grad():
+        dropped = m(batch)
+        tf = m.tower
+        sparse = m.sparse_arch(batch.fields, batch.sequences)
+        x, pos, valid, _ = tf.tokens(batch.dense, sparse)
+        for i, layer in enumerate(tf.layers):
+            if i == TF.num_full_layers:
+                valid = valid.clone()
+                valid[:, : tf.num_prefix_tokens] = False  # masked for every later query
+            x = layer(x, pos, valid)
+        masked = tf.head(tf.final_norm(x[:, -1]))
+    torch.testing.assert_close(dropped, masked, atol=1e-5, rtol=1e-5)
+
+
+def test_gate_starts_at_sigmoid_of_bias() -> None:
+    block = UnifiedInteractionBlock(dataclasses.replace(TF, gate_bias=-1.5), None, "reference")
+    x = torch.randn(3, 5, 32)
+    g = torch.sigmoid(block.gate(x))
+    torch.testing.assert_close(g, torch.full_like(g, torch.sigmoid(torch.tensor(-1.5)).item()))
+
+
+@pytest.mark.parametrize("windows, message", [((16, 32), "strictly shrink"), ((8, 8), "strictly shrink"),
+                                              ((0,), ">= 1")])
+def test_window_schedule_is_validated(windows, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        TokenFormerConfig(windows=windows)
+
+
+def test_changing_targets_never_changes_behaviour_states(batch) -> None:
+    m = _model(TF)
+    with torch.no_grad():
+        sparse = m.sparse_arch(batch.fields, batch.sequences)
+        _, states = m.tower(batch.dense, sparse, return_states=True)
+        sparse.fields_BFD = sparse.fields_BFD.clone()
+        tgt = m.tower.target_idx_0
+        sparse.fields_BFD[:, tgt] += 1.0
+        logits2, states2 = m.tower(batch.dense, sparse, return_states=True)
+    for (a, _), (b, _) in zip(states, states2):
+        torch.testing.assert_close(a, b)  # behaviours come before the targets in the stream
+
+
+@pytest.mark.parametrize("tower", TOWERS)
+def test_every_tower_shape_and_gradients(tower, batch) -> None:
+    torch.manual_seed(0)
+    model = RankingTrain(RankingModel(SCHEMA, ModelConfig(tower=tower, tokenformer=TF)))
+    loss, logits = model(batch)
+    assert logits.shape == (batch.size, len(SCHEMA.labels))
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient reaches {missing}"
+
+
+@pytest.mark.parametrize("schedule", ["4F", "3F1S", "2F2S", "1F3S", "4S"])
+def test_bfts_schedules_build_and_run(schedule, batch) -> None:
+    full = int(schedule[0]) if schedule[1] == "F" else 0
+    windows = {0: (), 1: (8,), 2: (8, 4), 3: (8, 4, 2), 4: (16, 8, 4, 2)}[4 - full]
+    m = _model(dataclasses.replace(TF, num_full_layers=full, windows=windows))
+    assert len(m.tower.layers) == 4
+    assert torch.isfinite(m(batch)).all()
