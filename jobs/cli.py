@@ -64,6 +64,14 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(a: argparse.Namespace) -> int:
+    from jobs.analyze import run_analyze
+    from jobs.tracking import default_tracking_uri
+
+    run_analyze(a.run, a.tracking_uri or default_tracking_uri(a.workdir), rows=a.rows)
+    return 0
+
+
 def _summary(m: dict) -> None:
     keys = ["run_id", "model_version", "rows_in", "rows_trained", "rows_quarantined", "eval_rows",
             "eval_auc", "eval_oracle_auc", "eval_gauc", "eval_logloss", "eval_calibration",
@@ -95,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     _common(d)
     d.add_argument("--workdir", type=Path, default=Path(".tokenrec/demo"))
     d.set_defaults(fn=cmd_demo)
+
+    z = sub.add_parser("analyze", help="collapse diagnostics (effective rank, MI, field attention) of runs")
+    z.add_argument("--run", action="append", required=True, help="MLflow run id (repeat to compare)")
+    z.add_argument("--workdir", type=Path, default=Path(".tokenrec"))
+    z.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under --workdir)")
+    z.add_argument("--rows", type=int, default=2048, help="held-out rows of the run's evaluation day")
+    z.set_defaults(fn=cmd_analyze)
 
     a = parser.parse_args(argv)
     try:

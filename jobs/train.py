@@ -77,7 +77,8 @@ def run_train(cfg: JobConfig, req: TrainRequest, log=print) -> dict:
     client, exp_id = connect(tracking_uri, cfg.tracking.experiment, req.workdir / "mlartifacts")
     run = client.create_run(exp_id, run_name=f"train {days[0]}..{days[-1]}", tags={
         "tokenrec.days": f"{days[0]}..{days[-1]}", "tokenrec.eval_day": str(eval_day),
-        "tokenrec.schema": cfg.schema.fingerprint(), "tokenrec.data_root": str(req.data_root),
+        "tokenrec.schema": cfg.schema.fingerprint(), "tokenrec.data_root": str(req.data_root.resolve()),
+        "tokenrec.tower": cfg.model.tower,
     })
     run_id = run.info.run_id
     log(f"MLflow run {run_id} in {redact(tracking_uri)}")
@@ -147,6 +148,7 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
     client.set_tag(run_id, "tokenrec.checkpoint", str(checkpoint))
 
     export_dir = export_checkpoint(cfg.schema, cfg.model, checkpoint, run_dir / "export")
+    client.set_tag(run_id, "tokenrec.export", str(export_dir))
     with mlflow.start_run(run_id=run_id):
         info = log_pyfunc(export_dir, REQUIREMENTS.read_text().split())
     version = mlflow.register_model(info.model_uri, cfg.tracking.model_name,

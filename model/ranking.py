@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedding.schema import FeatureSchema
+from model.baselines import DCNv2Config, DCNv2Tower, DINConfig, DINTower
 from model.dlrm import DLRMConfig, DLRMTower
 from model.sparse import SparseArch, common_dim
 from model.tokenformer import TokenFormer, TokenFormerConfig, naive_transformer
 
-TOWERS = ("dlrm", "tokenformer", "naive_transformer")
+TOWERS = ("dlrm", "dcnv2", "din", "tokenformer", "naive_transformer")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -21,6 +22,8 @@ class ModelConfig:
     tower: str = "dlrm"
     use_sequences: bool = True  # False: the ablation without behaviour sequences
     dlrm: DLRMConfig = field(default_factory=DLRMConfig)
+    dcnv2: DCNv2Config = field(default_factory=DCNv2Config)
+    din: DINConfig = field(default_factory=DINConfig)
     tokenformer: TokenFormerConfig = field(default_factory=TokenFormerConfig)  # also naive_transformer
 
     def __post_init__(self) -> None:
@@ -50,6 +53,10 @@ def build_tower(schema: FeatureSchema, cfg: ModelConfig) -> nn.Module:
     if cfg.tower == "dlrm":
         return DLRMTower(num_dense=len(schema.dense), num_fields=len(schema.sparse),
                          num_sequences=len(schema.sequences), dim=dim, num_tasks=num_tasks, cfg=cfg.dlrm)
+    if cfg.tower == "dcnv2":
+        return DCNv2Tower(schema, cfg.dcnv2, emb_dim=dim, num_tasks=num_tasks)
+    if cfg.tower == "din":
+        return DINTower(schema, cfg.din, emb_dim=dim, num_tasks=num_tasks)
     tf_cfg = cfg.tokenformer if cfg.tower == "tokenformer" else naive_transformer(cfg.tokenformer)
     return TokenFormer(schema, tf_cfg, emb_dim=dim, num_tasks=num_tasks)
 

@@ -187,7 +187,9 @@ class TokenFormer(nn.Module):
         self.target_proj = nn.ModuleList(nn.Linear(len(idx) * emb_dim, d) for idx in self.target_sets)
         self.behaviour_proj = nn.Linear(emb_dim, d)
         self.sep = nn.Parameter(torch.randn(2, d) * 0.02)
-        kernel = cfg.attention_kernel if cfg.attention_kernel != "auto" else default_kernel(device or torch.device("cpu"))
+        kernel = cfg.attention_kernel
+        if kernel == "auto":
+            kernel = default_kernel(device or torch.device("cpu"))
         windows = [None] * cfg.num_full_layers + list(cfg.windows)
         self.layers = nn.ModuleList(UnifiedInteractionBlock(cfg, w, kernel) for w in windows)
         self.final_norm = RMSNorm(d)

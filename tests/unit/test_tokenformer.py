@@ -97,3 +97,24 @@ def test_bfts_schedules_build_and_run(schedule, batch) -> None:
     m = _model(dataclasses.replace(TF, num_full_layers=full, windows=windows))
     assert len(m.tower.layers) == 4
     assert torch.isfinite(m(batch)).all()
+
+
+def test_diagnostics_report_every_layer(batch) -> None:
+    from model.diagnostics import analyze, effective_rank
+
+    torch.manual_seed(0)
+    eye_rank, _ = effective_rank(torch.eye(8))
+    assert abs(eye_rank - 8.0) < 1e-6  # a flat spectrum has full effective rank
+    one_rank, _ = effective_rank(torch.ones(8, 8))
+    assert abs(one_rank - 1.0) < 1e-6
+    for tower, cfg in (("tokenformer", TF), ("naive_transformer", TF)):
+        rep = analyze(_model(cfg, tower), batch, ks=(8,))
+        assert len(rep["layers"]) == 4
+        for layer in rep["layers"]:
+            assert 1.0 <= layer["effective_rank"] <= 32 and 0.0 <= layer["mi_k8"]
+        masses = [x["field_attention_mass"] for x in rep["layers"]]
+        assert all(0.0 < m < 1.0 for m in masses[: TF.num_full_layers])
+        if tower == "tokenformer":
+            assert masses[TF.num_full_layers:] == [0.0, 0.0]  # fields dropped
+        else:
+            assert all(0.0 < m < 1.0 for m in masses)
