@@ -60,10 +60,10 @@ def banded_attention(q_BHLE, k_BHLE, v_BHLE, key_valid_BL, window: int | None = 
     N = math.ceil(L / W)
     pad = N * W - L
     q = F.pad(q_BHLE, (0, 0, 0, pad)).view(B, H, N, W, E)
-    # keys/values: W zeros in front (block -1), then pad to N*W; unfold 2W-wide with step W
-    k = F.pad(k_BHLE, (0, 0, W, pad)).unfold(2, 2 * W, W).transpose(-1, -2)  # B H N 2W E
-    v = F.pad(v_BHLE, (0, 0, W, pad)).unfold(2, 2 * W, W).transpose(-1, -2)
-    valid = F.pad(key_valid_BL, (W, pad), value=False).unfold(1, 2 * W, W)  # B N 2W
+    k = _with_previous_block(F.pad(k_BHLE, (0, 0, 0, pad)).view(B, H, N, W, E))  # B H N 2W E
+    v = _with_previous_block(F.pad(v_BHLE, (0, 0, 0, pad)).view(B, H, N, W, E))
+    kv_valid = F.pad(key_valid_BL, (0, pad), value=False).view(B, N, W)
+    valid = torch.cat([F.pad(kv_valid, (0, 0, 1, 0), value=False)[:, :N], kv_valid], dim=2)  # B N 2W
 
     r = torch.arange(W, device=q.device)
     c = torch.arange(2 * W, device=q.device)
@@ -71,10 +71,16 @@ def banded_attention(q_BHLE, k_BHLE, v_BHLE, key_valid_BL, window: int | None = 
     band_WC = (rel_WC >= 0) & (rel_WC < W)
     mask = band_WC[None, None] & valid[:, :, None, :]  # B N W 2W
     mask = mask | (rel_WC == 0)[None, None]  # always self
-    scores = torch.einsum("bhnwe,bhnce->bhnwc", q, k) / math.sqrt(E)
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(E))
     scores = scores.masked_fill(~mask[:, None], float("-inf"))
-    out = torch.einsum("bhnwc,bhnce->bhnwe", scores.softmax(-1), v)
+    out = scores.softmax(-1) @ v
     return out.reshape(B, H, N * W, E)[:, :, :L]
+
+
+def _with_previous_block(x_BHNWE: torch.Tensor) -> torch.Tensor:
+    """[..., N, W, E] → [..., N, 2W, E]: block n-1 (zeros for n = 0) then block n."""
+    prev = F.pad(x_BHNWE, (0, 0, 0, 0, 1, 0))[:, :, :-1]
+    return torch.cat([prev, x_BHNWE], dim=3)
 
 
 def attention(kernel: str, q, k, v, key_valid_BL, window: int | None = None):

@@ -84,7 +84,7 @@ class RMSNorm(nn.Module):
         self.eps, self.weight = eps, nn.Parameter(torch.ones(d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class SwiGLU(nn.Module):
@@ -98,13 +98,16 @@ class SwiGLU(nn.Module):
         return self.w_out(F.silu(a) * b)
 
 
-def rope(x_BHSE: torch.Tensor, pos_BS: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding with per-row positions (rotate-half convention)."""
-    E = x_BHSE.shape[-1]
-    freq = theta ** (-torch.arange(0, E, 2, device=x_BHSE.device, dtype=torch.float32) / E)
-    ang = pos_BS[:, None, :, None].float() * freq  # B 1 S E/2
-    cos, sin = ang.cos().to(x_BHSE.dtype), ang.sin().to(x_BHSE.dtype)
-    x1, x2 = x_BHSE[..., : E // 2], x_BHSE[..., E // 2:]
+def rope_tables(pos_BS: torch.Tensor, E: int, theta: float, dtype: torch.dtype):
+    """cos, sin of shape [B, 1, S, E/2] for per-row positions."""
+    freq = theta ** (-torch.arange(0, E, 2, device=pos_BS.device, dtype=torch.float32) / E)
+    ang = pos_BS[:, None, :, None].float() * freq
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def rope(x_BHSE: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, rotate-half convention."""
+    x1, x2 = x_BHSE.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
@@ -129,7 +132,8 @@ class UnifiedInteractionBlock(nn.Module):
         B, S, D = x_BSD.shape
         q, k, v = self.qkv(self.norm_attn(x_BSD)).view(B, S, 3, self.heads, D // self.heads).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # B H S E
-        q, k = rope(q, pos_BS, self.theta), rope(k, pos_BS, self.theta)
+        cos, sin = rope_tables(pos_BS, q.shape[-1], self.theta, q.dtype)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         if self.captured is not None:
             self.captured.update(q=q.detach(), k=k.detach(), key_valid=key_valid_BS)
         a_BSD = self.proj(attention(self.kernel, q, k, v, key_valid_BS, self.window)
