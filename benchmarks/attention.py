@@ -46,6 +46,10 @@ def stack_step(layers, x, pos, valid):
     return run
 
 
+def op_step(kernel, q, k, v, valid, window):
+    return lambda: attention(kernel, q, k, v, valid, window).sum().backward()
+
+
 def make(cfg: TokenFormerConfig, windows: list[int | None], kernel: str):
     torch.manual_seed(0)
     return [UnifiedInteractionBlock(cfg, w, kernel) for w in windows]
@@ -80,7 +84,7 @@ def main() -> None:
         ok = torch.ones(a.batch, L, dtype=torch.bool)
         for name, window, kernel in (("attention op only: sdpa causal", None, "sdpa"),
                                      ("attention op only: banded w=32", 32, "banded")):
-            t = time_fn(lambda: attention(kernel, q, k, v, ok, window).sum().backward(), a.repeats)
+            t = time_fn(op_step(kernel, q, k, v, ok, window), a.repeats)
             ops[f"{name}@{L}"] = t
             print(f"{name:<34} {L:>5} {t * 1e3:>9.1f}")
     seq = {}
