@@ -14,7 +14,7 @@ from model.dlrm import DLRMConfig, DLRMTower
 from model.sparse import SparseArch, common_dim
 from model.tokenformer import TokenFormer, TokenFormerConfig, naive_transformer
 
-TOWERS = ("dlrm", "dcnv2", "din", "tokenformer", "naive_transformer")
+TOWERS = ("dlrm", "dcnv2", "din", "tokenformer", "naive_transformer", "hstu")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,7 +24,7 @@ class ModelConfig:
     dlrm: DLRMConfig = field(default_factory=DLRMConfig)
     dcnv2: DCNv2Config = field(default_factory=DCNv2Config)
     din: DINConfig = field(default_factory=DINConfig)
-    tokenformer: TokenFormerConfig = field(default_factory=TokenFormerConfig)  # also naive_transformer
+    tokenformer: TokenFormerConfig = field(default_factory=TokenFormerConfig)  # also naive_transformer, hstu
 
     def __post_init__(self) -> None:
         if self.tower not in TOWERS:
@@ -58,7 +58,8 @@ def build_tower(schema: FeatureSchema, cfg: ModelConfig) -> nn.Module:
     if cfg.tower == "din":
         return DINTower(schema, cfg.din, emb_dim=dim, num_tasks=num_tasks)
     tf_cfg = cfg.tokenformer if cfg.tower == "tokenformer" else naive_transformer(cfg.tokenformer)
-    return TokenFormer(schema, tf_cfg, emb_dim=dim, num_tasks=num_tasks)
+    block = "hstu" if cfg.tower == "hstu" else "uib"
+    return TokenFormer(schema, tf_cfg, emb_dim=dim, num_tasks=num_tasks, block=block)
 
 
 class RankingTrain(nn.Module):

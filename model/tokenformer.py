@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedding.schema import FeatureSchema
-from model.attention import KERNELS, attention, default_kernel
+from model.attention import KERNELS, attention, causal_mask, default_kernel
 from model.sparse import SparseOutput
 
 MODES = ("new_impression",)
@@ -144,6 +144,37 @@ class UnifiedInteractionBlock(nn.Module):
         return i_BSD + self.ffn(self.norm_ffn(i_BSD))
 
 
+class HSTUBlock(nn.Module):
+    """HSTU layer (Zhai et al. 2024) on the same stream, as a baseline: pointwise SiLU-gated
+    attention without softmax, ``Y = X + f2(Norm(φ(QKᵀ)/n · V) ⊙ U)``, ``U, V, Q, K = φ(f1(Norm X))``.
+    RoPE stands in for the paper's relative attention bias."""
+
+    def __init__(self, cfg: TokenFormerConfig, window: int | None, kernel: str) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.window, self.heads, self.theta = window, cfg.num_heads, cfg.rope_theta
+        self.norm_in = RMSNorm(d)
+        self.f1 = nn.Linear(d, 4 * d)
+        self.norm_av = RMSNorm(d)
+        self.f2 = nn.Linear(d, d)
+        self.captured = None  # softmax-attention diagnostics do not apply
+
+    def forward(self, x_BSD: torch.Tensor, pos_BS: torch.Tensor, key_valid_BS: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        u, v, q, k = F.silu(self.f1(self.norm_in(x_BSD))).chunk(4, dim=-1)
+        q, k, v = (t.view(B, S, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))
+        cos, sin = rope_tables(pos_BS, q.shape[-1], self.theta, q.dtype)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        mask = causal_mask(key_valid_BS, self.window)  # B 1 S S
+        w = F.silu(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])) * mask
+        w = w / mask.sum(-1, keepdim=True).clamp(min=1)  # mean over the keys a query may see
+        av = (w @ v).transpose(1, 2).reshape(B, S, D)
+        return x_BSD + self.f2(self.norm_av(av) * u)
+
+
+BLOCKS = {"uib": UnifiedInteractionBlock, "hstu": HSTUBlock}
+
+
 def right_align(x_BLD: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
     """Move each row's ``lengths`` leading items to the end: padding first, newest last."""
     L = x_BLD.shape[1]
@@ -156,7 +187,7 @@ def right_align(x_BLD: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
 
 class TokenFormer(nn.Module):
     def __init__(self, schema: FeatureSchema, cfg: TokenFormerConfig, emb_dim: int, num_tasks: int,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, block: str = "uib") -> None:
         super().__init__()
         if len(schema.sequences) != 1:
             raise ValueError(f"TokenFormer reads exactly one behaviour sequence; the schema has "
@@ -195,7 +226,7 @@ class TokenFormer(nn.Module):
         if kernel == "auto":
             kernel = default_kernel(device or torch.device("cpu"))
         windows = [None] * cfg.num_full_layers + list(cfg.windows)
-        self.layers = nn.ModuleList(UnifiedInteractionBlock(cfg, w, kernel) for w in windows)
+        self.layers = nn.ModuleList(BLOCKS[block](cfg, w, kernel) for w in windows)
         self.final_norm = RMSNorm(d)
         self.head = nn.Linear(d, num_tasks)
 

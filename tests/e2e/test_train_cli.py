@@ -17,6 +17,9 @@ from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.toml"
+# the sharded end-to-end path runs the primary tower, small enough for CI
+TOKENFORMER = ["--set", "model.tower=tokenformer", "--set", "model.tokenformer.d_model=16",
+               "--set", "model.tokenformer.num_heads=2", "--set", "model.tokenformer.windows=[6, 3]"]
 
 
 def tokenrec(*args: str) -> subprocess.CompletedProcess:
@@ -53,7 +56,7 @@ def test_train_quarantines_registers_and_serves(data: Path, tmp_path: Path) -> N
     n_bad = _seed_bad_rows(next((data / "day=2026-01-02").glob("*.parquet")))
     work = tmp_path / "work"
     r = tokenrec("train", "--config", str(TINY), "--days", "2026-01-01..2026-01-02",
-                 "--data", str(data), "--workdir", str(work))
+                 "--data", str(data), "--workdir", str(work), *TOKENFORMER)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert "step" in r.stdout + r.stderr and "rows/s" in r.stdout + r.stderr  # progress output
 
@@ -86,6 +89,14 @@ def test_train_quarantines_registers_and_serves(data: Path, tmp_path: Path) -> N
     probs = model.predict(rows)
     assert list(probs.columns) == ["click"] and len(probs) == 16
     assert ((probs["click"] > 0) & (probs["click"] < 1)).all()
+
+    # collapse diagnostics of the run: JSON + PNG logged to it, one entry per layer
+    r = tokenrec("analyze", "--run", run.info.run_id, "--workdir", str(work), "--rows", "256")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "layer 3 (window 3): effective rank" in r.stdout
+    artifacts = {f.path for f in client.list_artifacts(run.info.run_id, "diagnostics")}
+    assert artifacts == {"diagnostics/diagnostics.json", "diagnostics/diagnostics.png"}
+    assert len(client.get_metric_history(run.info.run_id, "effective_rank")) == 4
 
 
 def test_type_mismatch_stops_before_training(data: Path, tmp_path: Path) -> None:
