@@ -43,8 +43,14 @@ class RankingModel(nn.Module):
         self.tower = build_tower(self.schema, cfg)
 
     def forward(self, batch) -> torch.Tensor:
+        return self.forward_with_aux(batch)[0]
+
+    def forward_with_aux(self, batch) -> tuple[torch.Tensor, dict]:
+        """Logits and the tower's auxiliary outputs (e.g. user-centric action logits)."""
         sparse = self.sparse_arch(batch.fields, batch.sequences if self.schema.sequences else None)
-        return self.tower(batch.dense, sparse)
+        if hasattr(self.tower, "forward_with_aux"):
+            return self.tower.forward_with_aux(batch.dense, sparse)
+        return self.tower(batch.dense, sparse), {}
 
 
 def build_tower(schema: FeatureSchema, cfg: ModelConfig) -> nn.Module:
@@ -71,7 +77,20 @@ class RankingTrain(nn.Module):
         self.model = model
 
     def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(batch)
+        logits, aux = self.model.forward_with_aux(batch)
         per_row = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none").mean(1)
         loss = (per_row * batch.weights).sum() / batch.weights.sum().clamp(min=1.0)
+        if "action_logits_BL" in aux:
+            loss = loss + self.model.cfg.tokenformer.action_loss_weight * self._action_loss(batch, aux)
         return loss, logits.detach()
+
+    def _action_loss(self, batch, aux) -> torch.Tensor:
+        """User-centric mode: BCE of each real behaviour's "positive action" (raw action id > 0),
+        padding and padding rows masked."""
+        q = self.model.schema.sequences[0]
+        jt = batch.sequences[f"{q.name}_{self.model.cfg.tokenformer.action_feature}"]
+        actions_BL = (jt.to_padded_dense(desired_length=q.max_len) > 0).float()
+        valid_BL = torch.arange(q.max_len, device=actions_BL.device)[None] < jt.lengths()[:, None]
+        w_BL = valid_BL * batch.weights[:, None]
+        bce = F.binary_cross_entropy_with_logits(aux["action_logits_BL"], actions_BL, reduction="none")
+        return (bce * w_BL).sum() / w_BL.sum().clamp(min=1.0)

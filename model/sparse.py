@@ -5,13 +5,14 @@ Shapes: B batch, F fields, D embedding dim, L a sequence's max_len.
     fields_BFD     pooled field embeddings, in schema order
     sequences      one (x_BLD, lengths_B) per sequence: side features summed per position,
                    left-aligned, newest last, zero padding after ``lengths``
+    sequence_features  per sequence, each side feature's own x_BLD (for towers that split them)
 
 Under ``DistributedModelParallel`` the EBC/EC become their sharded twins; this module is unchanged.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from embedding.schema import FeatureSchema
 class SparseOutput:
     fields_BFD: torch.Tensor
     sequences: list[tuple[torch.Tensor, torch.Tensor]]
+    sequence_features: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per side feature
 
 
 def common_dim(schema: FeatureSchema, what: str) -> int:
@@ -60,13 +62,14 @@ class SparseArch(nn.Module):
         order = self._field_order(kt.keys())
         if order is not None:  # sharded EBCs may emit keys in another order: back to schema order
             fields_BFD = fields_BFD.index_select(1, order.to(fields_BFD.device))
-        seqs = []
+        seqs, feats = [], []
         if self.ec is not None:
             if sequences is None:
                 raise ValueError("the schema declares sequences but the batch has none")
             jts = self.ec(self.seq_hasher(sequences))
             for q in self.schema.sequences:
-                cols = q.columns
-                x_BLD = sum(jts[c].to_padded_dense(desired_length=q.max_len) for c in cols)
-                seqs.append((x_BLD, jts[cols[0]].lengths()))
-        return SparseOutput(fields_BFD=fields_BFD, sequences=seqs)
+                per_feature = {f.name: jts[q.column(f)].to_padded_dense(desired_length=q.max_len)
+                               for f in q.features}
+                feats.append(per_feature)
+                seqs.append((sum(per_feature.values()), jts[q.columns[0]].lengths()))
+        return SparseOutput(fields_BFD=fields_BFD, sequences=seqs, sequence_features=feats)

@@ -34,7 +34,7 @@ from embedding.schema import FeatureSchema
 from model.attention import KERNELS, attention, causal_mask, default_kernel
 from model.sparse import SparseOutput
 
-MODES = ("new_impression",)
+MODES = ("new_impression", "user_centric")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,7 +51,9 @@ class TokenFormerConfig:
     ffn_hidden: int = 0  # SwiGLU hidden size; 0: 8/3 · d_model rounded up to a multiple of 8
     attention_kernel: str = "auto"  # auto | reference | sdpa | banded
     rope_theta: float = 10_000.0
-    mode: str = "new_impression"
+    mode: str = "new_impression"  # user_centric: item tokens also predict the action that followed
+    action_feature: str = "action"  # the sequence side feature holding the action (user_centric)
+    action_loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
@@ -175,13 +177,15 @@ class HSTUBlock(nn.Module):
 BLOCKS = {"uib": UnifiedInteractionBlock, "hstu": HSTUBlock}
 
 
-def right_align(x_BLD: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
-    """Move each row's ``lengths`` leading items to the end: padding first, newest last."""
+def right_align(x_BLD: torch.Tensor, lengths_B: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Move each row's ``lengths`` leading items to the end: padding first, newest last.
+    ``inverse=True`` moves them back to the front."""
     L = x_BLD.shape[1]
     slot = torch.arange(L, device=x_BLD.device)[None, :]
-    src = slot - (L - lengths_B[:, None])  # slot s holds item s - (L - n)
-    valid = src >= 0
-    out = torch.gather(x_BLD, 1, src.clamp(min=0)[..., None].expand(-1, -1, x_BLD.shape[2]))
+    shift = (L - lengths_B[:, None]).long()
+    src = slot + shift if inverse else slot - shift
+    valid = (src < L) if inverse else (src >= 0)
+    out = torch.gather(x_BLD, 1, src.clamp(0, L - 1)[..., None].expand(-1, -1, x_BLD.shape[2]))
     return out * valid[..., None]
 
 
@@ -221,6 +225,14 @@ class TokenFormer(nn.Module):
             self.register_buffer(f"target_idx_{j}", torch.tensor(idx, dtype=torch.long), persistent=False)
         self.target_proj = nn.ModuleList(nn.Linear(len(idx) * emb_dim, d) for idx in self.target_sets)
         self.behaviour_proj = nn.Linear(emb_dim, d)
+        self.user_centric = cfg.mode == "user_centric"
+        if self.user_centric:
+            names = [f.name for f in schema.sequences[0].features]
+            if cfg.action_feature not in names or len(names) < 2:
+                raise ValueError(f"tokenformer.action_feature '{cfg.action_feature}' must be one of the "
+                                 f"sequence's side features {names}, beside at least one item feature")
+            self.action_proj = nn.Linear(emb_dim, d)
+            self.action_head = nn.Linear(d, 1)
         self.sep = nn.Parameter(torch.randn(2, d) * 0.02)
         kernel = cfg.attention_kernel
         if kernel == "auto":
@@ -251,7 +263,14 @@ class TokenFormer(nn.Module):
         parts.append(self.sep[0].expand(B, 1, -1))
         x_BLDe, lengths_B = sparse.sequences[0]
         L = x_BLDe.shape[1]
-        parts.append(self.behaviour_proj(right_align(x_BLDe, lengths_B)))
+        if self.user_centric:  # [item_1, action_1, item_2, action_2, …], each pair at time t
+            feats = sparse.sequence_features[0]
+            action = feats[self.cfg.action_feature]
+            items = self.behaviour_proj(right_align(x_BLDe - action, lengths_B))
+            actions = self.action_proj(right_align(action, lengths_B))
+            parts.append(torch.stack([items, actions], dim=2).reshape(B, 2 * L, -1))
+        else:
+            parts.append(self.behaviour_proj(right_align(x_BLDe, lengths_B)))
         parts.append(self.sep[1].expand(B, 1, -1))
         for j, proj in enumerate(self.target_proj):
             idx = getattr(self, f"target_idx_{j}")
@@ -262,13 +281,21 @@ class TokenFormer(nn.Module):
         n = lengths_B.to(dev).long()[:, None]
         slot = torch.arange(L, device=dev)[None, :]
         time_idx = slot - (L - n) + 1  # 1..n for real behaviours, <= 0 for padding
+        if self.user_centric:
+            time_idx = time_idx.repeat_interleave(2, dim=1)
         pos = torch.cat([torch.zeros(B, n_prefix + 1, dtype=torch.long, device=dev), time_idx.clamp(min=0),
                          (n + 1).expand(B, 1 + T)], dim=1)
         valid = torch.cat([torch.ones(B, n_prefix + 1, dtype=torch.bool, device=dev), time_idx > 0,
                            torch.ones(B, 1 + T, dtype=torch.bool, device=dev)], dim=1)
-        return x, pos, valid, L
+        return x, pos, valid, x.shape[1] - n_prefix - 2 - T
 
     def forward(self, dense_BDd: torch.Tensor, sparse: SparseOutput, return_states: bool = False):
+        logits, aux = self.forward_with_aux(dense_BDd, sparse, return_states)
+        return (logits, aux["states"]) if return_states else logits
+
+    def forward_with_aux(self, dense_BDd: torch.Tensor, sparse: SparseOutput, return_states: bool = False):
+        """Logits plus ``aux``: per-layer behaviour states (``return_states``) and, in the
+        user-centric mode, ``action_logits_BL`` (left-aligned like the input sequence)."""
         x, pos, valid, L = self.tokens(dense_BDd, sparse)
         start = self.num_prefix_tokens  # behaviour slots are x[:, start:start+L] until dropped
         states = []
@@ -279,5 +306,9 @@ class TokenFormer(nn.Module):
             x = layer(x, pos, valid)
             if return_states:
                 states.append((x[:, start:start + L], valid[:, start:start + L]))
-        logits = self.head(self.final_norm(x[:, -1]))
-        return (logits, states) if return_states else logits
+        aux = {"states": states}
+        if self.user_centric:  # item tokens (even slots) predict the action that follows them
+            items_BLD = self.final_norm(x[:, start:start + L:2])
+            aux["action_logits_BL"] = right_align(self.action_head(items_BLD), sparse.sequences[0][1],
+                                                  inverse=True).squeeze(-1)
+        return self.head(self.final_norm(x[:, -1])), aux

@@ -118,3 +118,63 @@ def test_diagnostics_report_every_layer(batch) -> None:
             assert masses[TF.num_full_layers:] == [0.0, 0.0]  # fields dropped
         else:
             assert all(0.0 < m < 1.0 for m in masses)
+
+
+UC_SCHEMA = load_schema(ROOT / "configs/demo.toml")  # hist has item_id, category, action
+UC = dataclasses.replace(TF, mode="user_centric", windows=(12, 6))
+
+
+@pytest.fixture(scope="module")
+def uc_batch(tmp_path_factory):
+    root = tmp_path_factory.mktemp("uc")
+    generate(UC_SCHEMA, GeneratorConfig(seed=5, rows_per_day=32, files_per_day=1, num_users=30,
+                                        num_items=20, num_categories=4, max_hist_len=40),
+             root, parse_days("2026-01-01"), log=lambda *_: None)
+    return collate(pq.read_table(next(root.glob("day=*/*.parquet"))), UC_SCHEMA)
+
+
+def _uc_model() -> RankingModel:
+    torch.manual_seed(0)
+    return RankingModel(UC_SCHEMA, ModelConfig(tower="tokenformer", tokenformer=UC)).eval()
+
+
+def test_user_centric_item_token_never_sees_its_own_action(uc_batch) -> None:
+    m = _uc_model()
+    with torch.no_grad():
+        sparse = m.sparse_arch(uc_batch.fields, uc_batch.sequences)
+        _, aux = m.tower.forward_with_aux(uc_batch.dense, sparse)
+        lengths = sparse.sequences[0][1]
+        row = int(torch.argmax(lengths))
+        t = int(lengths[row]) - 2  # a behaviour with one after it (left-aligned slot index)
+        feats = sparse.sequence_features[0]
+        shifted = dict(feats)
+        shifted["action"] = feats["action"].clone()
+        shifted["action"][row, t] += 5.0  # change only action_t
+        x, lens = sparse.sequences[0]
+        sparse2 = dataclasses.replace(sparse, sequence_features=[shifted],
+                                      sequences=[(x - feats["action"] + shifted["action"], lens)])
+        _, aux2 = m.tower.forward_with_aux(uc_batch.dense, sparse2)
+    a, b = aux["action_logits_BL"][row], aux2["action_logits_BL"][row]
+    assert a.shape == (UC_SCHEMA.sequences[0].max_len,)
+    torch.testing.assert_close(a[: t + 1], b[: t + 1])  # item_t and earlier: unchanged
+    assert not torch.allclose(a[t + 1], b[t + 1])  # item_{t+1} reads action_t
+
+
+def test_user_centric_loss_masks_padding_and_trains_the_action_head(uc_batch) -> None:
+    torch.manual_seed(0)
+    train = RankingTrain(RankingModel(UC_SCHEMA, ModelConfig(tower="tokenformer", tokenformer=UC)))
+    loss, _ = train(uc_batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert train.model.tower.action_head.weight.grad.abs().sum() > 0
+    _, aux = train.model.forward_with_aux(uc_batch)
+    lengths = uc_batch.sequences["hist_action"].lengths()
+    padded = torch.arange(32)[None] >= lengths[:, None]
+    assert padded.any()
+    assert (aux["action_logits_BL"][padded] == 0).all()  # padding slots carry no prediction
+
+
+def test_user_centric_needs_the_action_feature() -> None:
+    with pytest.raises(ValueError, match="action_feature 'clicks'"):
+        RankingModel(UC_SCHEMA, ModelConfig(tower="tokenformer",
+                                            tokenformer=dataclasses.replace(UC, action_feature="clicks")))
