@@ -11,11 +11,12 @@ from torch import nn
 from embedding.schema import FeatureSchema
 from model.baselines import DCNv2Config, DCNv2Tower, DINConfig, DINTower
 from model.dlrm import DLRMConfig, DLRMTower
+from model.onetrans import OneTransConfig, OneTransTower
 from model.rankmixer import RankMixerConfig, RankMixerLongerTower
 from model.sparse import SparseArch, common_dim
 from model.tokenformer import TokenFormer, TokenFormerConfig, naive_transformer
 
-TOWERS = ("dlrm", "dcnv2", "din", "rankmixer_longer", "tokenformer", "naive_transformer", "hstu")
+TOWERS = ("dlrm", "dcnv2", "din", "rankmixer_longer", "onetrans", "tokenformer", "naive_transformer", "hstu")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,6 +27,7 @@ class ModelConfig:
     dcnv2: DCNv2Config = field(default_factory=DCNv2Config)
     din: DINConfig = field(default_factory=DINConfig)
     rankmixer: RankMixerConfig = field(default_factory=RankMixerConfig)
+    onetrans: OneTransConfig = field(default_factory=OneTransConfig)
     tokenformer: TokenFormerConfig = field(default_factory=TokenFormerConfig)  # also naive_transformer, hstu
 
     def __post_init__(self) -> None:
@@ -65,6 +67,8 @@ def build_tower(schema: FeatureSchema, cfg: ModelConfig) -> nn.Module:
         return DCNv2Tower(schema, cfg.dcnv2, emb_dim=dim, num_tasks=num_tasks)
     if cfg.tower == "din":
         return DINTower(schema, cfg.din, emb_dim=dim, num_tasks=num_tasks)
+    if cfg.tower == "onetrans":
+        return OneTransTower(schema, cfg.onetrans, emb_dim=dim, num_tasks=num_tasks)
     if cfg.tower == "rankmixer_longer":
         return RankMixerLongerTower(schema, cfg.rankmixer, emb_dim=dim, num_tasks=num_tasks)
     tf_cfg = cfg.tokenformer if cfg.tower == "tokenformer" else naive_transformer(cfg.tokenformer)
