@@ -27,12 +27,22 @@ from model.tokenformer import TokenFormerConfig, UnifiedInteractionBlock
 ROOT = Path(__file__).resolve().parents[1]
 
 
+DEVICE = torch.device("cpu")
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def time_fn(fn, repeats: int) -> float:
     fn()  # warm-up
+    sync()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -52,13 +62,13 @@ def op_step(kernel, q, k, v, valid, window):
 
 def make(cfg: TokenFormerConfig, windows: list[int | None], kernel: str):
     torch.manual_seed(0)
-    return [UnifiedInteractionBlock(cfg, w, kernel) for w in windows]
+    return [UnifiedInteractionBlock(cfg, w, kernel).to(DEVICE) for w in windows]
 
 
 def inputs(batch: int, L: int, d: int):
-    x = torch.randn(batch, L, d, requires_grad=True)
-    pos = torch.arange(L)[None].expand(batch, L)
-    return x, pos, torch.ones(batch, L, dtype=torch.bool)
+    x = torch.randn(batch, L, d, device=DEVICE, requires_grad=True)
+    pos = torch.arange(L, device=DEVICE)[None].expand(batch, L)
+    return x, pos, torch.ones(batch, L, dtype=torch.bool, device=DEVICE)
 
 
 def main() -> None:
@@ -66,7 +76,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/attention.json")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="cpu (one thread) or cuda")
     a = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(a.device)
     torch.set_num_threads(1)
     cfg = TokenFormerConfig(d_model=64, num_heads=1, num_full_layers=2, windows=(32, 16))
     rows = {}
@@ -80,8 +93,8 @@ def main() -> None:
             print(f"{name:<34} {L:>5} {t * 1e3:>9.1f}")
     ops = {}
     for L in (1024, 4096):
-        q, k, v = (torch.randn(a.batch, 1, L, 64, requires_grad=True) for _ in range(3))
-        ok = torch.ones(a.batch, L, dtype=torch.bool)
+        q, k, v = (torch.randn(a.batch, 1, L, 64, device=DEVICE, requires_grad=True) for _ in range(3))
+        ok = torch.ones(a.batch, L, dtype=torch.bool, device=DEVICE)
         for name, window, kernel in (("attention op only: sdpa causal", None, "sdpa"),
                                      ("attention op only: banded w=32", 32, "banded")):
             t = time_fn(op_step(kernel, q, k, v, ok, window), a.repeats)
@@ -109,6 +122,7 @@ def main() -> None:
     result = {"benchmark": "attention", "batch": a.batch, "d_model": 64, "heads": 1, "threads": 1,
               "fwd_bwd_seconds": rows, "attention_op_fwd_bwd_seconds": ops,
               "stack_fwd_bwd_seconds": seq, "checks": checks,
+              "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu (1 thread)",
               "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
               "date": time.strftime("%Y-%m-%d")}
     a.out.parent.mkdir(parents=True, exist_ok=True)

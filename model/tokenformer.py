@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,9 @@ from torch import nn
 
 from embedding.schema import FeatureSchema
 from model.attention import KERNELS, attention, causal_mask, default_kernel
-from model.sparse import SparseOutput
+
+if TYPE_CHECKING:  # the tower itself needs only torch: benchmarks run it where TorchRec is absent
+    from model.sparse import SparseOutput
 
 MODES = ("new_impression", "user_centric")
 
