@@ -21,6 +21,7 @@ from embedding.schema import FeatureSchema
 from embedding.typed_config import from_dict
 from model.ranking import ModelConfig, RankingModel, RankingTrain
 from pipeline.collate import collate
+from pipeline.validate import REASON, canonical_schema, split_valid, to_canonical
 
 PACKAGES = ("embedding", "model", "pipeline", "deploy")
 
@@ -65,9 +66,18 @@ class TokenrecPyfunc(mlflow.pyfunc.PythonModel):
         self.model, self.schema = load_servable(context.artifacts["model"], context.artifacts["config"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        """Rows in the log format; label columns are not needed. Invalid rows are an error
+        naming the row and the reason (a request is answered whole or not at all)."""
         table = pa.Table.from_pandas(model_input, preserve_index=False)
+        missing = [c for c in canonical_schema(self.schema, with_labels=False).names if c not in table.column_names]
+        if missing:
+            raise ValueError(f"request lacks column(s) {missing}")
+        good, bad = split_valid(table, self.schema, check_labels=False)
+        if bad.num_rows:
+            raise ValueError(f"{bad.num_rows} invalid request row(s), first: {bad.column(REASON)[0].as_py()}")
+        table = to_canonical(table, self.schema, with_labels=False)
         with torch.no_grad():
-            probs = torch.sigmoid(self.model(collate(table, self.schema))).numpy()
+            probs = torch.sigmoid(self.model(collate(table, self.schema, with_labels=False))).numpy()
         return pd.DataFrame(probs.astype(np.float64), columns=list(self.schema.labels))
 
 

@@ -126,8 +126,11 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
     checkpoint = Path(result.checkpoint.path)
     m["wall_seconds"] = time.perf_counter() - t0
 
-    # Accounting: nothing lost. (Rows of the first epoch; later epochs re-read the same rows.)
-    rows_trained = m["rows_trained"] // cfg.train.epochs
+    # Accounting: nothing lost. rows_trained counts the first epoch; every epoch re-reads them all.
+    rows_trained = m["rows_trained"]
+    if m["samples_trained"] != rows_trained * cfg.train.epochs:
+        raise RuntimeError(f"row accounting broken: {m['samples_trained']} samples trained over "
+                           f"{cfg.train.epochs} epochs of {rows_trained} rows")
     q_train, reasons = count_quarantined(quarantine / "train")
     q_eval, eval_reasons = count_quarantined(quarantine / "eval")
     m |= {"rows_in": rows_in, "rows_trained": rows_trained, "rows_quarantined": q_train,

@@ -79,7 +79,8 @@ def train_loop(args: WorkerArgs) -> None:
             yield collate(table, cfg.schema, pad_to=batch_size,
                           padding_row=args.template).to(device, non_blocking=True)
 
-    step, rows, t0, window_rows, window_t = 0, 0, time.perf_counter(), 0, time.perf_counter()
+    step, rows, first_epoch_rows = 0, 0, 0
+    t0, window_rows, window_t = time.perf_counter(), 0, time.perf_counter()
     dmp.train()
     for epoch in range(tc.epochs):
         for batch in synced(stream("train", tc.batch_size), padding(tc.batch_size)):
@@ -90,6 +91,7 @@ def train_loop(args: WorkerArgs) -> None:
             step += 1
             real = int(batch.weights.sum())
             rows += real
+            first_epoch_rows += real if epoch == 0 else 0
             window_rows += real
             if step % tc.log_every == 0:
                 rate = torch.tensor([window_rows / (time.perf_counter() - window_t)])
@@ -103,7 +105,7 @@ def train_loop(args: WorkerArgs) -> None:
             print(f"epoch {epoch} done: step {step}, {rows:,} rows so far on rank 0, "
                   f"{time.perf_counter() - t0:.0f}s", flush=True)
     train_seconds = time.perf_counter() - t0
-    totals = torch.tensor([rows, step], dtype=torch.int64)
+    totals = torch.tensor([rows, first_epoch_rows], dtype=torch.int64)
     dist.all_reduce(totals)
 
     metrics = evaluate_shard(dmp, stream("eval", tc.eval_batch_size),
@@ -112,7 +114,8 @@ def train_loop(args: WorkerArgs) -> None:
     dcp.save(state, checkpoint_id=args.checkpoint_dir)
     if rank == 0:
         slots = step * tc.batch_size * dist.get_world_size()
-        metrics.update(rows_trained=int(totals[0]), steps=step, train_seconds=train_seconds,
+        metrics.update(samples_trained=int(totals[0]), rows_trained=int(totals[1]), steps=step,
+                       train_seconds=train_seconds,
                        train_rows_per_s=float(totals[0]) / max(train_seconds, 1e-9),
                        padding_share=1.0 - float(totals[0]) / max(slots, 1))
         logger.log(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})

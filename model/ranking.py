@@ -77,8 +77,10 @@ def build_tower(schema: FeatureSchema, cfg: ModelConfig) -> nn.Module:
 
 
 class RankingTrain(nn.Module):
-    """Adds the loss: BCE averaged over tasks and over real rows (``batch.weights`` > 0).
-    An all-padding batch gives loss 0 and zero gradients."""
+    """Adds the loss: BCE averaged over tasks, summed over real rows (``batch.weights``) and
+    divided by the batch size *including* padding — the same on every worker — so after DDP's
+    averaging every real row weighs the same, a short tail batch included. An all-padding batch
+    gives loss 0 and zero gradients."""
 
     def __init__(self, model: RankingModel) -> None:
         super().__init__()
@@ -87,7 +89,7 @@ class RankingTrain(nn.Module):
     def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         logits, aux = self.model.forward_with_aux(batch)
         per_row = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none").mean(1)
-        loss = (per_row * batch.weights).sum() / batch.weights.sum().clamp(min=1.0)
+        loss = (per_row * batch.weights).sum() / batch.weights.shape[0]
         if "action_logits_BL" in aux:
             loss = loss + self.model.cfg.tokenformer.action_loss_weight * self._action_loss(batch, aux)
         return loss, logits.detach()

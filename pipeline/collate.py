@@ -62,24 +62,26 @@ def keep_newest(lengths: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarr
     starts = ends - new_lengths
     total = int(new_lengths.sum())
     row_start = np.repeat(starts, new_lengths)
-    new_offsets = np.concatenate([[0], np.cumsum(new_lengths)[:-1]])
+    new_offsets = np.cumsum(new_lengths) - new_lengths
     idx = np.arange(total) - np.repeat(new_offsets, new_lengths) + row_start
     return idx, new_lengths
 
 
 def collate(table: pa.Table, schema: FeatureSchema, pad_to: int | None = None,
-            padding_row: pa.Table | None = None) -> Batch:
+            padding_row: pa.Table | None = None, with_labels: bool = True) -> Batch:
     """Build a ``Batch`` from rows that passed ``pipeline.validate``.
 
     With ``pad_to``, the batch is filled up to that many rows with copies of ``padding_row``
-    (weight 0): sharded collectives need the same batch size on every worker.
+    (weight 0): sharded collectives need the same batch size on every worker. Serving requests
+    have no labels: ``with_labels=False`` fills ``labels`` with zeros.
     """
     real = table.num_rows
     if pad_to is not None and real < pad_to:
         if padding_row is None:
             raise ValueError("collate: pad_to needs a padding_row")
         columns = padding_row.column_names
-        table = pa.concat_tables([table.select(columns)] + [padding_row] * (pad_to - real))
+        table = pa.concat_tables([table.select(columns).cast(padding_row.schema)]
+                                 + [padding_row] * (pad_to - real))
     n = table.num_rows
     weights = np.zeros(n, dtype=np.float32)
     weights[:real] = 1.0
@@ -120,7 +122,8 @@ def collate(table: pa.Table, schema: FeatureSchema, pad_to: int | None = None,
         dense=torch.from_numpy(_floats(table, schema.dense_names)),
         fields=fields,
         sequences=sequences,
-        labels=torch.from_numpy(_floats(table, list(schema.labels))),
+        labels=torch.from_numpy(_floats(table, list(schema.labels)) if with_labels
+                                else np.zeros((n, len(schema.labels)), dtype=np.float32)),
         user_ids=torch.from_numpy(np.array(_ids(users, schema.user_id_type))),
         weights=torch.from_numpy(weights),
     )

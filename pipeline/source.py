@@ -16,7 +16,7 @@ import ray.data
 from ray.train import DataConfig
 
 from embedding.schema import FeatureSchema
-from pipeline.validate import SOURCE, QuarantineWriter, expected_kinds
+from pipeline.validate import QuarantineWriter, expected_kinds
 
 
 def read_logs(files: list[Path], schema: FeatureSchema, quarantine_dir: str | Path,
@@ -29,7 +29,6 @@ def read_logs(files: list[Path], schema: FeatureSchema, quarantine_dir: str | Pa
                                override_num_blocks=max(len(files), 1))
     writer = QuarantineWriter(schema, str(quarantine_dir))
     return (ds.map_batches(writer, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
-            .drop_columns([SOURCE])
             .repartition(target_num_rows_per_block=rows_per_block))  # streaming, no shuffle
 
 

@@ -5,7 +5,7 @@
 * ``split_valid`` is columnar: it returns the good rows and the bad rows, each bad row with the
   first reason it failed (``_reason``). Nothing is dropped: ``rows_in = good + bad``.
 * ``QuarantineWriter`` is the Ray Data ``map_batches`` step that writes bad rows to
-  ``<quarantine_dir>/part-*.parquet`` and passes good rows on.
+  ``<quarantine_dir>/part-*.parquet`` and passes good rows on, cast to ``canonical_schema``.
 """
 
 from __future__ import annotations
@@ -59,6 +59,27 @@ def expected_kinds(schema: FeatureSchema) -> dict[str, set[str]]:
     return exp
 
 
+def canonical_schema(schema: FeatureSchema, with_labels: bool = True) -> pa.Schema:
+    """The one arrow schema every validated block is cast to (int64 ids, float32 dense and
+    labels, ``list<…>`` lists), so blocks from files with different accepted widths concatenate."""
+    ids = {"int64": pa.int64(), "string": pa.string()}
+    fields = [pa.field(schema.ts, pa.int64()), pa.field(schema.user_id, ids[schema.user_id_type])]
+    if with_labels:
+        fields += [pa.field(n, pa.float32()) for n in schema.labels]
+    fields += [pa.field(f.name, pa.float32()) for f in schema.dense]
+    for f in schema.sparse:
+        if f.name != schema.user_id:
+            fields.append(pa.field(f.name, pa.list_(ids[f.raw_type]) if f.multi_valued else ids[f.raw_type]))
+    for q in schema.sequences:
+        fields += [pa.field(q.column(f), pa.list_(ids[f.raw_type])) for f in q.features]
+    return pa.schema(fields)
+
+
+def to_canonical(table: pa.Table, schema: FeatureSchema, with_labels: bool = True) -> pa.Table:
+    target = canonical_schema(schema, with_labels)
+    return table.select(target.names).cast(target)
+
+
 def check_files(files: list[Path], schema: FeatureSchema) -> int:
     """Check every file's footer against the schema; return the total row count."""
     exp = expected_kinds(schema)
@@ -89,7 +110,7 @@ def first_valid_row(files: list[Path], schema: FeatureSchema) -> pa.Table:
     for path in files:
         good, _ = split_valid(pq.read_table(path, columns=columns), schema)
         if good.num_rows:
-            return good.slice(0, 1)
+            return to_canonical(good.slice(0, 1), schema)
     raise ValueError(f"no valid row in any of {len(files)} files; see the quarantine reasons")
 
 
@@ -97,8 +118,9 @@ def _np(mask: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool)
 
 
-def split_valid(table: pa.Table, schema: FeatureSchema) -> tuple[pa.Table, pa.Table]:
-    """(good rows, bad rows + ``_reason``), columnar; each bad row carries its first failure."""
+def split_valid(table: pa.Table, schema: FeatureSchema, check_labels: bool = True) -> tuple[pa.Table, pa.Table]:
+    """(good rows, bad rows + ``_reason``), columnar; each bad row carries its first failure.
+    ``check_labels=False`` for serving requests, which carry no labels."""
     n = table.num_rows
     reason = np.full(n, "", dtype=object)
 
@@ -111,7 +133,7 @@ def split_valid(table: pa.Table, schema: FeatureSchema) -> tuple[pa.Table, pa.Ta
         c = table.column(col)
         return _np(c.is_null()) if c.null_count else np.zeros(n, dtype=bool)
 
-    for label in schema.labels:
+    for label in schema.labels if check_labels else ():
         flag(nulls(label), f"null label '{label}'")
         c = table.column(label).fill_null(0)
         flag(~_np(pc.is_in(c, pa.array([0, 1], c.type))), f"label '{label}' not 0 or 1")
@@ -129,7 +151,7 @@ def split_valid(table: pa.Table, schema: FeatureSchema) -> tuple[pa.Table, pa.Ta
         first = None
         for col in q.columns:
             flag(nulls(col), f"null sequence list '{col}'")
-            if table.column(col).null_count == 0 and pc.list_flatten(table.column(col)).null_count:
+            if pc.list_flatten(table.column(col)).null_count:
                 flag(_list_has_null(table.column(col)), f"null element in sequence '{col}'")
             lens = pc.list_value_length(table.column(col)).fill_null(-1).to_numpy(zero_copy_only=False)
             if first is None:
@@ -166,15 +188,17 @@ class QuarantineWriter:
         good, bad = split_valid(table, self.schema)
         if bad.num_rows:
             self.dir.mkdir(parents=True, exist_ok=True)
-            # Named by content: a block re-read (next epoch, retried task) rewrites the same file.
+            # Named by the whole block's content (rows and their source path): a block re-read
+            # (next epoch, retried task) rewrites the same file; two different blocks never share
+            # a name, even when their bad rows are identical.
             sink = pa.BufferOutputStream()
-            with pa.ipc.new_stream(sink, bad.schema) as w:
-                w.write_table(bad)
+            with pa.ipc.new_stream(sink, table.schema) as w:
+                w.write_table(table)
             name = f"part-{hashlib.sha256(sink.getvalue()).hexdigest()[:24]}.parquet"
             tmp = self.dir / f".{name}.{uuid.uuid4().hex}.tmp"
             pq.write_table(bad, tmp)
             tmp.rename(self.dir / name)  # atomic publish
-        return good
+        return to_canonical(good, self.schema)  # schema columns only, one type per column
 
 
 def count_quarantined(quarantine_dir: str | Path) -> tuple[int, dict[str, int]]:

@@ -86,7 +86,7 @@ def test_train_quarantines_registers_and_serves(data: Path, tmp_path: Path) -> N
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model(f"models:/tokenrec-ranker/{version.version}")
     rows = pq.read_table(next((data / "day=2026-01-03").glob("*.parquet"))).slice(0, 16).to_pandas()
-    probs = model.predict(rows)
+    probs = model.predict(rows.drop(columns=["click", "p_true"]))  # a request carries no labels
     assert list(probs.columns) == ["click"] and len(probs) == 16
     assert ((probs["click"] > 0) & (probs["click"] < 1)).all()
 

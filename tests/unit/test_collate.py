@@ -70,6 +70,8 @@ def test_keep_newest() -> None:
     import numpy as np
     idx, lens = keep_newest(np.array([3, 1, 0, 4]), 2)
     assert lens.tolist() == [2, 1, 0, 2] and idx.tolist() == [1, 2, 3, 6, 7]
+    idx, lens = keep_newest(np.array([], dtype=np.int64), 2)  # an empty batch
+    assert idx.tolist() == [] and lens.tolist() == []
 
 
 def test_string_hash_is_stable_across_processes() -> None:

@@ -42,8 +42,8 @@ def test_round_trip_through_to_dict() -> None:
         (lambda d: d["sparse"][0].update(colour="red"), "unknown key(s) ['colour']"),
         (lambda d: d.update(extra=1), "unknown key(s) ['extra']"),
         (lambda d: d["tables"].update(wide={"hash_size": 10, "dim": 32})
-         or d["sparse"].append({"name": "w", "table": "wide", "group": "default"}),
-         "dim mismatch in token group 'default'"),
+         or d["sparse"].append({"name": "w", "table": "wide", "group": "item"}),
+         "dim mismatch in token group 'item'"),
         (lambda d: d["tables"].update(hist_item={"hash_size": 10, "dim": 32}), "dim mismatch"),
         (lambda d: d["sequences"][0]["features"].append({"name": "u", "table": "user"}),
          "also used by sparse fields"),

@@ -77,3 +77,33 @@ def test_type_mismatch_stops_with_file_and_column(clean: pa.Table, tmp_path: Pat
     pq.write_table(clean.drop_columns(["dense_1"]), tmp_path / "missing.parquet")
     with pytest.raises(SchemaMismatchError, match=r"missing\.parquet: column 'dense_1' is missing"):
         check_files([tmp_path / "missing.parquet"], SCHEMA)
+
+
+def test_null_element_in_a_sequence_is_caught_even_beside_a_null_list(clean: pa.Table) -> None:
+    t = _set(clean, "hist_item_id", 0, None)  # a null list in one row …
+    hist = t.column("hist_category").to_pylist()
+    hist[1] = [None] + hist[1][1:]  # … must not hide a null element in another
+    t = t.set_column(t.schema.get_field_index("hist_category"), "hist_category",
+                     pa.array(hist, pa.list_(pa.int64())))
+    good, bad = split_valid(t, SCHEMA)
+    assert good.num_rows == t.num_rows - 2
+    assert sorted(bad.column(REASON).to_pylist()) == [
+        "null element in sequence 'hist_category'", "null sequence list 'hist_item_id'"]
+
+
+def test_blocks_with_identical_bad_rows_keep_separate_files(clean: pa.Table, tmp_path: Path) -> None:
+    bad_row = _set(clean.slice(0, 1), "click", 0, None)
+    w = QuarantineWriter(SCHEMA, str(tmp_path))
+    w(pa.concat_tables([bad_row, clean.slice(1, 5)]))
+    w(pa.concat_tables([bad_row, clean.slice(6, 5)]))  # same bad row, another block
+    assert count_quarantined(tmp_path)[0] == 2
+
+
+def test_accepted_widths_are_cast_to_one_schema(clean: pa.Table) -> None:
+    from pipeline.validate import canonical_schema, to_canonical
+
+    t = clean.set_column(clean.schema.get_field_index("dense_0"), "dense_0",
+                         clean.column("dense_0").cast(pa.float64()))
+    small = pa.array([v % 1000 for v in t.column("ctx_0").to_pylist()], pa.int32())
+    t = t.set_column(t.schema.get_field_index("ctx_0"), "ctx_0", small)
+    assert to_canonical(t, SCHEMA).schema == to_canonical(clean, SCHEMA).schema == canonical_schema(SCHEMA)
