@@ -24,6 +24,7 @@ D model dim, H heads, E head dim, De embedding dim, K fields per field token.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -46,6 +47,8 @@ class TokenFormerConfig:
     num_heads: int = 4
     num_full_layers: int = 2
     windows: tuple[int, ...] = (32, 16)  # one per sliding layer above the full ones, shrinking
+    schedule: str = ""  # BFTS shorthand "4F" | "3F1S" | "2F2S" | "1F3S" | "4S": sets the two above,
+    first_window: int = 32  # … with windows first_window, first_window/2, … for the S layers
     nlir: bool = True  # the σ(X W_g + b) gate; False: plain residual I = X + A
     gate_bias: float = 0.0
     drop_field_tokens: bool = True  # drop field tokens + first <sep> after the full layers
@@ -59,6 +62,10 @@ class TokenFormerConfig:
     action_loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.schedule:
+            full, windows = parse_schedule(self.schedule, self.first_window)
+            object.__setattr__(self, "num_full_layers", full)
+            object.__setattr__(self, "windows", windows)
         if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
             raise ValueError("tokenformer: d_model / num_heads must be an even integer (RoPE pairs)")
         if self.num_full_layers < 0 or self.num_layers < 1:
@@ -75,6 +82,19 @@ class TokenFormerConfig:
     @property
     def num_layers(self) -> int:
         return self.num_full_layers + len(self.windows)
+
+
+def parse_schedule(schedule: str, first_window: int) -> tuple[int, tuple[int, ...]]:
+    """``"2F2S"`` → (2, (w, w/2)); ``"4S"`` → (0, (w, w/2, w/4, w/8)); windows halve per layer."""
+    m = re.fullmatch(r"(?:(\d+)F)?(?:(\d+)S)?", schedule)
+    if not schedule or m is None:
+        raise ValueError(f"tokenformer.schedule: expected like '2F2S', '4F' or '4S', got '{schedule}'")
+    full, sliding = int(m.group(1) or 0), int(m.group(2) or 0)
+    windows = tuple(first_window >> i for i in range(sliding))
+    if any(w < 1 for w in windows):
+        raise ValueError(f"tokenformer.schedule '{schedule}': first_window {first_window} is too small to "
+                         f"halve {sliding} times")
+    return full, windows
 
 
 def naive_transformer(cfg: TokenFormerConfig) -> TokenFormerConfig:

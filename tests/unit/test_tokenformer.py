@@ -178,3 +178,15 @@ def test_user_centric_needs_the_action_feature() -> None:
     with pytest.raises(ValueError, match="action_feature 'clicks'"):
         RankingModel(UC_SCHEMA, ModelConfig(tower="tokenformer",
                                             tokenformer=dataclasses.replace(UC, action_feature="clicks")))
+
+
+@pytest.mark.parametrize("schedule, full, windows", [("4F", 4, ()), ("3F1S", 3, (32,)), ("2F2S", 2, (32, 16)),
+                                                     ("1F3S", 1, (32, 16, 8)), ("4S", 0, (32, 16, 8, 4))])
+def test_schedule_shorthand(schedule, full, windows) -> None:
+    cfg = TokenFormerConfig(schedule=schedule)
+    assert (cfg.num_full_layers, cfg.windows, cfg.num_layers) == (full, windows, 4)
+
+
+def test_bad_schedule_is_named() -> None:
+    with pytest.raises(ValueError, match="expected like '2F2S'"):
+        TokenFormerConfig(schedule="2X2S")
