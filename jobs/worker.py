@@ -66,6 +66,7 @@ def train_loop(args: WorkerArgs) -> None:
     model = RankingTrain(RankingModel(cfg.schema, cfg.model, sparse_device=torch.device("meta")))
     dmp = shard(model, tc.sharding, device)
     opt = dense_optimizer(dmp, tc.sharding)
+
     def padding(size: int):
         return collate(args.template.slice(0, 0), cfg.schema, pad_to=size,
                        padding_row=args.template).to(device)
@@ -108,8 +109,9 @@ def train_loop(args: WorkerArgs) -> None:
     totals = torch.tensor([rows, first_epoch_rows], dtype=torch.int64)
     dist.all_reduce(totals)
 
-    metrics = evaluate_shard(dmp, stream("eval", tc.eval_batch_size),
-                                                  padding(tc.eval_batch_size)) if args.has_eval else {}
+    metrics = {}
+    if args.has_eval:
+        metrics = evaluate_shard(dmp, stream("eval", tc.eval_batch_size), padding(tc.eval_batch_size))
     state = {strip_prefixes(k): v for k, v in dmp.state_dict().items()}
     dcp.save(state, checkpoint_id=args.checkpoint_dir)
     if rank == 0:

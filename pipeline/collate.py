@@ -80,8 +80,8 @@ def collate(table: pa.Table, schema: FeatureSchema, pad_to: int | None = None,
         if padding_row is None:
             raise ValueError("collate: pad_to needs a padding_row")
         columns = padding_row.column_names
-        table = pa.concat_tables([table.select(columns).cast(padding_row.schema)]
-                                 + [padding_row] * (pad_to - real))
+        fill = padding_row.take(np.zeros(pad_to - real, dtype=np.int64))  # one vectorized copy
+        table = pa.concat_tables([table.select(columns).cast(padding_row.schema), fill])
     n = table.num_rows
     weights = np.zeros(n, dtype=np.float32)
     weights[:real] = 1.0

@@ -14,6 +14,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 
 from embedding.schema import load_schema
 from embedding.sharding import ShardingConfig, apply_sparse_optimizer, shard
+from jobs.worker import strip_prefixes
 from model.ranking import ModelConfig, RankingModel
 from pipeline.collate import collate
 from pipeline.days import parse_days
@@ -24,12 +25,6 @@ ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
 BATCH = 64
 LR = 0.1
-
-
-def _strip(name: str) -> str:
-    for prefix in ("_dmp_wrapped_module.", "module."):
-        name = name.replace(prefix, "")
-    return name
 
 
 def _check(rank: int, world: int, sharding_type: str, data_file: str) -> None:
@@ -78,7 +73,7 @@ def _check(rank: int, world: int, sharding_type: str, data_file: str) -> None:
     for name, p in dmp.named_parameters():
         if p.grad is None:
             continue
-        rp = ref_params[_strip(name)]
+        rp = ref_params[strip_prefixes(name)]
         if rp.grad is None:
             raise AssertionError(f"{name}: gradient on the sharded side only ({p.grad.shape})")
         torch.testing.assert_close(p.grad, rp.grad / world, atol=1e-5, rtol=1e-4, msg=name)
