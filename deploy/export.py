@@ -41,9 +41,9 @@ def export_checkpoint(schema: FeatureSchema, model_cfg: ModelConfig, checkpoint_
     """Load a (sharded, any world size) DCP checkpoint into the unsharded model; write
     ``out_dir/model.pt`` and ``out_dir/config.json``."""
     train = RankingTrain(RankingModel(schema, model_cfg))
-    state = train.state_dict()
+    state = {"model": train.state_dict()}  # the optimizer part of the checkpoint is not read
     dcp.load(state, checkpoint_id=str(checkpoint_dir))
-    train.load_state_dict(state)
+    train.load_state_dict(state["model"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(train.model.state_dict(), out / "model.pt")

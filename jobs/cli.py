@@ -38,7 +38,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     overrides = list(a.overrides) + ([f"train.num_workers={a.num_workers}"] if a.num_workers else [])
     cfg = load_config(a.config, overrides)
     m = run_train(cfg, TrainRequest(days=a.days or "", data_root=a.data, workdir=a.workdir,
-                                    tracking_uri=a.tracking_uri, address=a.address))
+                                    tracking_uri=a.tracking_uri, address=a.address,
+                                    init_from=a.init_from, resume_from=a.resume))
     _summary(m)
     return 0
 
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under --workdir)")
     t.add_argument("--address", help="Ray cluster address (default: a local Ray)")
     t.add_argument("--num-workers", type=int, help="Ray Train workers (default: [train].num_workers)")
+    t.add_argument("--init-from", help="warm start from a checkpoint folder (weights + optimizer state)")
+    t.add_argument("--resume", help="continue a stopped run of this job from its checkpoint folder")
     t.set_defaults(fn=cmd_train)
 
     d = sub.add_parser("demo", help="generate a small dataset and run the whole path on it")

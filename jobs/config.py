@@ -36,12 +36,20 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 0
     use_gpu: bool = False  # one GPU per worker, NCCL, CUDA FBGEMM (requirements/gpu.txt)
+    checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end
+    keep_checkpoints: int = 3  # published checkpoints kept per run (the newest)
+    max_steps: int = 0  # stop (with a checkpoint) after this many steps; 0: no limit
+    deterministic: bool = False  # fixed data order per worker + deterministic kernels: exact resume
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
 
     def __post_init__(self) -> None:
-        for key in ("num_workers", "batch_size", "eval_batch_size", "epochs", "log_every"):
+        for key in ("num_workers", "batch_size", "eval_batch_size", "epochs", "log_every",
+                    "keep_checkpoints"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"[train].{key}: must be positive, got {getattr(self, key)}")
+        for key in ("checkpoint_every", "max_steps"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"[train].{key}: must be >= 0 (0 turns it off), got {getattr(self, key)}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -38,6 +38,10 @@ class TrainRequest:
     workdir: Path
     tracking_uri: str | None = None
     address: str | None = None  # a Ray cluster; None starts a local one
+    init_from: str | None = None  # warm start from this checkpoint (weights + optimizer state)
+    resume_from: str | None = None  # continue a stopped run of the same job from this checkpoint
+    tags: dict[str, str] | None = None  # extra MLflow run tags
+    register: bool = True  # register the exported model as a new version
 
 
 def _worker_entry(config: dict) -> None:
@@ -79,7 +83,9 @@ def run_train(cfg: JobConfig, req: TrainRequest, log=print) -> dict:
         "tokenrec.days": f"{days[0]}..{days[-1]}", "tokenrec.eval_day": str(eval_day),
         "tokenrec.schema": cfg.schema.fingerprint(), "tokenrec.data_root": str(req.data_root.resolve()),
         "tokenrec.tower": cfg.model.tower,
-    })
+    } | ({"tokenrec.init_from": req.init_from} if req.init_from else {})
+      | ({"tokenrec.resumed_from": req.resume_from} if req.resume_from else {})
+      | (req.tags or {}))
     run_id = run.info.run_id
     log(f"MLflow run {run_id} in {redact(tracking_uri)}")
     try:
@@ -108,14 +114,19 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
     quarantine = run_dir / "quarantine"
     datasets = {"train": read_logs(train_files, cfg.schema, quarantine / "train"),
                 "eval": read_logs(eval_files, cfg.schema, quarantine / "eval")}
+    for path in (req.init_from, req.resume_from):
+        if path and not (Path(path) / "meta.json").exists():
+            raise FileNotFoundError(f"checkpoint {path} does not exist or was never published "
+                                    f"(no meta.json)")
     args = WorkerArgs(cfg=cfg, run_id=run_id, tracking_uri=tracking_uri,
-                      checkpoint_dir=str(run_dir / "checkpoint"), has_eval=True,
-                      template=first_valid_row(train_files, cfg.schema))
+                      checkpoint_root=str(run_dir / "checkpoints"), has_eval=True,
+                      template=first_valid_row(train_files, cfg.schema),
+                      init_from=req.init_from, resume_from=req.resume_from)
     trainer = TorchTrainer(
         _worker_entry, train_loop_config={"args": args},
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
-        datasets=datasets, dataset_config=UnequalSplit(),
+        datasets=datasets, dataset_config=UnequalSplit(deterministic=cfg.train.deterministic),
         run_config=RunConfig(name=f"train-{run_id}", storage_path=str(req.workdir.resolve() / "ray_results")),
     )
     t0 = time.perf_counter()
@@ -123,8 +134,15 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
     if result.checkpoint is None or not result.metrics:
         raise RuntimeError(f"training returned no checkpoint/metrics (Ray Train result: {result})")
     m = dict(result.metrics)
-    checkpoint = Path(result.checkpoint.path)
+    checkpoint = Path(json.loads((Path(result.checkpoint.path) / "checkpoint.json").read_text())["checkpoint"])
     m["wall_seconds"] = time.perf_counter() - t0
+    client.set_tag(run_id, "tokenrec.checkpoint", str(checkpoint))
+    m["checkpoint"] = str(checkpoint)
+    if m.get("stopped_early"):
+        log(f"stopped after step {m['steps']} ([train].max_steps); continue with --resume {checkpoint}")
+        client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0)
+                                          for k, v in m.items() if isinstance(v, (int, float))])
+        return m
 
     # Accounting: nothing lost. rows_trained counts the first epoch; every epoch re-reads them all.
     rows_trained = m["rows_trained"]
@@ -148,10 +166,12 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
     client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0)
                                       for k, v in m.items() if isinstance(v, (int, float))])
     client.log_dict(run_id, {"train": reasons, "eval": eval_reasons}, "quarantine/reasons.json")
-    client.set_tag(run_id, "tokenrec.checkpoint", str(checkpoint))
 
     export_dir = export_checkpoint(cfg.schema, cfg.model, checkpoint, run_dir / "export")
     client.set_tag(run_id, "tokenrec.export", str(export_dir))
+    m["export_dir"] = str(export_dir)
+    if not req.register:
+        return m
     with mlflow.start_run(run_id=run_id):
         info = log_pyfunc(export_dir, REQUIREMENTS.read_text().split())
     version = mlflow.register_model(info.model_uri, cfg.tracking.model_name,

@@ -1,5 +1,12 @@
 """The Ray Train worker: shard the model, train on this worker's stream, evaluate, checkpoint.
 
+Checkpoints (``jobs.checkpoint``): every ``checkpoint_every`` steps and at the end, with the
+optimizer state, the data position and the RNG. ``init_from`` warm-starts weights and optimizer
+state from another run's checkpoint (daily training); ``resume_from`` continues a stopped run of
+the same job exactly: it restores the step and the row counters, and replays the data stream up to
+that step without training (with ``[train].deterministic`` the stream, and so the result, is the
+same as an uninterrupted run's, bit for bit).
+
 Every worker runs the same number of steps with the same batch size (sharded collectives need
 both): a short batch is filled up with zero-weight padding rows, and a worker whose stream ends
 first runs all-padding batches until the others are done, so uneven shards never hang. Rows are
@@ -8,6 +15,8 @@ counted only when really trained (weight 1).
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,9 +26,9 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
 from embedding.sharding import dense_optimizer, shard
+from jobs import checkpoint
 from jobs.config import JobConfig
 from jobs.metrics import evaluate
 from jobs.tracking import StepLogger
@@ -32,9 +41,11 @@ class WorkerArgs:
     cfg: JobConfig
     run_id: str
     tracking_uri: str
-    checkpoint_dir: str
+    checkpoint_root: str  # published checkpoints go to checkpoint_root/step-NNNNNNNN
     has_eval: bool
     template: object  # a one-row pyarrow.Table: a worker whose stream is empty pads with it
+    init_from: str | None = None  # warm start: weights + optimizer state, not the position
+    resume_from: str | None = None  # exact resume: weights, optimizer, position, RNG
 
 
 def strip_prefixes(name: str) -> str:
@@ -60,12 +71,26 @@ def synced(batches: Iterator, padding) -> Iterator:
 def train_loop(args: WorkerArgs) -> None:
     cfg, tc = args.cfg, args.cfg.train
     torch.set_num_threads(1)
+    if tc.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(tc.seed)
     device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
     model = RankingTrain(RankingModel(cfg.schema, cfg.model, sparse_device=torch.device("meta")))
     dmp = shard(model, tc.sharding, device)
     opt = dense_optimizer(dmp, tc.sharding)
+    dense_opt = opt._optims[0][1]  # the lazily initialized part, see checkpoint.load
+
+    pos = checkpoint.Position(world_size=dist.get_world_size())
+    if args.init_from:
+        checkpoint.load(args.init_from, dmp, opt, dense_opt)
+        if rank == 0:
+            print(f"warm start from {args.init_from}", flush=True)
+    if args.resume_from:
+        pos = checkpoint.load(args.resume_from, dmp, opt, dense_opt, restore_rng=True)
+        if rank == 0:
+            print(f"resuming at step {pos.step} (epoch {pos.epoch}) from {args.resume_from}", flush=True)
+    start_step = pos.step
 
     def padding(size: int):
         return collate(args.template.slice(0, 0), cfg.schema, pad_to=size,
@@ -80,11 +105,32 @@ def train_loop(args: WorkerArgs) -> None:
             yield collate(table, cfg.schema, pad_to=batch_size,
                           padding_row=args.template).to(device, non_blocking=True)
 
-    step, rows, first_epoch_rows = 0, 0, 0
+    # row counters: the checkpoint holds the sums over workers; rank 0 carries them on
+    step = pos.step if args.resume_from else 0
+    rows = pos.rows if rank == 0 else 0
+    first_epoch_rows = pos.first_epoch_rows if rank == 0 else 0
     t0, window_rows, window_t = time.perf_counter(), 0, time.perf_counter()
+    stopped = False
+
+    def save(epoch: int, final: bool = False) -> str:
+        totals = torch.tensor([rows, first_epoch_rows], dtype=torch.int64)
+        dist.all_reduce(totals)
+        p = checkpoint.Position(step=step, epoch=epoch, rows=int(totals[0]),
+                                first_epoch_rows=int(totals[1]), world_size=dist.get_world_size(),
+                                final=final)
+        path = checkpoint.save(args.checkpoint_root, dmp, opt, p, keep=tc.keep_checkpoints)
+        if rank == 0:
+            print(f"checkpoint {path}", flush=True)
+        return str(path)
+
     dmp.train()
+    replayed = 0
+    epoch = 0
     for epoch in range(tc.epochs):
         for batch in synced(stream("train", tc.batch_size), padding(tc.batch_size)):
+            if replayed < start_step:  # resume: this step is already in the weights
+                replayed += 1
+                continue
             loss, _ = dmp(batch)
             opt.zero_grad()
             loss.backward()
@@ -102,29 +148,40 @@ def train_loop(args: WorkerArgs) -> None:
                           f"{rate.item():8.0f} rows/s", flush=True)
                     logger.log(step, {"train_loss": loss.item(), "rows_per_s": rate.item()})
                 window_rows, window_t = 0, time.perf_counter()
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+                save(epoch)
+            if tc.max_steps and step >= tc.max_steps:
+                stopped = True
+                break
+        if stopped:
+            break
         if rank == 0:
             print(f"epoch {epoch} done: step {step}, {rows:,} rows so far on rank 0, "
                   f"{time.perf_counter() - t0:.0f}s", flush=True)
     train_seconds = time.perf_counter() - t0
+    final_ckpt = save(epoch, final=not stopped)
     totals = torch.tensor([rows, first_epoch_rows], dtype=torch.int64)
     dist.all_reduce(totals)
 
     metrics = {}
-    if args.has_eval:
+    if args.has_eval and not stopped:
         metrics = evaluate_shard(dmp, stream("eval", tc.eval_batch_size), padding(tc.eval_batch_size))
-    state = {strip_prefixes(k): v for k, v in dmp.state_dict().items()}
-    dcp.save(state, checkpoint_id=args.checkpoint_dir)
     if rank == 0:
-        slots = step * tc.batch_size * dist.get_world_size()
+        slots = (step - start_step) * tc.batch_size * dist.get_world_size()
+        new_samples = int(totals[0]) - pos.rows
         metrics.update(samples_trained=int(totals[0]), rows_trained=int(totals[1]), steps=step,
-                       train_seconds=train_seconds,
-                       train_rows_per_s=float(totals[0]) / max(train_seconds, 1e-9),
-                       padding_share=1.0 - float(totals[0]) / max(slots, 1))
+                       stopped_early=int(stopped), train_seconds=train_seconds,
+                       train_rows_per_s=new_samples / max(train_seconds, 1e-9),
+                       padding_share=1.0 - new_samples / max(slots, 1))
         logger.log(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-    # Rank 0 hands the (shared-folder) checkpoint to Ray Train, which copies it into the run's
-    # storage; the driver reads metrics and the checkpoint from the Result.
-    checkpoint = ray.train.Checkpoint.from_directory(args.checkpoint_dir) if rank == 0 else None
-    ray.train.report(metrics, checkpoint=checkpoint)
+    # Ray Train V2 fills Result.metrics only with a checkpoint: rank 0 hands it a small folder
+    # naming the published checkpoint (the DCP files stay where jobs.checkpoint put them).
+    report = None
+    if rank == 0:
+        report = tempfile.mkdtemp(prefix="tokenrec-report-")
+        with open(f"{report}/checkpoint.json", "w") as f:
+            json.dump({"checkpoint": final_ckpt}, f)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(report) if report else None)
 
 
 @torch.no_grad()

@@ -33,13 +33,27 @@ def read_logs(files: list[Path], schema: FeatureSchema, quarantine_dir: str | Pa
 
 
 class UnequalSplit(DataConfig):
-    """Like Ray Train's DataConfig, but ``streaming_split(equal=False)``: no row is dropped."""
+    """Like Ray Train's DataConfig, but ``streaming_split(equal=False)``: no row is dropped.
+
+    ``deterministic=True``: blocks keep their order and are dealt to the workers by position
+    (``Dataset.split(equal=False)``, which materializes the dataset once), so every run, and
+    every epoch, feeds each worker the same rows in the same order — what exact resume needs.
+    Streaming split hands blocks to whichever worker asks first."""
+
+    def __init__(self, deterministic: bool = False) -> None:
+        super().__init__()
+        self.deterministic = deterministic
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         output = [{} for _ in range(world_size)]
         for name, ds in datasets.items():
             ds = ds.copy(ds)
             ds.context.execution_options = self._resolve_execution_options(name)
-            for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
+            if self.deterministic:
+                ds.context.execution_options.preserve_order = True
+                splits = [s.iterator() for s in ds.split(world_size, equal=False)]
+            else:
+                splits = ds.streaming_split(world_size, equal=False)
+            for i, split in enumerate(splits):
                 output[i][name] = split
         return output
