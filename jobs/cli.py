@@ -73,6 +73,95 @@ def cmd_analyze(a: argparse.Namespace) -> int:
     return 0
 
 
+def _daily_request(a: argparse.Namespace):
+    from jobs.daily import DailyRequest
+
+    return DailyRequest(data_root=a.data, workdir=a.workdir, tracking_uri=a.tracking_uri,
+                        address=a.address, force=a.force, cold_start=a.cold_start)
+
+
+def cmd_daily(a: argparse.Namespace) -> int:
+    from jobs.config import load_config
+    from jobs.daily import run_daily
+
+    m = run_daily(load_config(a.config, a.overrides), a.date, _daily_request(a))
+    if not m.get("skipped"):
+        _summary(m)
+    return 0
+
+
+def cmd_backfill(a: argparse.Namespace) -> int:
+    from jobs.config import load_config
+    from jobs.daily import BackfillError, run_backfill
+
+    try:
+        results = run_backfill(load_config(a.config, a.overrides), a.days, _daily_request(a))
+    except BackfillError as e:
+        print(f"tokenrec backfill: {e}", file=sys.stderr)
+        return 1
+    for r in results:
+        state = "skipped (done before)" if r.get("skipped") else ("champion" if r["promoted"] else "challenger")
+        auc = f"AUC {r['eval_auc']:.4f}" if "eval_auc" in r else ""
+        print(f"{r['day']}: version {r['model_version']} {state} {auc}")
+    return 0
+
+
+def _registry(a: argparse.Namespace):
+    from jobs.config import load_config
+    from jobs.registry import Registry
+    from jobs.tracking import connect, default_tracking_uri
+
+    cfg = load_config(a.config, a.overrides)
+    uri = a.tracking_uri or default_tracking_uri(a.workdir)
+    client, _ = connect(uri, cfg.tracking.experiment, a.workdir / "mlartifacts")
+    return cfg, Registry(client, cfg.tracking.model_name)
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    cfg, reg = _registry(a)
+    rows = reg.table()
+    if not rows:
+        print(f"model '{reg.name}' has no versions yet")
+        return 0
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'ver':>4} {'aliases':<20} {'days':<22} {'eval day':<10} {'auc':>7} {'logloss':>7} "
+          f"{'calib':>6} {'parent':>6}  gate")
+    def num(r: dict, k: str) -> str:
+        return f"{float(r[k]):.4f}" if r[k] else "-"
+
+    for r in reversed(rows):
+        print(f"{r['version']:>4} {r['aliases'] or '-':<20} {r['days']:<22} {r['eval_day']:<10} "
+              f"{num(r, 'auc'):>7} {num(r, 'logloss'):>7} {num(r, 'calibration'):>6} {r['parent'] or '-':>6}  "
+              f"{r['gate'][:90]}")
+    return 0
+
+
+def cmd_promote(a: argparse.Namespace) -> int:
+    cfg, reg = _registry(a)
+    v = reg.version(a.version)
+    if a.no_gate:
+        reg.set_champion(int(a.version), "promoted by hand with --no-gate")
+        print(f"version {a.version} is champion (gate skipped)")
+        return 0
+    run = reg.run_tags(a.version)
+    day = a.eval_day or v.tags.get("tokenrec.eval_day") or run.get("tokenrec.eval_day")
+    data = a.data or run.get("tokenrec.data_root")
+    d = reg.decide(int(a.version), data, day, cfg.gate)
+    if not d.promote:
+        print(f"tokenrec promote: the gate kept the champion: {d.summary()}\n"
+              f"(--no-gate promotes anyway)", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_rollback(a: argparse.Namespace) -> int:
+    _, reg = _registry(a)
+    reg.rollback()
+    return 0
+
+
 def _summary(m: dict) -> None:
     keys = ["run_id", "model_version", "rows_in", "rows_trained", "rows_quarantined", "eval_rows",
             "eval_auc", "eval_oracle_auc", "eval_gauc", "eval_logloss", "eval_calibration",
@@ -113,6 +202,45 @@ def main(argv: list[str] | None = None) -> int:
     z.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under --workdir)")
     z.add_argument("--rows", type=int, default=2048, help="held-out rows of the run's evaluation day")
     z.set_defaults(fn=cmd_analyze)
+
+    def registry_flags(p: argparse.ArgumentParser) -> None:
+        _common(p)
+        p.add_argument("--workdir", type=Path, default=Path(".tokenrec"), help="runs, checkpoints, MLflow store")
+        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under --workdir)")
+
+    def daily_flags(p: argparse.ArgumentParser) -> None:
+        registry_flags(p)
+        p.add_argument("--data", type=Path, required=True, help="root of the day=YYYY-MM-DD folders")
+        p.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+        p.add_argument("--force", action="store_true", help="retrain days that are already done")
+        p.add_argument("--cold-start", action="store_true", help="train from scratch, not from the champion")
+
+    y = sub.add_parser("daily", help="warm start from the champion, train one day, evaluate, gate")
+    daily_flags(y)
+    y.add_argument("--date", required=True, help="the day to train on, YYYY-MM-DD")
+    y.set_defaults(fn=cmd_daily)
+
+    b = sub.add_parser("backfill", help="run `daily` for each day of a range, in order")
+    daily_flags(b)
+    b.add_argument("--days", required=True, help="YYYY-MM-DD..YYYY-MM-DD")
+    b.set_defaults(fn=cmd_backfill)
+
+    mo = sub.add_parser("models", help="registered versions: aliases, metrics, lineage, gate decisions")
+    registry_flags(mo)
+    mo.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    mo.set_defaults(fn=cmd_models)
+
+    pr = sub.add_parser("promote", help="make a version champion, through the gate unless --no-gate")
+    registry_flags(pr)
+    pr.add_argument("--version", type=int, required=True)
+    pr.add_argument("--no-gate", action="store_true", help="skip the gate")
+    pr.add_argument("--eval-day", help="day to compare on (default: the version's evaluation day)")
+    pr.add_argument("--data", type=Path, help="data root (default: the version's training data root)")
+    pr.set_defaults(fn=cmd_promote)
+
+    rb = sub.add_parser("rollback", help="give champion back to the previous champion")
+    registry_flags(rb)
+    rb.set_defaults(fn=cmd_rollback)
 
     a = parser.parse_args(argv)
     try:

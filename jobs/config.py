@@ -5,6 +5,7 @@
     [model]      model.ranking.ModelConfig
     [train]      TrainConfig below (with [train.sharding] → embedding.sharding.ShardingConfig)
     [tracking]   TrackingConfig below
+    [gate]       GateConfig below (promotion to champion)
 
 Unknown tables and keys are errors naming the key.
 """
@@ -59,12 +60,30 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class GateConfig:
+    """Promotion to ``champion``: the candidate may be worse than the champion, on the same
+    evaluation day, by at most these margins, and its calibration must lie inside the band."""
+
+    auc_margin: float = 0.002  # candidate AUC >= champion AUC - auc_margin
+    logloss_margin: float = 0.005  # candidate logloss <= champion logloss + logloss_margin
+    calibration_band: tuple[float, float] = (0.8, 1.25)  # mean prediction / mean label
+
+    def __post_init__(self) -> None:
+        lo, hi = self.calibration_band
+        if not 0 < lo <= 1 <= hi:
+            raise ValueError(f"[gate].calibration_band: need 0 < low <= 1 <= high, got {self.calibration_band}")
+        if self.auc_margin < 0 or self.logloss_margin < 0:
+            raise ValueError("[gate]: margins must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
 class JobConfig:
     schema: FeatureSchema
     generator: GeneratorConfig
     model: ModelConfig
     train: TrainConfig
     tracking: TrackingConfig
+    gate: GateConfig = field(default_factory=GateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -73,7 +92,7 @@ class JobConfig:
         return json.dumps(self.to_dict(), indent=1, default=str)
 
 
-SECTIONS = ("schema", "generator", "model", "train", "tracking")
+SECTIONS = ("schema", "generator", "model", "train", "tracking", "gate")
 
 
 def _override(doc: dict, assignment: str) -> None:
@@ -118,6 +137,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             model=from_dict(ModelConfig, doc.get("model"), "model"),
             train=from_dict(TrainConfig, doc.get("train"), "train"),
             tracking=from_dict(TrackingConfig, doc.get("tracking"), "tracking"),
+            gate=from_dict(GateConfig, doc.get("gate"), "gate"),
         )
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None

@@ -176,7 +176,9 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
         info = log_pyfunc(export_dir, REQUIREMENTS.read_text().split())
     version = mlflow.register_model(info.model_uri, cfg.tracking.model_name,
                                     tags={k: str(v) for k, v in m.items() if k.startswith("eval_")}
-                                    | {"tokenrec.days": client.get_run(run_id).data.tags["tokenrec.days"]})
+                                    | {"tokenrec.days": client.get_run(run_id).data.tags["tokenrec.days"],
+                                       "tokenrec.eval_day": eval_day})
     m["model_version"] = int(version.version)
+    client.set_tag(run_id, "tokenrec.model_version", str(version.version))
     log(f"registered {cfg.tracking.model_name} version {version.version}")
     return m

@@ -1,0 +1,235 @@
+"""The MLflow model registry: evaluation of exported versions, the promotion gate, champion history.
+
+* ``evaluate_export`` — the one evaluation the gate uses: an exported (unsharded) version predicts
+  every valid row of a day; metrics from ``jobs.metrics.evaluate``. Results are cached on the
+  version as tags ``tokenrec.eval.<day>.<metric>``, so a version is scored once per day.
+* ``gate`` — the candidate becomes ``champion`` only when, on the same evaluation day, its AUC is
+  at most ``auc_margin`` below the champion's, its logloss at most ``logloss_margin`` above, and
+  its calibration inside ``calibration_band``; otherwise it gets the ``challenger`` alias.
+* Champion history — the registered model's tag ``tokenrec.champion_history`` (a JSON list of
+  versions, newest last) makes ``rollback`` restore the previous champion.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from deploy.export import load_servable
+from jobs.metrics import evaluate
+from pipeline.collate import collate
+from pipeline.days import day_files, parse_day
+from pipeline.validate import expected_kinds, split_valid, to_canonical
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+HISTORY = "tokenrec.champion_history"
+GATE_METRICS = ("eval_auc", "eval_logloss", "eval_calibration", "eval_rows")
+
+
+def evaluate_export(export_dir: str | Path, data_root: str | Path, day: str,
+                    batch_rows: int = 8192) -> dict[str, float]:
+    """Score an exported model on every valid row of ``day`` (invalid rows are counted in
+    ``eval_rows_invalid``, not scored)."""
+    export_dir = Path(export_dir)
+    model, schema = load_servable(export_dir / "model.pt", export_dir / "config.json")
+    columns = list(expected_kinds(schema))
+    labels, probs, users, invalid = [], [], [], 0
+    with torch.no_grad():
+        for path in day_files(data_root, [parse_day(day)]):
+            good, bad = split_valid(pq.read_table(path, columns=columns), schema)
+            invalid += bad.num_rows
+            good = to_canonical(good, schema)
+            for start in range(0, good.num_rows, batch_rows):
+                batch = collate(good.slice(start, batch_rows), schema)
+                probs.append(torch.sigmoid(model(batch)).numpy())
+                labels.append(batch.labels.numpy())
+                users.append(batch.user_ids.numpy())
+    if not labels:
+        raise ValueError(f"day {day} under {data_root} has no valid row to evaluate on")
+    m = evaluate(np.concatenate(labels), np.concatenate(probs), np.concatenate(users))
+    return m | {"eval_rows_invalid": float(invalid)}
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reasons: list[str]
+    candidate: dict[str, float]
+    champion: dict[str, float] | None
+
+    def summary(self) -> str:
+        return ("champion" if self.promote else "challenger") + ": " + "; ".join(self.reasons)
+
+
+def gate(candidate: dict[str, float], champion: dict[str, float] | None, cfg) -> Decision:
+    """``cfg``: a ``jobs.config.GateConfig``. Pure: same inputs, same decision."""
+    reasons, ok = [], True
+    lo, hi = cfg.calibration_band
+    cal = candidate["eval_calibration"]
+    if lo <= cal <= hi:
+        reasons.append(f"calibration {cal:.3f} inside [{lo}, {hi}]")
+    else:
+        ok = False
+        reasons.append(f"calibration {cal:.3f} outside [{lo}, {hi}]")
+    if champion is None:
+        reasons.append("no champion yet")
+        return Decision(ok, reasons, candidate, None)
+    d_auc = candidate["eval_auc"] - champion["eval_auc"]
+    d_ll = candidate["eval_logloss"] - champion["eval_logloss"]
+    if d_auc >= -cfg.auc_margin:
+        reasons.append(f"AUC {candidate['eval_auc']:.4f} vs champion {champion['eval_auc']:.4f} "
+                       f"({d_auc:+.4f}, margin {cfg.auc_margin})")
+    else:
+        ok = False
+        reasons.append(f"AUC {candidate['eval_auc']:.4f} is {-d_auc:.4f} below champion "
+                       f"{champion['eval_auc']:.4f} (margin {cfg.auc_margin})")
+    if d_ll <= cfg.logloss_margin:
+        reasons.append(f"logloss {candidate['eval_logloss']:.4f} vs champion {champion['eval_logloss']:.4f} "
+                       f"({d_ll:+.4f}, margin {cfg.logloss_margin})")
+    else:
+        ok = False
+        reasons.append(f"logloss {candidate['eval_logloss']:.4f} is {d_ll:.4f} above champion "
+                       f"{champion['eval_logloss']:.4f} (margin {cfg.logloss_margin})")
+    return Decision(ok, reasons, candidate, champion)
+
+
+class Registry:
+    """One registered model: versions, aliases, lineage and the champion history."""
+
+    def __init__(self, client: MlflowClient, name: str) -> None:
+        self.client, self.name = client, name
+
+    # -- reading ---------------------------------------------------------------------------
+    def exists(self) -> bool:
+        try:
+            self.client.get_registered_model(self.name)
+            return True
+        except MlflowException:
+            return False
+
+    def versions(self) -> list:
+        if not self.exists():
+            return []
+        found = self.client.search_model_versions(f"name = '{self.name}'")
+        return sorted(found, key=lambda v: int(v.version))
+
+    def version(self, number: int | str):
+        try:
+            return self.client.get_model_version(self.name, str(number))
+        except MlflowException:
+            have = [v.version for v in self.versions()]
+            raise ValueError(f"model '{self.name}' has no version {number}; versions: {have}") from None
+
+    def alias(self, alias: str) -> int | None:
+        try:
+            return int(self.client.get_model_version_by_alias(self.name, alias).version)
+        except MlflowException:
+            return None
+
+    def champion(self) -> int | None:
+        return self.alias(CHAMPION)
+
+    def latest(self) -> int | None:
+        versions = self.versions()
+        return int(versions[-1].version) if versions else None
+
+    def history(self) -> list[int]:
+        if not self.exists():
+            return []
+        raw = self.client.get_registered_model(self.name).tags.get(HISTORY, "[]")
+        return [int(v) for v in json.loads(raw)]
+
+    def run_tags(self, number: int | str) -> dict[str, str]:
+        return self.client.get_run(self.version(number).run_id).data.tags
+
+    # -- evaluation, cached per (version, day) ----------------------------------------------
+    def evaluation(self, number: int | str, data_root: str | Path, day: str, log=print) -> dict[str, float]:
+        v = self.version(number)
+        prefix = f"tokenrec.eval.{day}."
+        cached = {k[len(prefix):]: float(val) for k, val in v.tags.items() if k.startswith(prefix)}
+        if all(m in cached for m in GATE_METRICS):
+            return cached
+        export = self.run_tags(number).get("tokenrec.export")
+        if not export or not (Path(export) / "model.pt").exists():
+            raise FileNotFoundError(f"version {number}: exported model {export} is missing")
+        log(f"evaluating version {number} on {day}")
+        m = evaluate_export(export, data_root, day)
+        for k in GATE_METRICS:
+            self.client.set_model_version_tag(self.name, str(number), prefix + k, f"{m[k]:.6g}")
+        return m
+
+    # -- writing -----------------------------------------------------------------------------
+    def set_champion(self, number: int, why: str) -> None:
+        history = self.history()
+        if not history or history[-1] != number:
+            history.append(number)
+        self.client.set_registered_model_alias(self.name, CHAMPION, str(number))
+        self.client.set_registered_model_tag(self.name, HISTORY, json.dumps(history))
+        self.client.set_model_version_tag(self.name, str(number), "tokenrec.champion_since",
+                                          time.strftime("%Y-%m-%dT%H:%M:%S"))
+        self.client.set_model_version_tag(self.name, str(number), "tokenrec.gate", why[:4000])
+        if self.alias(CHALLENGER) == number:
+            self.client.delete_registered_model_alias(self.name, CHALLENGER)
+
+    def set_challenger(self, number: int, why: str) -> None:
+        self.client.set_registered_model_alias(self.name, CHALLENGER, str(number))
+        self.client.set_model_version_tag(self.name, str(number), "tokenrec.gate", why[:4000])
+
+    def decide(self, number: int, data_root: str | Path, day: str, cfg, log=print) -> Decision:
+        """Evaluate the candidate and the champion on ``day`` and set the alias the gate says."""
+        champ = self.champion()
+        if champ == number:
+            raise ValueError(f"version {number} is already the champion")
+        cand = self.evaluation(number, data_root, day, log)
+        champ_m = self.evaluation(champ, data_root, day, log) if champ is not None else None
+        d = gate(cand, champ_m, cfg)
+        text = f"gate on {day}: " + d.summary()
+        if d.promote:
+            self.set_champion(number, text)
+        else:
+            self.set_challenger(number, text)
+        log(f"version {number} → {text}")
+        return d
+
+    def rollback(self, log=print) -> int:
+        """Give ``champion`` back to the previous champion; the current one is tagged rolled back."""
+        history = self.history()
+        current = self.champion()
+        if current is None:
+            raise ValueError(f"model '{self.name}' has no champion to roll back")
+        if history and history[-1] == current:
+            history.pop()
+        if not history:
+            raise ValueError(f"version {current} is the first champion of '{self.name}'; "
+                             f"there is no previous one to roll back to")
+        previous = history[-1]
+        self.client.set_registered_model_alias(self.name, CHAMPION, str(previous))
+        self.client.set_registered_model_tag(self.name, HISTORY, json.dumps(history))
+        self.client.set_model_version_tag(self.name, str(current), "tokenrec.rolled_back",
+                                          time.strftime("%Y-%m-%dT%H:%M:%S"))
+        log(f"champion rolled back from version {current} to version {previous}")
+        return previous
+
+    def table(self) -> list[dict]:
+        """One row per version: aliases, days, metrics, lineage, gate decision."""
+        rows = []
+        for v in self.versions():
+            tags = v.tags
+            aliases = self.version(v.version).aliases  # search results leave aliases out
+            rows.append({
+                "version": int(v.version), "aliases": ",".join(sorted(aliases)),
+                "days": tags.get("tokenrec.days", ""), "eval_day": tags.get("tokenrec.eval_day", ""),
+                "auc": tags.get("eval_auc", ""), "logloss": tags.get("eval_logloss", ""),
+                "calibration": tags.get("eval_calibration", ""),
+                "parent": tags.get("tokenrec.parent_version", ""),
+                "gate": tags.get("tokenrec.gate", ""), "run_id": v.run_id,
+            })
+        return rows

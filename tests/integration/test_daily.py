@@ -1,0 +1,114 @@
+"""Daily incremental training against a real MLflow SQLite registry, real Ray, real Parquet.
+
+One registry lives through the whole scenario (each step depends on the one before):
+day 1 (cold) → champion; day 1 again → skipped; day 2 warm-starts from the champion; a model
+trained on shuffled labels is kept out by the gate (and by ``promote``) but can be forced in with
+``--no-gate``, and ``rollback`` restores the previous champion; a backfill stops at a day whose
+evaluation data is missing, with a report, and continues from there when rerun."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from jobs.config import load_config
+from jobs.daily import BackfillError, DailyRequest, run_backfill, run_daily
+from jobs.registry import Registry
+from pipeline.days import parse_days
+from pipeline.generator import generate
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs/tiny.toml"
+CFG = load_config(TINY)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("daily")
+    data, shuffled = base / "data", base / "shuffled"
+    generate(CFG.schema, CFG.generator, data, parse_days("2026-01-01..2026-01-04"), log=lambda *_: None)
+    shutil.copytree(data, shuffled)
+    rng = np.random.default_rng(0)
+    for f in (shuffled / "day=2026-01-03").glob("*.parquet"):
+        t = pq.read_table(f)
+        labels = t.column("click").to_numpy()
+        t = t.set_column(t.schema.get_field_index("click"), "click", pa.array(rng.permutation(labels)))
+        pq.write_table(t, f)
+    yield data, shuffled
+    ray.shutdown()
+
+
+def test_daily_gate_promote_rollback_backfill(roots, tmp_path: Path) -> None:
+    data, shuffled = roots
+    work = tmp_path / "work"
+    req = DailyRequest(data_root=data, workdir=work)
+    quiet = lambda *_: None  # noqa: E731
+    flags = ["--config", str(TINY), "--workdir", str(work)]
+
+    d1 = run_daily(CFG, "2026-01-01", req, log=quiet)
+    assert d1["promoted"] and d1["parent_version"] is None
+    reg = Registry(MlflowClient(d1["tracking_uri"]), CFG.tracking.model_name)
+    assert reg.champion() == d1["model_version"] == 1
+    v1 = reg.version(1)
+    assert v1.tags["tokenrec.rows_in"] == str(d1["rows_in"]) and v1.tags["tokenrec.eval_day"] == "2026-01-02"
+    assert float(v1.tags["tokenrec.eval.2026-01-02.eval_auc"]) > 0.6  # the gate's own scoring
+
+    again = run_daily(CFG, "2026-01-01", req, log=quiet)
+    assert again["skipped"] and len(reg.versions()) == 1
+
+    d2 = run_daily(CFG, "2026-01-02", req, log=quiet)
+    assert d2["parent_version"] == 1 and d2["model_version"] == 2
+    run2 = reg.client.get_run(d2["run_id"]).data.tags
+    assert run2["tokenrec.init_from"] == reg.run_tags(1)["tokenrec.checkpoint"]
+    assert run2["tokenrec.daily_date"] == "2026-01-02" and reg.version(2).tags["tokenrec.parent_version"] == "1"
+    champion = reg.champion()
+    assert champion in (1, 2)
+    assert (champion == 2) == d2["promoted"]
+
+    # A model trained from scratch on shuffled labels: the gate keeps the champion.
+    bad = run_daily(CFG, "2026-01-03", DailyRequest(data_root=shuffled, workdir=work, cold_start=True), log=quiet)
+    assert bad["model_version"] == 3 and not bad["promoted"]
+    assert reg.champion() == champion and reg.alias("challenger") == 3
+    assert "below champion" in reg.version(3).tags["tokenrec.gate"]
+    assert float(reg.version(3).tags["tokenrec.eval.2026-01-04.eval_auc"]) < 0.6
+
+    r = cli("promote", "--version", "3", *flags)
+    assert r.returncode == 2 and "gate kept the champion" in r.stderr, r.stderr[-2000:]
+    assert reg.champion() == champion
+    r = cli("promote", "--version", "3", "--no-gate", *flags)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert reg.champion() == 3
+    r = cli("rollback", *flags)
+    assert r.returncode == 0 and f"to version {champion}" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert reg.champion() == champion and "tokenrec.rolled_back" in reg.version(3).tags
+    r = cli("models", "--json", *flags)
+    rows = {row["version"]: row for row in json.loads(r.stdout)}
+    assert sorted(rows) == [1, 2, 3] and rows[champion]["aliases"] == "champion"
+    assert rows[2]["parent"] == "1" and rows[3]["aliases"] == ""  # promoted, then rolled back
+
+    # Backfill: days 1-3 are done (skipped); day 4 needs day 5 to evaluate, which is missing.
+    with pytest.raises(BackfillError) as err:
+        run_backfill(CFG, "2026-01-01..2026-01-04", req, log=quiet)
+    msg = str(err.value)
+    assert "stopped at 2026-01-04" in msg and "day=2026-01-05" in msg and "2026-01-03 (v3)" in msg
+    assert len(reg.versions()) == 3  # nothing trained or registered twice
+    generate(CFG.schema, CFG.generator, data, parse_days("2026-01-05"), log=quiet)
+    done = run_backfill(CFG, "2026-01-01..2026-01-04", req, log=quiet)
+    assert [r["skipped"] for r in done] == [True, True, True, False]
+    parent = reg.history()[-2] if done[-1]["promoted"] else reg.champion()
+    assert done[-1]["model_version"] == 4 and done[-1]["parent_version"] == parent
