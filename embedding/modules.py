@@ -1,6 +1,12 @@
 """Schema → unsharded TorchRec modules: ``EmbeddingBagCollection`` for fields (pooled) and
 ``EmbeddingCollection`` for sequences (one embedding per position), each with its ``IdHasher``.
 
+Field tables marked ``managed_collision`` go into a ``ManagedCollisionEmbeddingBagCollection``
+instead: their ids are hashed into a large input space (``MC_INPUT_HASH_SIZE``, where 64-bit ids
+practically never collide) and TorchRec's ``MCHManagedCollisionModule`` gives each id its own row
+(zero-collision hashing), admitting ids while training and evicting by the table's policy when
+full; ids it has no row for read the table's last row (the "miss" row).
+
 Modules are built on the ``meta`` device for sharding (``embedding.sharding`` materializes only
 the local shards) or on a real device for single-process use (tests, export, serving).
 """
@@ -10,6 +16,14 @@ from __future__ import annotations
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
+from torchrec.modules.mc_modules import (
+    DistanceLFU_EvictionPolicy,
+    LFU_EvictionPolicy,
+    LRU_EvictionPolicy,
+    ManagedCollisionCollection,
+    MCHManagedCollisionModule,
+)
 
 from embedding.hashing import IdHasher
 from embedding.schema import FeatureSchema
@@ -17,7 +31,17 @@ from embedding.schema import FeatureSchema
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 
 
-def field_bag_configs(schema: FeatureSchema) -> list[EmbeddingBagConfig]:
+MC_INPUT_HASH_SIZE = 1 << 40  # ids of managed tables are hashed into [0, 2^40) before the MCH
+EVICTION = {"distance_lfu": DistanceLFU_EvictionPolicy, "lfu": LFU_EvictionPolicy,
+            "lru": LRU_EvictionPolicy}
+
+
+def managed_tables(schema: FeatureSchema) -> list[str]:
+    return [t.name for t in schema.field_tables if t.managed_collision]
+
+
+def field_bag_configs(schema: FeatureSchema, managed: bool | None = None) -> list[EmbeddingBagConfig]:
+    """``managed``: only the managed-collision tables (True), only the others (False), all (None)."""
     pooling = {f.table: f.pooling for f in schema.sparse}
     return [
         EmbeddingBagConfig(
@@ -26,6 +50,7 @@ def field_bag_configs(schema: FeatureSchema) -> list[EmbeddingBagConfig]:
             pooling=_POOLING[pooling[t.name]],
         )
         for t in schema.field_tables
+        if managed is None or t.managed_collision == managed
     ]
 
 
@@ -41,7 +66,10 @@ def sequence_configs(schema: FeatureSchema) -> list[EmbeddingConfig]:
 
 
 def field_hasher(schema: FeatureSchema) -> IdHasher:
-    return IdHasher(schema.field_names, [schema.table(f.table).hash_size for f in schema.sparse])
+    def size(f) -> int:
+        t = schema.table(f.table)
+        return MC_INPUT_HASH_SIZE if t.managed_collision else t.hash_size
+    return IdHasher(schema.field_names, [size(f) for f in schema.sparse])
 
 
 def sequence_hasher(schema: FeatureSchema) -> IdHasher:
@@ -49,8 +77,32 @@ def sequence_hasher(schema: FeatureSchema) -> IdHasher:
     return IdHasher([c for c, _ in feats], [schema.table(t).hash_size for _, t in feats])
 
 
-def build_field_ebc(schema: FeatureSchema, device: torch.device) -> EmbeddingBagCollection:
-    return EmbeddingBagCollection(tables=field_bag_configs(schema), device=device)
+def build_field_ebc(schema: FeatureSchema, device: torch.device) -> EmbeddingBagCollection | None:
+    """The field tables without managed collision (None when every table is managed)."""
+    configs = field_bag_configs(schema, managed=False)
+    return EmbeddingBagCollection(tables=configs, device=device) if configs else None
+
+
+def build_field_mc_ebc(schema: FeatureSchema, device: torch.device,
+                       buckets: int = 1) -> ManagedCollisionEmbeddingBagCollection | None:
+    """The managed-collision field tables (None when there are none). ``buckets``: the number of
+    row-wise shards the MCH modules are split into (the sharding planner needs it to divide
+    evenly: use the world size)."""
+    configs = field_bag_configs(schema, managed=True)
+    if not configs:
+        return None
+    mc_device = torch.device("cpu") if device.type == "meta" else device  # small id buffers
+    modules = {}
+    for c in configs:
+        t = schema.table(c.name)
+        modules[c.name] = MCHManagedCollisionModule(
+            zch_size=c.num_embeddings, device=mc_device, eviction_policy=EVICTION[t.eviction_policy](),
+            eviction_interval=t.eviction_interval, input_hash_size=MC_INPUT_HASH_SIZE, name=c.name,
+            buckets=buckets)
+    return ManagedCollisionEmbeddingBagCollection(
+        EmbeddingBagCollection(tables=configs, device=device),
+        ManagedCollisionCollection(managed_collision_modules=modules, embedding_configs=configs),
+        return_remapped_features=True)
 
 
 def build_sequence_ec(schema: FeatureSchema, device: torch.device) -> EmbeddingCollection:

@@ -43,13 +43,22 @@ from typing import Any
 
 RAW_TYPES = ("int64", "string")
 POOLINGS = ("sum", "mean")
+EVICTION_POLICIES = ("distance_lfu", "lfu", "lru")
 
 
 @dataclass(frozen=True, kw_only=True)
 class TableSpec:
+    """``managed_collision``: rows are managed by TorchRec's MCH module (zero-collision hashing,
+    ids admitted while training, evicted by ``eviction_policy`` when the table is full, every
+    ``eviction_interval`` training steps) instead of ``hash(id) % hash_size``. Pooled field
+    tables only."""
+
     name: str
     hash_size: int
     dim: int
+    managed_collision: bool = False
+    eviction_policy: str = "distance_lfu"
+    eviction_interval: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,7 +158,10 @@ class FeatureSchema:
         return {
             "user_id": self.user_id, "user_id_type": self.user_id_type, "ts": self.ts,
             "labels": list(self.labels),
-            "tables": {t.name: {"hash_size": t.hash_size, "dim": t.dim} for t in self.tables},
+            "tables": {t.name: {"hash_size": t.hash_size, "dim": t.dim}
+                       | ({"managed_collision": True, "eviction_policy": t.eviction_policy,
+                           "eviction_interval": t.eviction_interval} if t.managed_collision else {})
+                       for t in self.tables},
             "sparse": [dataclasses.asdict(f) for f in self.sparse],
             "dense": [dataclasses.asdict(f) for f in self.dense],
             "sequences": [{"name": q.name, "max_len": q.max_len,
@@ -169,7 +181,7 @@ class FeatureSchema:
             },
         )
         tables = [
-            TableSpec(name=name, **_only("schema.tables." + name, spec, {"hash_size", "dim"}))
+            TableSpec(name=name, **_only("schema.tables." + name, spec, _names(TableSpec) - {"name"}))
             for name, spec in d.get("tables", {}).items()
         ]
         sparse = [SparseField(**_only(f"schema.sparse[{i}]", s, _names(SparseField)))
@@ -289,6 +301,16 @@ def _validate(s: FeatureSchema) -> None:
             raise ValueError(f"schema.tables.{t.name}: hash_size and dim must be positive")
         if t.dim % 4:
             raise ValueError(f"schema.tables.{t.name}.dim: must be a multiple of 4 (fbgemm), got {t.dim}")
+        if t.eviction_policy not in EVICTION_POLICIES:
+            raise ValueError(f"schema.tables.{t.name}.eviction_policy: must be one of {EVICTION_POLICIES}, "
+                             f"got '{t.eviction_policy}'")
+        if t.eviction_interval <= 0:
+            raise ValueError(f"schema.tables.{t.name}.eviction_interval: must be positive")
+    for q in s.sequences:
+        for f in q.features:
+            if f.table in tables and tables[f.table].managed_collision:
+                raise ValueError(f"schema.tables.{f.table}: managed_collision is for pooled field tables; "
+                                 f"sequence '{q.name}' uses it")
     if s.user_id_type not in RAW_TYPES:
         raise ValueError(f"schema.user_id_type: must be one of {RAW_TYPES}, got '{s.user_id_type}'")
     group_dims: dict[str, tuple[int, str]] = {}

@@ -19,10 +19,15 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.mc_embeddingbag import (
+    ManagedCollisionEmbeddingBagCollectionSharder,
+    ShardedManagedCollisionEmbeddingBagCollection,
+)
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -77,15 +82,64 @@ class CPURowWiseEBCSharder(EmbeddingBagCollectionSharder):
         return types
 
 
+class _CPUShardedMCEBC(ShardedManagedCollisionEmbeddingBagCollection):
+    """On an admission/eviction the stock module resets the rows' weights and optimizer state
+    with ``fbgemm::reset_weight_momentum``, which has no CPU kernel; the same reset in torch."""
+
+    def _evict(self, evictions_per_table) -> None:
+        if self._embedding_module._device.type != "cpu":
+            return super()._evict(evictions_per_table)
+        for table, local_rows in evictions_per_table.items():
+            if local_rows is None or local_rows.numel() == 0:
+                continue
+            tbe, index = self._table_to_tbe_and_index[table]
+            t, rows = int(index), local_rows.long()
+            cfg = self._embedding_module._table_name_to_config[table]
+            with torch.no_grad():
+                for state in tbe.split_optimizer_states()[t]:  # row-wise Adagrad momentum
+                    state[rows] = 0
+                weights = tbe.split_embedding_weights()[t]  # a view of the TBE's storage
+                fresh = torch.empty_like(weights[rows])
+                fresh = cfg.init_fn(fresh) if cfg.init_fn is not None else fresh.uniform_(
+                    cfg.get_weight_init_min(), cfg.get_weight_init_max())
+                weights[rows] = fresh
+
+
+class CPUManagedCollisionEBCSharder(ManagedCollisionEmbeddingBagCollectionSharder):
+    """Managed-collision tables are sharded row-wise (id ranges follow row ranges), with the
+    fused kernel; TorchRec lists neither for CPU. Checked by ``tests/distributed``."""
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        if compute_device_type == "cpu":
+            return [ShardingType.ROW_WISE.value]
+        return super().sharding_types(compute_device_type)
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
+        if compute_device_type == "cpu":
+            return ["fused"]
+        return super().compute_kernels(sharding_type, compute_device_type)
+
+    def shard(self, module, params, env, device=None, module_fqn=None):
+        if device is not None and device.type != "cpu":
+            return super().shard(module, params, env, device, module_fqn)
+        return _CPUShardedMCEBC(module, params, ebc_sharder=self._e_sharder, mc_sharder=self._mc_sharder,
+                                env=env, device=device or torch.device("cpu"))
+
+
 def sharders() -> list:
-    return [CPURowWiseEBCSharder(), EmbeddingCollectionSharder()]
+    return [CPURowWiseEBCSharder(), EmbeddingCollectionSharder(), CPUManagedCollisionEBCSharder()]
 
 
 def _constraints(model: nn.Module, cfg: ShardingConfig, device: torch.device):
     constraints = {}
+    managed = {c.name for m in model.modules() if isinstance(m, ManagedCollisionEmbeddingBagCollection)
+               for c in m._embedding_module.embedding_bag_configs()}
     for module, sharder in _modules_and_sharders(model):
         supported = sharder.sharding_types(device.type)
         for table in _table_names(module):
+            if table in managed:  # MCH: id ranges follow row ranges
+                constraints[table] = ParameterConstraints(sharding_types=[ShardingType.ROW_WISE.value])
+                continue
             wanted = cfg.table_sharding_types.get(table, cfg.sharding_types)
             if not wanted:
                 continue
@@ -100,7 +154,7 @@ def _constraints(model: nn.Module, cfg: ShardingConfig, device: torch.device):
 
 
 def _modules_and_sharders(model: nn.Module):
-    ebc_sharder, ec_sharder = sharders()
+    ebc_sharder, ec_sharder, _ = sharders()
     for m in embedding_modules(model):
         yield m, ebc_sharder if isinstance(m, EmbeddingBagCollection) else ec_sharder
 

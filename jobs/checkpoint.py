@@ -13,6 +13,12 @@ All ranks write into ``<root>/.tmp-step-…``; after a barrier rank 0 renames it
 atomic ``rename`` on a POSIX filesystem shared by the workers), so a reader never sees a partial
 checkpoint, and deletes all but the newest ``keep`` published ones.
 
+Managed-collision (MCH) tables: TorchRec can merge their row-wise shards (N → a divisor of N
+workers) but not split them, because each shard owns the ids of one input range. Loading on a
+world size that does not divide the saved one goes through ``reshard_managed``: one process
+rewrites the checkpoint so that every id moves, with its embedding row and optimizer state, to the
+shard that owns its range for the new world size (written once next to the checkpoint, reused).
+
 State-dict keys are normalized (DMP/DDP wrapper prefixes removed) so the same checkpoint loads into
 a model wrapped differently — any world size, or the unsharded model for export.
 """
@@ -30,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
 
 _WRAPPERS = re.compile(r"(^|\.)(?:_dmp_wrapped_module|module)\.")
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -124,6 +131,9 @@ def load(ckpt: str | Path, model, opt=None, dense_opt=None, restore_rng: bool = 
     be loaded into. Returns the saved position."""
     pos = read_position(ckpt)
     model_sd, model_names = _normalized(model.state_dict())
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if any(k.endswith(MC_IDS) for k in model_sd) and pos.world_size % world:
+        ckpt = _resharded_copy(Path(ckpt), world)
     state = {"model": model_sd}
     if opt is not None:
         if dense_opt is not None and not dense_opt.state:
@@ -145,3 +155,96 @@ def load(ckpt: str | Path, model, opt=None, dense_opt=None, restore_rng: bool = 
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+MC_IDS = "._mch_sorted_raw_ids"
+I64MAX = torch.iinfo(torch.int64).max
+
+
+def _resharded_copy(ckpt: Path, world: int) -> Path:
+    out = ckpt.parent / f".{ckpt.name}-mc-world{world}"
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 and not (out / "meta.json").exists():
+        reshard_managed(ckpt, world, out)
+    _barrier()
+    return out
+
+
+def reshard_managed(ckpt: str | Path, world: int, out: str | Path, log=print) -> Path:
+    """Rewrite a checkpoint's managed-collision tables for ``world`` row-wise shards (single
+    process, the whole checkpoint in memory). Shard k owns the ids in the k-th of ``world``
+    equal ranges of the MCH input space and the rows [k·R/world, (k+1)·R/world), the last one
+    being its miss row; ids beyond a shard's capacity are dropped, least used first (reported)."""
+    from embedding.modules import MC_INPUT_HASH_SIZE
+
+    ckpt, out = Path(ckpt), Path(out)
+    pos = read_position(ckpt)
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dcp_to_torch_save(str(ckpt), str(tmp / "full.pt"))
+    full = torch.load(tmp / "full.pt", weights_only=False)
+    model, optim = full["model"], full.get("optim", {})
+    old_block = MC_INPUT_HASH_SIZE // pos.world_size
+    new_block = MC_INPUT_HASH_SIZE // world
+    for ids_key in [k for k in model if k.endswith(MC_IDS)]:
+        prefix = ids_key[: -len(MC_IDS)]
+        table = prefix.rsplit(".", 1)[1]
+        ebc = prefix.split("._managed_collision_collection.")[0] + "._embedding_module.embedding_bags."
+        w_key = f"{ebc}{table}.weight"
+        ids, rows = model[ids_key], model[prefix + "._mch_remapped_ids_mapping"]
+        extra = [k for k in model if k.startswith(prefix + "._mch_") and k not in
+                 (ids_key, prefix + "._mch_remapped_ids_mapping")]
+        counts = model.get(prefix + "._mch_counts", torch.zeros_like(ids))
+        tensors = [model[w_key]] + [v for k, d in optim.items() if k.endswith(w_key)
+                                    for v in d.values() if v.shape[:1] == ids.shape]
+        new_tensors = [t.clone() for t in tensors]
+        new_ids = torch.full_like(ids, I64MAX)
+        new_extra = {k: torch.zeros_like(model[k]) for k in extra}
+        R = ids.numel()
+        valid = ids != I64MAX
+        dropped = 0
+        for k in range(world):
+            lo, hi = k * R // world, (k + 1) * R // world
+            idx = (valid & (ids // new_block == k)).nonzero().squeeze(1)
+            if idx.numel() > hi - lo - 1:
+                dropped += idx.numel() - (hi - lo - 1)
+                idx = idx[counts[idx].argsort(descending=True, stable=True)[: hi - lo - 1]]
+            n = idx.numel()
+            new_ids[lo:lo + n] = ids[idx]
+            for key in extra:
+                new_extra[key][lo:lo + n] = model[key][idx]
+            old_shard = (k * new_block) // old_block
+            old_miss = (old_shard + 1) * R // pos.world_size - 1
+            for old, new in zip(tensors, new_tensors):
+                new[lo:lo + n] = old[rows[idx]]
+                new[hi - 1] = old[old_miss]  # the range's miss row reads what it read before
+        model[ids_key] = new_ids
+        model[prefix + "._mch_remapped_ids_mapping"] = torch.arange(R, dtype=rows.dtype)
+        model.update(new_extra)
+        model[w_key] = new_tensors[0]
+        i = 1
+        for key, d in optim.items():
+            if key.endswith(w_key):
+                for name, v in d.items():
+                    if v.shape[:1] == ids.shape:
+                        d[name] = new_tensors[i]
+                        i += 1
+        seg = model[prefix + "._output_segments_tensor"]
+        new_seg = torch.full_like(seg, -1)
+        new_seg[: world + 1] = torch.tensor([k * R // world for k in range(world + 1)])
+        model[prefix + "._output_segments_tensor"] = new_seg
+        if dropped:
+            log(f"resharding {table} for {world} workers: {dropped} ids beyond their shard's capacity "
+                f"were dropped (least used first)")
+    torch.save(full, tmp / "full.pt")
+    torch_save_to_dcp(str(tmp / "full.pt"), str(tmp / "dcp"))
+    (tmp / "full.pt").unlink()
+    doc = json.loads((ckpt / "meta.json").read_text())
+    (tmp / "dcp" / "meta.json").write_text(json.dumps(doc | {"resharded_for": world}, indent=1))
+    for rng in ckpt.glob("rng-rank*.pt"):
+        shutil.copy(rng, tmp / "dcp" / rng.name)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp / "dcp", out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out

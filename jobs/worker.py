@@ -33,6 +33,7 @@ from jobs.config import JobConfig
 from jobs.metrics import evaluate
 from jobs.tracking import StepLogger
 from model.ranking import RankingModel, RankingTrain
+from model.sparse import SparseArch
 from pipeline.collate import collate
 
 
@@ -163,9 +164,11 @@ def train_loop(args: WorkerArgs) -> None:
     totals = torch.tensor([rows, first_epoch_rows], dtype=torch.int64)
     dist.all_reduce(totals)
 
-    metrics = {}
+    sparse_arch = next(m for m in dmp.modules() if isinstance(m, SparseArch))
+    metrics = managed_collision_metrics(sparse_arch, "train")
     if args.has_eval and not stopped:
-        metrics = evaluate_shard(dmp, stream("eval", tc.eval_batch_size), padding(tc.eval_batch_size))
+        metrics |= evaluate_shard(dmp, stream("eval", tc.eval_batch_size), padding(tc.eval_batch_size))
+        metrics |= managed_collision_metrics(sparse_arch, "eval")
     if rank == 0:
         slots = (step - start_step) * tc.batch_size * dist.get_world_size()
         new_samples = int(totals[0]) - pos.rows
@@ -182,6 +185,26 @@ def train_loop(args: WorkerArgs) -> None:
         with open(f"{report}/checkpoint.json", "w") as f:
             json.dump({"checkpoint": final_ckpt}, f)
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(report) if report else None)
+
+
+def managed_collision_metrics(sparse_arch: SparseArch, phase: str) -> dict[str, float]:
+    """Per managed-collision table, over all workers: ``mc_<table>_<phase>_collision_rate``
+    (share of lookups since the last call that got no row of their own: new ids not admitted
+    yet, or with the table full) and, after training, ``mc_<table>_occupancy`` (share of rows
+    holding an id) and ``mc_<table>_ids``. Collective; resets the lookup counters."""
+    out = {}
+    occupancy = sparse_arch.mc_occupancy()
+    for table, counts in sparse_arch.mc_counts.items():
+        c = counts.clone()
+        dist.all_reduce(c)
+        counts.zero_()
+        out[f"mc_{table}_{phase}_collision_rate"] = float(c[1]) / max(float(c[0]), 1.0)
+        if phase == "train":
+            occ = occupancy[table].clone()
+            dist.all_reduce(occ)
+            out[f"mc_{table}_ids"] = float(occ[0])
+            out[f"mc_{table}_occupancy"] = float(occ[0]) / float(occ[1])
+    return out
 
 
 @torch.no_grad()

@@ -8,6 +8,10 @@ Shapes: B batch, F fields, D embedding dim, L a sequence's max_len.
     sequence_features  per sequence, each side feature's own x_BLD (for towers that split them)
 
 Under ``DistributedModelParallel`` the EBC/EC become their sharded twins; this module is unchanged.
+
+Managed-collision tables (``embedding.modules.build_field_mc_ebc``) are looked up by a second,
+managed-collision EBC; the module counts, per managed table, lookups and misses (ids without a
+row of their own, which read the miss row) for ``mc_stats``.
 """
 
 from __future__ import annotations
@@ -15,10 +19,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embedding.modules import build_field_ebc, build_sequence_ec, field_hasher, sequence_hasher
+from embedding.modules import (
+    build_field_ebc,
+    build_field_mc_ebc,
+    build_sequence_ec,
+    field_hasher,
+    managed_tables,
+    sequence_hasher,
+)
 from embedding.schema import FeatureSchema
 
 
@@ -43,6 +55,16 @@ class SparseArch(nn.Module):
         self.schema = schema
         self.field_hasher = field_hasher(schema)
         self.ebc = build_field_ebc(schema, device)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        self.mc_ebc = build_field_mc_ebc(schema, device, buckets=world)
+        managed = set(managed_tables(schema))
+        self._mc_keys = [f.name for f in schema.sparse if f.table in managed]
+        self._plain_keys = [f.name for f in schema.sparse if f.table not in managed]
+        names = schema.field_names
+        self._split_order = [names.index(k) for k in self._plain_keys + self._mc_keys]
+        self._key_table = {f.name: f.table for f in schema.sparse}
+        # per managed table: [lookups, misses] since the last reset (not part of the state dict)
+        self.mc_counts: dict[str, torch.Tensor] = {t: torch.zeros(2, dtype=torch.int64) for t in managed}
         self.seq_hasher = sequence_hasher(schema) if schema.sequences else None
         self.ec = build_sequence_ec(schema, device) if schema.sequences else None
         self._orders: dict[tuple[str, ...], torch.Tensor | None] = {}
@@ -55,11 +77,55 @@ class SparseArch(nn.Module):
             self._orders[key] = None if idx == list(range(len(idx))) else torch.tensor(idx)
         return self._orders[key]
 
+    def _pooled(self, fields: KeyedJaggedTensor) -> tuple[torch.Tensor, list[str]]:
+        """[B, F·D] pooled values and their keys, plain tables first, then managed ones."""
+        hashed = self.field_hasher(fields)
+        if self.mc_ebc is None:
+            kt = self.ebc(hashed)
+            return kt.values(), kt.keys()
+        plain, managed = hashed.permute(self._split_order).split([len(self._plain_keys), len(self._mc_keys)])
+        values, keys = [], []
+        if self.ebc is not None:
+            kt = self.ebc(plain)
+            values.append(kt.values())
+            keys += kt.keys()
+        kt, remapped = self.mc_ebc(managed)
+        kt, remapped = _wait(kt), _wait(remapped)
+        values.append(kt.values())
+        keys += kt.keys()
+        self._count_misses(remapped)
+        return torch.cat(values, dim=1) if len(values) > 1 else values[0], keys
+
+    @torch.no_grad()
+    def _count_misses(self, remapped: KeyedJaggedTensor) -> None:
+        mcms = self.mc_modules()
+        for key, jt in remapped.to_dict().items():
+            table = self._key_table[key]
+            segments = mcms[table]._output_segments_tensor
+            miss_rows = segments[1:][segments[1:] > 0] - 1  # each shard's last row
+            v = jt.values()
+            self.mc_counts[table] += torch.stack([torch.tensor(v.numel()),
+                                                  torch.isin(v, miss_rows.to(v.device)).sum().cpu()])
+
+    def mc_modules(self) -> dict[str, nn.Module]:
+        """The (local, when sharded) MCH module of each managed table."""
+        if self.mc_ebc is None:
+            return {}
+        return dict(self.mc_ebc._managed_collision_collection._managed_collision_modules)
+
+    @torch.no_grad()
+    def mc_occupancy(self) -> dict[str, torch.Tensor]:
+        """Per managed table (this rank's shard): [rows holding an id, rows]."""
+        out = {}
+        for table, m in self.mc_modules().items():
+            used = (m._mch_sorted_raw_ids != torch.iinfo(torch.int64).max).sum()
+            out[table] = torch.stack([used.cpu(), torch.tensor(m._mch_sorted_raw_ids.numel())])
+        return out
+
     def forward(self, fields: KeyedJaggedTensor, sequences: KeyedJaggedTensor | None) -> SparseOutput:
-        kt = self.ebc(self.field_hasher(fields))
-        values = kt.values()
+        values, keys = self._pooled(fields)
         fields_BFD = values.view(values.shape[0], len(self.schema.sparse), -1)
-        order = self._field_order(kt.keys())
+        order = self._field_order(keys)
         if order is not None:  # sharded EBCs may emit keys in another order: back to schema order
             fields_BFD = fields_BFD.index_select(1, order.to(fields_BFD.device))
         seqs, feats = [], []
@@ -73,3 +139,8 @@ class SparseArch(nn.Module):
                 feats.append(per_feature)
                 seqs.append((sum(per_feature.values()), jts[q.columns[0]].lengths()))
         return SparseOutput(fields_BFD=fields_BFD, sequences=seqs, sequence_features=feats)
+
+
+def _wait(x):
+    """Sharded modules may hand back awaitables."""
+    return x.wait() if hasattr(x, "wait") else x
