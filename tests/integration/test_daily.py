@@ -29,7 +29,8 @@ from pipeline.generator import generate
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs/tiny.toml"
-CFG = load_config(TINY)
+MANAGED = ["schema.tables.user.managed_collision=true", "schema.tables.item.managed_collision=true"]
+CFG = load_config(TINY, MANAGED)  # user and item ids get managed-collision rows
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -76,6 +77,10 @@ def test_daily_gate_promote_rollback_backfill(roots, tmp_path: Path) -> None:
     run2 = reg.client.get_run(d2["run_id"]).data.tags
     assert run2["tokenrec.init_from"] == reg.run_tags(1)["tokenrec.checkpoint"]
     assert run2["tokenrec.daily_date"] == "2026-01-02" and reg.version(2).tags["tokenrec.parent_version"] == "1"
+    # new users and items arrive every day: the managed tables admit them, occupancy grows
+    assert d2["mc_user_ids"] > d1["mc_user_ids"] > 0 and d2["mc_item_ids"] > d1["mc_item_ids"] > 0
+    assert 0 < d1["mc_user_occupancy"] < d2["mc_user_occupancy"] < 1
+    assert 0 <= d1["mc_user_eval_collision_rate"] < 0.5 and d1["mc_user_train_collision_rate"] < 0.5
     champion = reg.champion()
     assert champion in (1, 2)
     assert (champion == 2) == d2["promoted"]

@@ -1,0 +1,51 @@
+"""The promotion gate's rule, the checkpoint key normalization, and their config validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs.checkpoint import normalize_key
+from jobs.config import GateConfig, TrainConfig
+from jobs.registry import gate
+
+CHAMP = {"eval_auc": 0.80, "eval_logloss": 0.50, "eval_calibration": 1.0, "eval_rows": 100.0}
+
+
+def cand(**kw) -> dict:
+    return CHAMP | {f"eval_{k}": v for k, v in kw.items()}
+
+
+def test_first_version_needs_only_calibration() -> None:
+    assert gate(cand(), None, GateConfig()).promote
+    d = gate(cand(calibration=1.4), None, GateConfig())
+    assert not d.promote and "outside" in d.summary()
+
+
+@pytest.mark.parametrize("change, promote", [
+    ({}, True),
+    ({"auc": 0.7985}, True),                     # 0.0015 worse: inside the 0.002 margin
+    ({"auc": 0.797}, False),                     # 0.003 worse
+    ({"logloss": 0.504}, True),                  # 0.004 worse: inside the 0.005 margin
+    ({"logloss": 0.506}, False),
+    ({"auc": 0.9, "calibration": 0.7}, False),   # better AUC cannot buy calibration
+    ({"auc": 0.85, "logloss": 0.45}, True),
+])
+def test_candidate_against_champion(change: dict, promote: bool) -> None:
+    d = gate(cand(**change), CHAMP, GateConfig())
+    assert d.promote is promote, d.summary()
+
+
+def test_gate_config_is_validated() -> None:
+    with pytest.raises(ValueError, match="calibration_band"):
+        GateConfig(calibration_band=(1.1, 1.3))
+    with pytest.raises(ValueError, match="margins"):
+        GateConfig(auc_margin=-0.1)
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainConfig(max_steps=-1)
+
+
+def test_checkpoint_keys_lose_wrapper_prefixes() -> None:
+    assert normalize_key("_dmp_wrapped_module.module.model.tower.w") == "model.tower.w"
+    assert normalize_key("sparse._dmp_wrapped_module.model.sparse_arch.ebc.t.weight") == \
+        "sparse.model.sparse_arch.ebc.t.weight"
+    assert normalize_key("model.tower.w") == "model.tower.w"
