@@ -194,7 +194,7 @@ def managed_collision_metrics(sparse_arch: SparseArch, phase: str) -> dict[str, 
     holding an id) and ``mc_<table>_ids``. Collective; resets the lookup counters."""
     out = {}
     occupancy = sparse_arch.mc_occupancy()
-    for table, counts in sparse_arch.mc_counts.items():
+    for table, counts in sorted(sparse_arch.mc_counts.items()):  # same order on every rank
         c = counts.clone()
         dist.all_reduce(c)
         counts.zero_()

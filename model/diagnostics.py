@@ -58,7 +58,10 @@ def analyze(model, batch, ks=(8, 16, 32)) -> dict:
     effective rank, spectrum, cluster MI and field-attention mass."""
     tower = model.tower
     if not hasattr(tower, "layers"):
-        raise ValueError(f"diagnostics need a unified Transformer tower, got {type(tower).__name__}")
+        if getattr(tower, "encoders", None) is not None:  # HyFormer: per-layer sequence states H_l
+            return _analyze_states(model, batch, ks)
+        raise ValueError(f"diagnostics need a tower with per-layer sequence states (TokenFormer family, "
+                         f"HyFormer), got {type(tower).__name__}")
     model.eval()
     for layer in tower.layers:
         layer.captured = {}
@@ -87,6 +90,24 @@ def analyze(model, batch, ks=(8, 16, 32)) -> dict:
         tower.layers[i].captured = None
         layer["field_attention_mass"] = 0.0 if dropped else mass
         out["layers"].append(layer)
+    return out
+
+
+@torch.no_grad()
+def _analyze_states(model, batch, ks) -> dict:
+    """Effective rank, spectrum and cluster MI of each layer's sequence-token states; no softmax
+    over field tokens here, so no field-attention mass."""
+    model.eval()
+    sparse = model.sparse_arch(batch.fields, batch.sequences)
+    _, states = model.tower(batch.dense, sparse, return_states=True)
+    labels = batch.labels[:, 0].numpy()
+    out = {"layers": []}
+    for i, (x_BLD, valid_BL) in enumerate(states):
+        erank, spectrum = effective_rank(x_BLD[valid_BL])
+        rows = (x_BLD * valid_BL[..., None]).sum(1) / valid_BL.sum(1, keepdim=True).clamp(min=1)
+        out["layers"].append({"layer": i, "window": None, "effective_rank": erank,
+                              "spectrum": spectrum.tolist(), "field_attention_mass": None,
+                              **cluster_mutual_information(rows.numpy(), labels, ks)})
     return out
 
 

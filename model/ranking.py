@@ -11,12 +11,14 @@ from torch import nn
 from embedding.schema import FeatureSchema
 from model.baselines import DCNv2Config, DCNv2Tower, DINConfig, DINTower
 from model.dlrm import DLRMConfig, DLRMTower
+from model.hyformer import HyFormerConfig, HyFormerTower
 from model.onetrans import OneTransConfig, OneTransTower
 from model.rankmixer import RankMixerConfig, RankMixerLongerTower
 from model.sparse import SparseArch, common_dim
 from model.tokenformer import TokenFormer, TokenFormerConfig, naive_transformer
 
-TOWERS = ("dlrm", "dcnv2", "din", "rankmixer_longer", "onetrans", "tokenformer", "naive_transformer", "hstu")
+TOWERS = ("dlrm", "dcnv2", "din", "rankmixer_longer", "onetrans", "tokenformer", "naive_transformer", "hstu",
+          "hyformer")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +31,7 @@ class ModelConfig:
     rankmixer: RankMixerConfig = field(default_factory=RankMixerConfig)
     onetrans: OneTransConfig = field(default_factory=OneTransConfig)
     tokenformer: TokenFormerConfig = field(default_factory=TokenFormerConfig)  # also naive_transformer, hstu
+    hyformer: HyFormerConfig = field(default_factory=HyFormerConfig)
 
     def __post_init__(self) -> None:
         if self.tower not in TOWERS:
@@ -71,6 +74,8 @@ def build_tower(schema: FeatureSchema, cfg: ModelConfig) -> nn.Module:
         return OneTransTower(schema, cfg.onetrans, emb_dim=dim, num_tasks=num_tasks)
     if cfg.tower == "rankmixer_longer":
         return RankMixerLongerTower(schema, cfg.rankmixer, emb_dim=dim, num_tasks=num_tasks)
+    if cfg.tower == "hyformer":
+        return HyFormerTower(schema, cfg.hyformer, emb_dim=dim, num_tasks=num_tasks)
     tf_cfg = cfg.tokenformer if cfg.tower == "tokenformer" else naive_transformer(cfg.tokenformer)
     block = "hstu" if cfg.tower == "hstu" else "uib"
     return TokenFormer(schema, tf_cfg, emb_dim=dim, num_tasks=num_tasks, block=block)

@@ -2,11 +2,12 @@
 
 Shapes: B batch, T tokens, D model dim, L behaviour slots, K recent-window queries, De emb dim.
 
-* LONGER (long-sequence compression): behaviour tokens projected to D; the newest K behaviours
-  are queries that cross-attend over the whole (padding-masked) sequence, then self-attend;
-  their mean is one sequence token.
+* LONGER (long-sequence compression), one encoder per behaviour sequence: behaviour tokens
+  projected to D; the newest K behaviours are queries that cross-attend over the whole
+  (padding-masked) sequence, then self-attend; their mean is that sequence's token.
 * RankMixer tokens: the non-sequential features (fields, then dense) concatenated in schema
-  order, cut into ``num_tokens - 1`` equal chunks, each chunk through its own linear map to D.
+  order, cut into ``num_tokens - S`` equal chunks (S sequences), each chunk through its own
+  linear map to D.
 * RankMixer layer: ``S = LN(TokenMix(X) + X)``, ``X' = LN(PerTokenFFN(S) + S)``. Token mixing
   splits every token into T chunks and token h gathers chunk h of every token (T must divide D).
 * Head: mean of the final tokens → one logit per task.
@@ -29,7 +30,7 @@ from model.tokenformer import right_align
 @dataclass(frozen=True, kw_only=True)
 class RankMixerConfig:
     d_model: int = 64
-    num_tokens: int = 8  # including the LONGER sequence token; must divide d_model
+    num_tokens: int = 8  # including one LONGER token per sequence; must divide d_model
     num_layers: int = 2
     ffn_mult: int = 2
     recent_window: int = 8  # LONGER queries: the newest K behaviours
@@ -109,15 +110,17 @@ class LongerEncoder(nn.Module):
 class RankMixerLongerTower(nn.Module):
     def __init__(self, schema: FeatureSchema, cfg: RankMixerConfig, emb_dim: int, num_tasks: int) -> None:
         super().__init__()
-        if len(schema.sequences) != 1:
-            raise ValueError(f"rankmixer_longer reads one behaviour sequence; the schema has {len(schema.sequences)}")
-        d, t = cfg.d_model, cfg.num_tokens - 1
+        S = len(schema.sequences)
+        if not 1 <= S < cfg.num_tokens:
+            raise ValueError(f"rankmixer_longer: needs 1 to num_tokens - 1 ({cfg.num_tokens - 1}) behaviour "
+                             f"sequences; the schema has {S}")
+        d, t = cfg.d_model, cfg.num_tokens - S
         n_in = len(schema.sparse) * emb_dim + len(schema.dense)
         self.chunk = math.ceil(n_in / t)
         self.pad = self.chunk * t - n_in
         self.tok_w = nn.Parameter(torch.randn(t, self.chunk, d) / math.sqrt(self.chunk))
         self.tok_b = nn.Parameter(torch.zeros(t, d))
-        self.longer = LongerEncoder(emb_dim, cfg)
+        self.longer = nn.ModuleList(LongerEncoder(emb_dim, cfg) for _ in range(S))
         self.layers = nn.ModuleList(RankMixerLayer(cfg.num_tokens, d, cfg.ffn_mult) for _ in range(cfg.num_layers))
         self.head = nn.Linear(d, num_tasks)
 
@@ -125,7 +128,8 @@ class RankMixerLongerTower(nn.Module):
         B = dense_BDd.shape[0]
         flat = F.pad(torch.cat([sparse.fields_BFD.flatten(1), dense_BDd], dim=1), (0, self.pad))
         x = torch.einsum("btc,tcd->btd", flat.view(B, -1, self.chunk), self.tok_w) + self.tok_b
-        x = torch.cat([x, self.longer(*sparse.sequences[0])[:, None]], dim=1)
+        seq_tokens = [enc(*seq)[:, None] for enc, seq in zip(self.longer, sparse.sequences)]
+        x = torch.cat([x] + seq_tokens, dim=1)
         for layer in self.layers:
             x = layer(x)
         return self.head(x.mean(1))

@@ -64,7 +64,7 @@ class SparseArch(nn.Module):
         self._split_order = [names.index(k) for k in self._plain_keys + self._mc_keys]
         self._key_table = {f.name: f.table for f in schema.sparse}
         # per managed table: [lookups, misses] since the last reset (not part of the state dict)
-        self.mc_counts: dict[str, torch.Tensor] = {t: torch.zeros(2, dtype=torch.int64) for t in managed}
+        self.mc_counts: dict[str, torch.Tensor] = {t: torch.zeros(2, dtype=torch.int64) for t in sorted(managed)}
         self.seq_hasher = sequence_hasher(schema) if schema.sequences else None
         self.ec = build_sequence_ec(schema, device) if schema.sequences else None
         self._orders: dict[tuple[str, ...], torch.Tensor | None] = {}

@@ -17,6 +17,10 @@ pre-RMSNorm::
 After the full layers the field tokens and the first separator are dropped (the behaviour and
 target tokens have read them). Readout: final RMSNorm on the last target token → per-task heads.
 
+Several behaviour sequences: their behaviour tokens follow one another between the separators,
+each sequence right-aligned with its own projection and its own time indices 1..n_s; the targets
+sit at max_s(n_s) + 1.
+
 Shapes: B batch, F field tokens, L behaviour slots, T target tokens, S stream length,
 D model dim, H heads, E head dim, De embedding dim, K fields per field token.
 """
@@ -216,9 +220,11 @@ class TokenFormer(nn.Module):
     def __init__(self, schema: FeatureSchema, cfg: TokenFormerConfig, emb_dim: int, num_tasks: int,
                  device: torch.device | None = None, block: str = "uib") -> None:
         super().__init__()
-        if len(schema.sequences) != 1:
-            raise ValueError(f"TokenFormer reads exactly one behaviour sequence; the schema has "
-                             f"{len(schema.sequences)} (set model.use_sequences or use a tower for several)")
+        if not schema.sequences:
+            raise ValueError("TokenFormer reads behaviour sequences; the schema has none")
+        if cfg.mode == "user_centric" and len(schema.sequences) != 1:
+            raise ValueError(f"tokenformer: the user-centric mode reads one sequence; the schema has "
+                             f"{len(schema.sequences)}")
         self.cfg = cfg
         d = cfg.d_model
         groups = [f.group for f in schema.sparse]
@@ -248,6 +254,8 @@ class TokenFormer(nn.Module):
             self.register_buffer(f"target_idx_{j}", torch.tensor(idx, dtype=torch.long), persistent=False)
         self.target_proj = nn.ModuleList(nn.Linear(len(idx) * emb_dim, d) for idx in self.target_sets)
         self.behaviour_proj = nn.Linear(emb_dim, d)
+        # several sequences: each its own projection, behaviours of all of them side by side
+        self.other_behaviour_proj = nn.ModuleList(nn.Linear(emb_dim, d) for _ in schema.sequences[1:])
         self.user_centric = cfg.mode == "user_centric"
         if self.user_centric:
             names = [f.name for f in schema.sequences[0].features]
@@ -294,6 +302,8 @@ class TokenFormer(nn.Module):
             parts.append(torch.stack([items, actions], dim=2).reshape(B, 2 * L, -1))
         else:
             parts.append(self.behaviour_proj(right_align(x_BLDe, lengths_B)))
+        for proj, (x_s, len_s) in zip(self.other_behaviour_proj, sparse.sequences[1:]):
+            parts.append(proj(right_align(x_s, len_s)))
         parts.append(self.sep[1].expand(B, 1, -1))
         for j, proj in enumerate(self.target_proj):
             idx = getattr(self, f"target_idx_{j}")
@@ -301,13 +311,16 @@ class TokenFormer(nn.Module):
         T = len(self.target_proj)
         x = torch.cat(parts, dim=1)
         dev = x.device
-        n = lengths_B.to(dev).long()[:, None]
-        slot = torch.arange(L, device=dev)[None, :]
-        time_idx = slot - (L - n) + 1  # 1..n for real behaviours, <= 0 for padding
-        if self.user_centric:
-            time_idx = time_idx.repeat_interleave(2, dim=1)
+        # time index per sequence: 1..n for its real behaviours (newest = n), <= 0 for padding
+        times, newest = [], torch.zeros(B, 1, dtype=torch.long, device=dev)
+        for k, (x_s, len_s) in enumerate(sparse.sequences):
+            n = len_s.to(dev).long()[:, None]
+            t = torch.arange(x_s.shape[1], device=dev)[None, :] - (x_s.shape[1] - n) + 1
+            times.append(t.repeat_interleave(2, dim=1) if k == 0 and self.user_centric else t)
+            newest = torch.maximum(newest, n)
+        time_idx = torch.cat(times, dim=1)
         pos = torch.cat([torch.zeros(B, n_prefix + 1, dtype=torch.long, device=dev), time_idx.clamp(min=0),
-                         (n + 1).expand(B, 1 + T)], dim=1)
+                         (newest + 1).expand(B, 1 + T)], dim=1)
         valid = torch.cat([torch.ones(B, n_prefix + 1, dtype=torch.bool, device=dev), time_idx > 0,
                            torch.ones(B, 1 + T, dtype=torch.bool, device=dev)], dim=1)
         return x, pos, valid, x.shape[1] - n_prefix - 2 - T

@@ -11,6 +11,9 @@ part of the system:
 * a sequence effect: each row has a hidden session interest (a category); the behaviour history is
   drawn mostly from it, the target item sometimes; the logit grows with the share of history items
   whose category equals the target's. Only a model that reads the sequence can see it;
+* further sequences (any other sequence of the schema, e.g. a long-term purchase history): drawn
+  mostly from the user's fixed preferred category, with their own effect of the same form, so a
+  model must read every sequence to reach the oracle;
 * drift: context effects move a little every day.
 
 The world (pools, effects) depends only on ``seed``; a day's rows only on ``(seed, day)``, so any
@@ -66,6 +69,10 @@ class GeneratorConfig:
     sequence_scale: float = 3.0
     drift: float = 0.05
     bias: float = -1.6
+    # every further sequence of the schema (beyond ``sequence``): history mostly from the user's
+    # long-term preferred category; the click logit rises with its share of the target's category
+    long_term_share: float = 0.6
+    other_sequence_scale: float = 2.0
 
 
 def _raw_ids(index: np.ndarray, salt: int) -> np.ndarray:
@@ -113,6 +120,8 @@ class World:
         self.dense_w = rng.normal(0, cfg.dense_scale, len(schema.dense))
         self.items_by_category = [np.flatnonzero(self.item_category == c)
                                   for c in range(cfg.num_categories)]
+        # a separate stream, so that schemas with one sequence generate exactly what they did
+        self.user_pref = np.random.default_rng([cfg.seed, 2]).integers(0, cfg.num_categories, self.max_users)
 
     def day_rows(self, day_index: int) -> tuple[pa.Table, dict[str, float]]:
         cfg, schema = self.cfg, self.schema
@@ -133,11 +142,17 @@ class World:
         target = np.where(from_interest, self._item_of_category(rng, interest, n_items), target)
         tcat = self.item_category[target]
         logit += self.item_bias[target] + self.category_effect[tcat]
-        seq = self._sequence_columns(rng, interest, tcat, n_items)
-        if seq is not None:
-            seq_cols, same_share = seq
+        for k, spec in enumerate(schema.sequences):
+            if spec.name == cfg.sequence:
+                seq_cols, same_share = self._sequence_columns(rng, spec, interest, cfg.interest_share,
+                                                              tcat, n_items)
+                logit += cfg.sequence_scale * (same_share - 0.5)
+            else:
+                srng = np.random.default_rng([cfg.seed, 3, day_index, k])
+                seq_cols, same_share = self._sequence_columns(srng, spec, self.user_pref[users],
+                                                              cfg.long_term_share, tcat, n_items)
+                logit += cfg.other_sequence_scale * (same_share - 0.5)
             cols.update(seq_cols)
-            logit += cfg.sequence_scale * (same_share - 0.5)
 
         # Context fields (skewed, low cardinality) with per-value effects and pairwise terms.
         values = []
@@ -197,16 +212,16 @@ class World:
             out[rows] = pool[rng.integers(0, len(pool), len(rows))]
         return out
 
-    def _sequence_columns(self, rng, interest, tcat, n_items):
+    def _sequence_columns(self, rng, spec: SequenceSpec, interest, share, tcat, n_items):
+        """One sequence's list columns: each behaviour's category is ``interest`` (per row) with
+        probability ``share``, else random; returns the columns and, per row, the share of the
+        visible (newest ``max_len``) behaviours in the target's category."""
         cfg = self.cfg
-        spec: SequenceSpec | None = next((q for q in self.schema.sequences if q.name == cfg.sequence), None)
-        if spec is None:
-            return None
         n = len(interest)
         lengths = rng.integers(cfg.min_hist_len, cfg.max_hist_len + 1, n)
         total = int(lengths.sum())
         row = np.repeat(np.arange(n), lengths)
-        use_interest = rng.random(total) < cfg.interest_share
+        use_interest = rng.random(total) < share
         cats = np.where(use_interest, interest[row], rng.integers(0, cfg.num_categories, total))
         items = self._item_of_category(rng, cats, n_items)
         actions = (rng.random(total) < 0.3).astype(np.int64)

@@ -110,3 +110,33 @@ def test_type_mismatch_stops_before_training(data: Path, tmp_path: Path) -> None
     assert r.returncode == 2
     assert "part-00000.parquet: column 'dense_1' has type string" in r.stderr
     assert not (tmp_path / "work").exists()  # stopped before any run, Ray or MLflow store
+
+
+def test_two_sequences_hyformer_end_to_end(tmp_path: Path) -> None:
+    """A schema with two behaviour sequences: generated, validated, sharded (two EC tables per
+    sequence), trained with HyFormer through Ray Train, registered, diagnosed."""
+    text = TINY.read_text().replace(
+        "[generator]",
+        '[[schema.sequences]]\nname = "buy"\nmax_len = 6\nfeatures = [{ name = "item_id", table = "buy_item" }, '
+        '{ name = "category", table = "buy_category" }]\n\n[generator]')
+    text = text.replace("hist_category = { hash_size = 32, dim = 16 }",
+                        "hist_category = { hash_size = 32, dim = 16 }\nbuy_item = { hash_size = 500, dim = 16 }\n"
+                        "buy_category = { hash_size = 32, dim = 16 }")
+    config = tmp_path / "two.toml"
+    config.write_text(text)
+    data, work = tmp_path / "logs", tmp_path / "work"
+    r = tokenrec("generate", "--config", str(config), "--days", "2026-01-01..2026-01-03", "--out", str(data))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "buy_item_id" in pq.read_table(next((data / "day=2026-01-01").glob("*.parquet"))).column_names
+    # T = 1 query × 2 sequences + 4 NS tokens (user, item, ctx, dense) = 6 divides 48
+    r = tokenrec("train", "--config", str(config), "--data", str(data), "--workdir", str(work),
+                 "--set", "model.tower=hyformer", "--set", "model.hyformer.d_model=48",
+                 "--set", "model.hyformer.encoder=longer", "--set", "model.hyformer.recent_window=4")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("tokenrec").experiment_id])
+    assert run.data.tags["tokenrec.tower"] == "hyformer" and run.data.params["schema.num_sequences"] == "2"
+    assert 0.5 < run.data.metrics["eval_auc"] <= 1.0
+    r = tokenrec("analyze", "--run", run.info.run_id, "--workdir", str(work), "--rows", "256")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "layer 1 (window None): effective rank" in r.stdout

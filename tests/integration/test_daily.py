@@ -80,6 +80,7 @@ def test_daily_gate_promote_rollback_backfill(roots, tmp_path: Path) -> None:
     # new users and items arrive every day: the managed tables admit them, occupancy grows
     assert d2["mc_user_ids"] > d1["mc_user_ids"] > 0 and d2["mc_item_ids"] > d1["mc_item_ids"] > 0
     assert 0 < d1["mc_user_occupancy"] < d2["mc_user_occupancy"] < 1
+    assert d1["mc_user_occupancy"] == d1["mc_user_ids"] / 1000 and d2["mc_item_occupancy"] == d2["mc_item_ids"] / 500
     assert 0 <= d1["mc_user_eval_collision_rate"] < 0.5 and d1["mc_user_train_collision_rate"] < 0.5
     champion = reg.champion()
     assert champion in (1, 2)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from embedding.schema import load_schema
+from model.hyformer import HyFormerConfig
 from model.ranking import TOWERS, ModelConfig, RankingModel, RankingTrain
 from model.tokenformer import TokenFormerConfig, UnifiedInteractionBlock
 from pipeline.collate import collate
@@ -82,7 +83,8 @@ def test_changing_targets_never_changes_behaviour_states(batch) -> None:
 @pytest.mark.parametrize("tower", TOWERS)
 def test_every_tower_shape_and_gradients(tower, batch) -> None:
     torch.manual_seed(0)
-    model = RankingTrain(RankingModel(SCHEMA, ModelConfig(tower=tower, tokenformer=TF)))
+    hy = HyFormerConfig(d_model=40)  # T = 1 query + 4 NS tokens must divide d_model
+    model = RankingTrain(RankingModel(SCHEMA, ModelConfig(tower=tower, tokenformer=TF, hyformer=hy)))
     loss, logits = model(batch)
     assert logits.shape == (batch.size, len(SCHEMA.labels))
     loss.backward()
