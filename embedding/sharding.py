@@ -126,6 +126,29 @@ class CPUManagedCollisionEBCSharder(ManagedCollisionEmbeddingBagCollectionSharde
                                 env=env, device=device or torch.device("cpu"))
 
 
+@torch.no_grad()
+def zero_miss_rows(model: nn.Module) -> int:
+    """Managed-collision tables: set every shard's miss row (its last row, read by ids that have no
+    row of their own) and its optimizer state to zero, so an unknown id contributes nothing, the
+    same on any number of shards (a checkpoint resharded to another world size, the unsharded
+    export) — call after each optimizer step. Returns the number of rows zeroed here."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, ShardedManagedCollisionEmbeddingBagCollection):
+            for tbe, index in m._table_to_tbe_and_index.values():
+                weights = tbe.split_embedding_weights()[int(index)]
+                if weights.numel():
+                    weights[-1] = 0
+                    for state in tbe.split_optimizer_states()[int(index)]:
+                        state[-1] = 0
+                    n += 1
+        elif isinstance(m, ManagedCollisionEmbeddingBagCollection):
+            for cfg in m._embedding_module.embedding_bag_configs():
+                m._embedding_module.embedding_bags[cfg.name].weight[-1] = 0
+                n += 1
+    return n
+
+
 def sharders() -> list:
     return [CPURowWiseEBCSharder(), EmbeddingCollectionSharder(), CPUManagedCollisionEBCSharder()]
 
@@ -179,8 +202,9 @@ def shard(model: nn.Module, cfg: ShardingConfig, device: torch.device,
     """Fused optimizer, plan, DMP — in that order (the optimizer must be attached first)."""
     apply_sparse_optimizer(model, cfg)
     sharding_plan = plan(model, cfg, device, pg)
-    return DistributedModelParallel(module=model, device=device, plan=sharding_plan,
-                                    sharders=sharders())
+    dmp = DistributedModelParallel(module=model, device=device, plan=sharding_plan, sharders=sharders())
+    zero_miss_rows(dmp)
+    return dmp
 
 
 def dense_optimizer(model: nn.Module, cfg: ShardingConfig) -> CombinedOptimizer:

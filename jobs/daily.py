@@ -9,7 +9,8 @@ One day:
 3. train on day D (``jobs.train.run_train``), evaluate on D + ``[train].eval_offset``, register a
    version tagged with the day, the parent version and the row counts;
 4. gate (``jobs.registry``): candidate and champion scored by the same ``evaluate_export`` on the
-   same day → alias ``champion`` or ``challenger``.
+   same day → alias ``champion`` or ``challenger``; both scores are logged to the run
+   (``gate_eval_*``, ``gate_champion_eval_*``) beside the workers' own ``eval_*``.
 
 A backfill runs days in order, skipping finished ones, and stops at the first failure with a report;
 rerunning the same command continues from the failed day.
@@ -18,8 +19,10 @@ rerunning the same command continues from the failed day.
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from jobs.config import JobConfig
@@ -98,6 +101,9 @@ def run_daily(cfg: JobConfig, day: str, req: DailyRequest, log=print) -> dict:
                                  str(parent or ""))
     client.set_model_version_tag(cfg.tracking.model_name, str(version), "tokenrec.checkpoint", m["checkpoint"])
     d = reg.decide(version, req.data_root, eval_day, cfg.gate, log)
+    scores = {f"gate_{k}": v for k, v in d.candidate.items()}  # the gate's own scoring of this model
+    scores |= {f"gate_champion_{k}": v for k, v in (d.champion or {}).items()}
+    client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in scores.items()])
     client.set_tag(run_id, "tokenrec.gate", d.summary()[:4000])
     client.set_tag(run_id, "tokenrec.model_version", str(version))  # marks the day done
     return m | {"day": day, "skipped": False, "promoted": d.promote, "parent_version": parent}

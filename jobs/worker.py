@@ -27,7 +27,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from embedding.sharding import dense_optimizer, shard
+from embedding.sharding import dense_optimizer, shard, zero_miss_rows
 from jobs import checkpoint
 from jobs.config import JobConfig
 from jobs.metrics import evaluate
@@ -136,6 +136,7 @@ def train_loop(args: WorkerArgs) -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
+            zero_miss_rows(dmp)  # unknown ids read zeros, on any number of shards
             step += 1
             real = int(batch.weights.sum())
             rows += real

@@ -11,7 +11,7 @@ Under ``DistributedModelParallel`` the EBC/EC become their sharded twins; this m
 
 Managed-collision tables (``embedding.modules.build_field_mc_ebc``) are looked up by a second,
 managed-collision EBC; the module counts, per managed table, lookups and misses (ids without a
-row of their own, which read the miss row) for ``mc_stats``.
+row of their own, which read the all-zero miss row) for the per-day metrics.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from embedding.modules import (
     sequence_hasher,
 )
 from embedding.schema import FeatureSchema
+from embedding.sharding import zero_miss_rows
 
 
 @dataclass
@@ -57,6 +58,8 @@ class SparseArch(nn.Module):
         self.ebc = build_field_ebc(schema, device)
         world = dist.get_world_size() if dist.is_initialized() else 1
         self.mc_ebc = build_field_mc_ebc(schema, device, buckets=world)
+        if self.mc_ebc is not None and device.type != "meta":
+            zero_miss_rows(self.mc_ebc)  # sharded: embedding.sharding.shard() does it
         managed = set(managed_tables(schema))
         self._mc_keys = [f.name for f in schema.sparse if f.table in managed]
         self._plain_keys = [f.name for f in schema.sparse if f.table not in managed]

@@ -30,7 +30,9 @@ from pipeline.generator import generate
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs/tiny.toml"
 MANAGED = ["schema.tables.user.managed_collision=true", "schema.tables.item.managed_collision=true"]
-CFG = load_config(TINY, MANAGED)  # user and item ids get managed-collision rows
+# user and item ids get managed-collision rows; a one-day tiny model is poorly calibrated (0.79
+# seen), so the band is wide here: the gate must reject on AUC/logloss below
+CFG = load_config(TINY, MANAGED + ["gate.calibration_band=[0.5, 2.0]"])
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -59,7 +61,7 @@ def test_daily_gate_promote_rollback_backfill(roots, tmp_path: Path) -> None:
     work = tmp_path / "work"
     req = DailyRequest(data_root=data, workdir=work)
     quiet = lambda *_: None  # noqa: E731
-    flags = ["--config", str(TINY), "--workdir", str(work)]
+    flags = ["--config", str(TINY), "--workdir", str(work), "--set", "gate.calibration_band=[0.5, 2.0]"]
 
     d1 = run_daily(CFG, "2026-01-01", req, log=quiet)
     assert d1["promoted"] and d1["parent_version"] is None
@@ -74,6 +76,11 @@ def test_daily_gate_promote_rollback_backfill(roots, tmp_path: Path) -> None:
 
     d2 = run_daily(CFG, "2026-01-02", req, log=quiet)
     assert d2["parent_version"] == 1 and d2["model_version"] == 2
+    run2_metrics = reg.client.get_run(d2["run_id"]).data.metrics
+    v1_on_day3 = float(reg.version(1).tags["tokenrec.eval.2026-01-03.eval_auc"])
+    assert run2_metrics["gate_champion_eval_auc"] == pytest.approx(v1_on_day3, abs=1e-5)
+    # the gate's scoring of the new model agrees with the workers' sharded evaluation of it
+    assert run2_metrics["gate_eval_auc"] == pytest.approx(run2_metrics["eval_auc"], abs=1e-4)
     run2 = reg.client.get_run(d2["run_id"]).data.tags
     assert run2["tokenrec.init_from"] == reg.run_tags(1)["tokenrec.checkpoint"]
     assert run2["tokenrec.daily_date"] == "2026-01-02" and reg.version(2).tags["tokenrec.parent_version"] == "1"
