@@ -162,6 +162,16 @@ def cmd_rollback(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_fetch(a: argparse.Namespace) -> int:
+    from pipeline.datasets.fetch import fetch
+
+    report = fetch(a.dataset, out=a.out, source=a.source, cache=a.cache, max_len=a.max_len)
+    days = sorted(report["days"])
+    print(f"{report['rows']:,} rows, {len(days)} days {days[0]} .. {days[-1]} in {report['out']}\n"
+          f"train with: tokenrec train --config configs/movielens.toml --data {report['out']} --days A..B")
+    return 0
+
+
 def _summary(m: dict) -> None:
     keys = ["run_id", "model_version", "rows_in", "rows_trained", "rows_quarantined", "eval_rows",
             "eval_auc", "eval_oracle_auc", "eval_gauc", "eval_logloss", "eval_calibration",
@@ -242,10 +252,22 @@ def main(argv: list[str] | None = None) -> int:
     registry_flags(rb)
     rb.set_defaults(fn=cmd_rollback)
 
+    from pipeline.datasets.fetch import DATASETS, DEFAULT_CACHE
+
+    da = sub.add_parser("data", help="public datasets: fetch and convert to day-partitioned logs")
+    dsub = da.add_subparsers(dest="data_command", required=True)
+    fe = dsub.add_parser("fetch", help="MovieLens → logs (ML-100K from the recbole wheel on PyPI, or --source)")
+    fe.add_argument("dataset", choices=DATASETS)
+    fe.add_argument("--source", type=Path, help="a local GroupLens or RecBole MovieLens folder")
+    fe.add_argument("--out", type=Path, help="where the day partitions go (default: CACHE/DATASET/logs)")
+    fe.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"download cache (default {DEFAULT_CACHE})")
+    fe.add_argument("--max-len", type=int, default=50, help="behaviour sequence length kept per row")
+    fe.set_defaults(fn=cmd_data_fetch)
+
     a = parser.parse_args(argv)
     try:
         return a.fn(a)
-    except (ValueError, FileNotFoundError, SchemaMismatchError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, SchemaMismatchError, RuntimeError) as e:
         print(f"tokenrec {a.command}: error: {e}", file=sys.stderr)
         return 2
 
