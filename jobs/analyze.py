@@ -17,14 +17,14 @@ from mlflow.tracking import MlflowClient
 from deploy.export import load_servable
 from model.diagnostics import analyze, plot
 from pipeline.collate import collate
-from pipeline.days import day_files, parse_day
+from pipeline.days import day_files, parse_days
 from pipeline.validate import expected_kinds, split_valid
 
 
 def held_out_batch(schema, data_root: Path, day: str, rows: int):
     columns = list(expected_kinds(schema))
     tables, have = [], 0
-    for path in day_files(data_root, [parse_day(day)]):
+    for path in day_files(data_root, parse_days(day)):
         good, _ = split_valid(pq.read_table(path, columns=columns), schema)
         tables.append(good)
         have += good.num_rows

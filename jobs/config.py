@@ -30,6 +30,7 @@ from pipeline.generator import GeneratorConfig
 class TrainConfig:
     days: str = ""  # "YYYY-MM-DD..YYYY-MM-DD"; --days overrides
     eval_offset: int = 1  # evaluate on the day this many days after the last training day
+    eval_days: int = 1  # ... and on this many consecutive days from there
     num_workers: int = 2
     batch_size: int = 512
     eval_batch_size: int = 4096
@@ -45,7 +46,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for key in ("num_workers", "batch_size", "eval_batch_size", "epochs", "log_every",
-                    "keep_checkpoints"):
+                    "keep_checkpoints", "eval_days"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"[train].{key}: must be positive, got {getattr(self, key)}")
         for key in ("checkpoint_every", "max_steps"):

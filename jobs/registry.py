@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from deploy.export import load_servable
 from jobs.metrics import evaluate
 from pipeline.collate import collate
-from pipeline.days import day_files, parse_day
+from pipeline.days import day_files, parse_days
 from pipeline.validate import expected_kinds, split_valid, to_canonical
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -36,14 +36,14 @@ GATE_METRICS = ("eval_auc", "eval_logloss", "eval_calibration", "eval_rows")
 
 def evaluate_export(export_dir: str | Path, data_root: str | Path, day: str,
                     batch_rows: int = 8192) -> dict[str, float]:
-    """Score an exported model on every valid row of ``day`` (invalid rows are counted in
-    ``eval_rows_invalid``, not scored)."""
+    """Score an exported model on every valid row of ``day`` (``YYYY-MM-DD`` or a range
+    ``A..B``; invalid rows are counted in ``eval_rows_invalid``, not scored)."""
     export_dir = Path(export_dir)
     model, schema = load_servable(export_dir / "model.pt", export_dir / "config.json")
     columns = list(expected_kinds(schema))
     labels, probs, users, invalid = [], [], [], 0
     with torch.no_grad():
-        for path in day_files(data_root, [parse_day(day)]):
+        for path in day_files(data_root, parse_days(day)):
             good, bad = split_valid(pq.read_table(path, columns=columns), schema)
             invalid += bad.num_rows
             good = to_canonical(good, schema)

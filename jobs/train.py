@@ -66,12 +66,19 @@ def oracle_auc(data_root: Path, day: str) -> float | None:
     return None
 
 
+def eval_spec(days: list) -> str:
+    """``YYYY-MM-DD`` for one day, ``A..B`` for several (what ``tokenrec.eval_day`` holds)."""
+    return str(days[0]) if len(days) == 1 else f"{days[0]}..{days[-1]}"
+
+
 def run_train(cfg: JobConfig, req: TrainRequest, log=print) -> dict:
     days = parse_days(req.days or cfg.train.days)
-    eval_day = next_day(days[-1], cfg.train.eval_offset)
+    first_eval = next_day(days[-1], cfg.train.eval_offset)
+    eval_days = [next_day(first_eval, k) for k in range(cfg.train.eval_days)]
+    eval_day = eval_spec(eval_days)
     train_files = day_files(req.data_root, days)
     rows_in = check_files(train_files, cfg.schema)  # schema problems stop here, before training
-    eval_files = day_files(req.data_root, [eval_day])
+    eval_files = day_files(req.data_root, eval_days)
     eval_rows_in = check_files(eval_files, cfg.schema)
     log(f"train days {days[0]}..{days[-1]}: {len(train_files)} files, {rows_in:,} rows; "
         f"eval day {eval_day}: {eval_rows_in:,} rows")
@@ -160,7 +167,7 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
     if q_train or q_eval:
         log(f"quarantined {q_train:,} train and {q_eval:,} eval rows into {quarantine}: "
             f"{reasons | eval_reasons}")
-    oracle = oracle_auc(req.data_root, eval_day)
+    oracle = oracle_auc(req.data_root, eval_day) if ".." not in eval_day else None
     if oracle is not None:
         m["eval_oracle_auc"] = oracle
     client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0)

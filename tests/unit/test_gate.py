@@ -49,3 +49,15 @@ def test_checkpoint_keys_lose_wrapper_prefixes() -> None:
     assert normalize_key("sparse._dmp_wrapped_module.model.sparse_arch.ebc.t.weight") == \
         "sparse.model.sparse_arch.ebc.t.weight"
     assert normalize_key("model.tower.w") == "model.tower.w"
+
+
+def test_eval_period_spec() -> None:
+    import datetime as dt
+
+    from jobs.train import eval_spec
+
+    d = dt.date(2026, 1, 5)
+    assert eval_spec([d]) == "2026-01-05"
+    assert eval_spec([d, dt.date(2026, 1, 7)]) == "2026-01-05..2026-01-07"
+    with pytest.raises(ValueError, match="eval_days"):
+        TrainConfig(eval_days=0)
