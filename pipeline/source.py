@@ -19,6 +19,9 @@ from embedding.schema import FeatureSchema
 from pipeline.validate import QuarantineWriter, expected_kinds
 
 
+READ_TASKS = 16  # many small files (a day each) are read a few per task: task start-up dominates otherwise
+
+
 def read_logs(files: list[Path], schema: FeatureSchema, quarantine_dir: str | Path,
               rows_per_block: int = 8192) -> ray.data.Dataset:
     """``rows_per_block``: blocks are cut to at most this many rows. The split hands out whole
@@ -26,7 +29,7 @@ def read_logs(files: list[Path], schema: FeatureSchema, quarantine_dir: str | Pa
     merges small files into a few large read blocks)."""
     columns = list(expected_kinds(schema))
     ds = ray.data.read_parquet([str(f) for f in files], columns=columns, include_paths=True,
-                               override_num_blocks=max(len(files), 1))
+                               override_num_blocks=min(max(len(files), 1), READ_TASKS))
     writer = QuarantineWriter(schema, str(quarantine_dir))
     return (ds.map_batches(writer, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
             .repartition(target_num_rows_per_block=rows_per_block))  # streaming, no shuffle
