@@ -95,11 +95,16 @@ def save(root: str | Path, model, opt, pos: Position, keep: int = 3) -> Path:
     _barrier()
     if rank == 0:
         (tmp / "meta.json").write_text(json.dumps(asdict(pos) | {"saved_at": time.time()}, indent=1))
-        if final.exists():  # the same step saved again (a rerun): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in published(root)[:-keep] if keep > 0 else []:
+        old = root / f".old-{name}"
+        if final.exists():  # the same step saved again: move the old one aside, never leave a gap
             shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        for gone in published(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(gone, ignore_errors=True)
+            for copy in root.glob(f".{gone.name}-mc-world*"):
+                shutil.rmtree(copy, ignore_errors=True)
     _barrier()
     return final
 
@@ -162,10 +167,15 @@ I64MAX = torch.iinfo(torch.int64).max
 
 
 def _resharded_copy(ckpt: Path, world: int) -> Path:
+    """The checkpoint rewritten for ``world`` shards, next to it; rebuilt when the checkpoint was
+    re-saved since (its ``saved_at`` differs)."""
     out = ckpt.parent / f".{ckpt.name}-mc-world{world}"
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0 and not (out / "meta.json").exists():
-        reshard_managed(ckpt, world, out)
+    if rank == 0:
+        saved_at = json.loads((ckpt / "meta.json").read_text()).get("saved_at")
+        meta = out / "meta.json"
+        if not meta.exists() or json.loads(meta.read_text()).get("saved_at") != saved_at:
+            reshard_managed(ckpt, world, out)
     _barrier()
     return out
 
@@ -179,14 +189,14 @@ def reshard_managed(ckpt: str | Path, world: int, out: str | Path, log=print) ->
 
     ckpt, out = Path(ckpt), Path(out)
     pos = read_position(ckpt)
-    tmp = out.parent / f".{out.name}.tmp"
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     dcp_to_torch_save(str(ckpt), str(tmp / "full.pt"))
     full = torch.load(tmp / "full.pt", weights_only=False)
     model, optim = full["model"], full.get("optim", {})
-    old_block = MC_INPUT_HASH_SIZE // pos.world_size
-    new_block = MC_INPUT_HASH_SIZE // world
+    old_block = -(-MC_INPUT_HASH_SIZE // pos.world_size)  # TorchRec's block bucketing: ceil
+    new_block = -(-MC_INPUT_HASH_SIZE // world)
     for ids_key in [k for k in model if k.endswith(MC_IDS)]:
         prefix = ids_key[: -len(MC_IDS)]
         table = prefix.rsplit(".", 1)[1]

@@ -4,7 +4,8 @@ One day:
 
 1. skip when day D already has a finished daily run whose version went through the gate
    (``--force`` retrains; a finished run whose gate never ran gets only the gate);
-2. warm start from the ``champion`` (or, when none, the latest version): its checkpoint's sharded
+2. warm start from the ``champion`` (or, when none, the latest version) among the versions trained
+   only on days before D (a rerun of an old day never starts from a model of later days): its checkpoint's sharded
    tables, fused optimizer state, dense weights and Adam state — any worker count;
 3. train on day D (``jobs.train.run_train``), evaluate on D + ``[train].eval_offset``, register a
    version tagged with the day, the parent version and the row counts;
@@ -63,9 +64,14 @@ def run_daily(cfg: JobConfig, day: str, req: DailyRequest, log=print) -> dict:
     client, exp_id = connect(tracking_uri, cfg.tracking.experiment, req.workdir / "mlartifacts")
     reg = Registry(client, cfg.tracking.model_name)
 
+    if cfg.train.max_steps:
+        raise ValueError(f"daily trains whole days; unset [train].max_steps ({cfg.train.max_steps})")
     done = finished_run(client, exp_id, day)
     if done is not None and not req.force:
         version = int(done.data.tags["tokenrec.model_version"])
+        if reg.champion() == version and "tokenrec.gate" not in reg.version(version).tags:
+            reg.client.set_model_version_tag(reg.name, str(version), "tokenrec.gate",
+                                             "champion (alias set before a crash; gate tag restored)")
         if "tokenrec.gate" in reg.version(version).tags:
             log(f"day {day} is already done: run {done.info.run_id}, version {version} "
                 f"({reg.version(version).tags['tokenrec.gate']}); --force retrains it")
@@ -74,7 +80,7 @@ def run_daily(cfg: JobConfig, day: str, req: DailyRequest, log=print) -> dict:
         d = reg.decide(version, req.data_root, eval_day, cfg.gate, log)
         return {"day": day, "skipped": True, "model_version": version, "promoted": d.promote}
 
-    parent = None if req.cold_start else (reg.champion() or reg.latest())
+    parent = None if req.cold_start else reg.parent_for(day)
     init_from = None
     if parent is not None:
         tags = reg.run_tags(parent)

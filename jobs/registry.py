@@ -2,7 +2,8 @@
 
 * ``evaluate_export`` — the one evaluation the gate uses: an exported (unsharded) version predicts
   every valid row of a day; metrics from ``jobs.metrics.evaluate``. Results are cached on the
-  version as tags ``tokenrec.eval.<day>.<metric>``, so a version is scored once per day.
+  version as tags ``tokenrec.eval.<day>.<data-root hash>.<metric>`` (full precision), so a
+  version is scored once per day and data.
 * ``gate`` — the candidate becomes ``champion`` only when, on the same evaluation day, its AUC is
   at most ``auc_margin`` below the champion's, its logloss at most ``logloss_margin`` above, and
   its calibration inside ``calibration_band``; otherwise it gets the ``challenger`` alias.
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -141,6 +143,20 @@ class Registry:
         versions = self.versions()
         return int(versions[-1].version) if versions else None
 
+    def last_day(self, number: int | str) -> str:
+        """The last day a version trained on (its ``tokenrec.days`` tag, ``A..B`` or ``A``)."""
+        return self.version(number).tags.get("tokenrec.days", "").split("..")[-1]
+
+    def parent_for(self, day: str) -> int | None:
+        """The version to warm-start day ``day`` from: the champion, else the newest version,
+        considering only versions whose training ended before ``day``."""
+        before = [int(v.version) for v in self.versions()
+                  if v.tags.get("tokenrec.days") and self.last_day(v.version) < day]
+        champ = self.champion()
+        if champ in before:
+            return champ
+        return before[-1] if before else None
+
     def history(self) -> list[int]:
         if not self.exists():
             return []
@@ -153,7 +169,8 @@ class Registry:
     # -- evaluation, cached per (version, day) ----------------------------------------------
     def evaluation(self, number: int | str, data_root: str | Path, day: str, log=print) -> dict[str, float]:
         v = self.version(number)
-        prefix = f"tokenrec.eval.{day}."
+        root = hashlib.sha1(str(Path(data_root).resolve()).encode()).hexdigest()[:8]
+        prefix = f"tokenrec.eval.{day}.{root}."
         cached = {k[len(prefix):]: float(val) for k, val in v.tags.items() if k.startswith(prefix)}
         if all(m in cached for m in GATE_METRICS):
             return cached
@@ -163,7 +180,7 @@ class Registry:
         log(f"evaluating version {number} on {day}")
         m = evaluate_export(export, data_root, day)
         for k in GATE_METRICS:
-            self.client.set_model_version_tag(self.name, str(number), prefix + k, f"{m[k]:.6g}")
+            self.client.set_model_version_tag(self.name, str(number), prefix + k, repr(float(m[k])))
         return m
 
     # -- writing -----------------------------------------------------------------------------
@@ -171,11 +188,11 @@ class Registry:
         history = self.history()
         if not history or history[-1] != number:
             history.append(number)
-        self.client.set_registered_model_alias(self.name, CHAMPION, str(number))
-        self.client.set_registered_model_tag(self.name, HISTORY, json.dumps(history))
+        self.client.set_model_version_tag(self.name, str(number), "tokenrec.gate", why[:4000])
         self.client.set_model_version_tag(self.name, str(number), "tokenrec.champion_since",
                                           time.strftime("%Y-%m-%dT%H:%M:%S"))
-        self.client.set_model_version_tag(self.name, str(number), "tokenrec.gate", why[:4000])
+        self.client.set_registered_model_tag(self.name, HISTORY, json.dumps(history))
+        self.client.set_registered_model_alias(self.name, CHAMPION, str(number))
         if self.alias(CHALLENGER) == number:
             self.client.delete_registered_model_alias(self.name, CHALLENGER)
 
@@ -188,6 +205,14 @@ class Registry:
         champ = self.champion()
         if champ == number:
             raise ValueError(f"version {number} is already the champion")
+        first = day.split("..")[0]
+        seen = [v for v in (number, champ) if v is not None and self.last_day(v) >= first]
+        if seen:  # a model scored on a day it trained on would win unfairly
+            text = (f"gate on {day}: challenger: version(s) {seen} trained on days up to "
+                    f"{max(self.last_day(v) for v in seen)}, not before the evaluation day: not comparable")
+            self.set_challenger(number, text)
+            log(f"version {number} → {text}")
+            return Decision(False, [text], {}, None)
         cand = self.evaluation(number, data_root, day, log)
         champ_m = self.evaluation(champ, data_root, day, log) if champ is not None else None
         d = gate(cand, champ_m, cfg)

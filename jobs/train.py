@@ -21,6 +21,7 @@ from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from deploy.export import export_checkpoint, log_pyfunc
+from jobs.checkpoint import read_position
 from jobs.config import JobConfig
 from jobs.tracking import connect, default_tracking_uri, flatten, redact
 from jobs.worker import WorkerArgs, train_loop
@@ -125,6 +126,15 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
         if path and not (Path(path) / "meta.json").exists():
             raise FileNotFoundError(f"checkpoint {path} does not exist or was never published "
                                     f"(no meta.json)")
+    if req.resume_from:
+        pos = read_position(req.resume_from)
+        if pos.world_size != cfg.train.num_workers:
+            raise ValueError(f"--resume: {req.resume_from} was saved by {pos.world_size} workers; exact resume "
+                             f"replays each worker's stream, so it needs {pos.world_size} workers, not "
+                             f"{cfg.train.num_workers} (--init-from warm-starts on any number)")
+        if cfg.train.max_steps and cfg.train.max_steps <= pos.step:
+            raise ValueError(f"--resume: the checkpoint is at step {pos.step} and [train].max_steps is "
+                             f"{cfg.train.max_steps}: raise it or set it to 0 to train on")
     args = WorkerArgs(cfg=cfg, run_id=run_id, tracking_uri=tracking_uri,
                       checkpoint_root=str(run_dir / "checkpoints"), has_eval=True,
                       template=first_valid_row(train_files, cfg.schema),
@@ -146,7 +156,8 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
     client.set_tag(run_id, "tokenrec.checkpoint", str(checkpoint))
     m["checkpoint"] = str(checkpoint)
     if m.get("stopped_early"):
-        log(f"stopped after step {m['steps']} ([train].max_steps); continue with --resume {checkpoint}")
+        log(f"stopped after step {m['steps']} ([train].max_steps); continue with --resume {checkpoint} "
+            f"and [train].max_steps raised or 0")
         client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0)
                                           for k, v in m.items() if isinstance(v, (int, float))])
         return m

@@ -132,6 +132,9 @@ def train_loop(args: WorkerArgs) -> None:
             if replayed < start_step:  # resume: this step is already in the weights
                 replayed += 1
                 continue
+            if tc.max_steps and step >= tc.max_steps:
+                stopped = True
+                break
             loss, _ = dmp(batch)
             opt.zero_grad()
             loss.backward()
@@ -152,9 +155,6 @@ def train_loop(args: WorkerArgs) -> None:
                 window_rows, window_t = 0, time.perf_counter()
             if tc.checkpoint_every and step % tc.checkpoint_every == 0:
                 save(epoch)
-            if tc.max_steps and step >= tc.max_steps:
-                stopped = True
-                break
         if stopped:
             break
         if rank == 0:

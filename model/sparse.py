@@ -57,6 +57,10 @@ class SparseArch(nn.Module):
         self.field_hasher = field_hasher(schema)
         self.ebc = build_field_ebc(schema, device)
         world = dist.get_world_size() if dist.is_initialized() else 1
+        uneven = [t.name for t in schema.field_tables if t.managed_collision and t.hash_size % world]
+        if uneven:
+            raise ValueError(f"managed-collision tables {uneven}: hash_size must be divisible by the number "
+                             f"of workers ({world}); each worker owns an equal range of rows")
         self.mc_ebc = build_field_mc_ebc(schema, device, buckets=world)
         if self.mc_ebc is not None and device.type != "meta":
             zero_miss_rows(self.mc_ebc)  # sharded: embedding.sharding.shard() does it

@@ -19,7 +19,9 @@ target tokens have read them). Readout: final RMSNorm on the last target token â
 
 Several behaviour sequences: their behaviour tokens follow one another between the separators,
 each sequence right-aligned with its own projection and its own time indices 1..n_s; the targets
-sit at max_s(n_s) + 1.
+sit at max_s(n_s) + 1. The sliding windows count stream positions, so in the sliding layers the
+targets see the last sequence's newest behaviours; earlier sequences reach them through the full
+layers.
 
 Shapes: B batch, F field tokens, L behaviour slots, T target tokens, S stream length,
 D model dim, H heads, E head dim, De embedding dim, K fields per field token.

@@ -18,7 +18,6 @@ from ray.train import DataConfig
 from embedding.schema import FeatureSchema
 from pipeline.validate import QuarantineWriter, expected_kinds
 
-
 READ_TASKS = 16  # many small files (a day each) are read a few per task: task start-up dominates otherwise
 
 

@@ -11,7 +11,7 @@ Readers (each returns ``MovieLens``: ratings, users, items as pandas frames):
 
 ``to_logs`` writes one row per rating: label ``click = rating >= 4``; fields user id, item id,
 age bucket, gender, occupation, zip prefix, genres (multi-hot), release year; dense
-``log1p(#earlier ratings of the user)`` and the item's age in years at rating time; the sequence
+``log1p(#earlier ratings of the user)`` and the item's age at rating time (years / 10); the sequence
 ``hist`` of the user's earlier items — strictly earlier timestamps, newest last, at most
 ``max_len`` — with each item's first genre and the user's rating of it (the action). Rows go to
 ``day=YYYY-MM-DD`` partitions by their UTC timestamp; a day of the span without ratings gets an
@@ -36,13 +36,13 @@ import pyarrow.parquet as pq
 GENRES_100K = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
                "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
                "Romance", "Sci-Fi", "Thriller", "War", "Western")
-AGES_1M = {1: 0, 18: 18, 25: 25, 35: 35, 45: 45, 50: 50, 56: 56}  # code → lower bound of the band
+AGES_1M = {1: 0, 18: 18, 25: 25, 35: 35, 45: 45, 50: 50, 56: 56}  # code → lower bound of the band (the bucket)
 
 
 @dataclass
 class MovieLens:
     ratings: pd.DataFrame  # user (int), item (int), rating (int), ts (int, unix seconds)
-    users: pd.DataFrame  # user, age (int, years or band start), gender (str), occupation (str), zip (str)
+    users: pd.DataFrame  # user, age (int: the age bucket), gender (str), occupation (str), zip (str)
     items: pd.DataFrame  # item, year (int, 0 when unknown), genres (list[str])
 
 
@@ -58,6 +58,7 @@ def read_grouplens_100k(folder: str | Path) -> MovieLens:
     ratings = pd.read_csv(folder / "u.data", sep="\t", names=["user", "item", "rating", "ts"])
     users = pd.read_csv(folder / "u.user", sep="|", names=["user", "age", "gender", "occupation", "zip"],
                         dtype={"zip": str})
+    users["age"] = users["age"] // 10 * 10  # decade
     cols = ["item", "title", "release", "video", "url", *GENRES_100K]
     raw = pd.read_csv(folder / "u.item", sep="|", names=cols, encoding="latin-1", dtype={"release": str})
     year = pd.to_datetime(raw["release"], format="%d-%b-%Y", errors="coerce").dt.year
@@ -81,7 +82,8 @@ def read_recbole_100k(folder: str | Path) -> MovieLens:
                             "rating": inter["rating"].astype(float).astype(int),
                             "ts": inter["timestamp"].astype(float).astype(int)})
     u = _atomic(folder / "ml-100k.user")
-    users = pd.DataFrame({"user": u["user_id"].astype(int), "age": u["age"].astype(int), "gender": u["gender"],
+    users = pd.DataFrame({"user": u["user_id"].astype(int), "age": u["age"].astype(int) // 10 * 10,
+                          "gender": u["gender"],
                           "occupation": u["occupation"], "zip": u["zip_code"]})
     i = _atomic(folder / "ml-100k.item")
     year = pd.to_numeric(i["release_year"], errors="coerce").fillna(0).astype(int)
@@ -160,7 +162,7 @@ def build_rows(ml: MovieLens, max_len: int = 50) -> pa.Table:
     return pa.table({
         "user_id": pa.array(user, pa.int64()),
         "item_id": pa.array(item_ids, pa.int64()),
-        "age": pa.array((u["age"].to_numpy() // 10) * 10, pa.int64()),  # decade bucket
+        "age": pa.array(u["age"].to_numpy(), pa.int64()),  # ML-100K: decade; ML-1M: its age band
         "gender": pa.array(u["gender"].astype(str).to_numpy(), pa.string()),
         "occupation": pa.array(u["occupation"].astype(str).to_numpy(), pa.string()),
         "zip_prefix": pa.array(u["zip"].astype(str).str[:2].to_numpy(), pa.string()),

@@ -35,6 +35,12 @@ MANAGED = ["schema.tables.user.managed_collision=true", "schema.tables.item.mana
 CFG = load_config(TINY, MANAGED + ["gate.calibration_band=[0.5, 2.0]"])
 
 
+def scored(version, day: str, metric: str = "eval_auc") -> float:
+    """The gate's cached score of a version on a day (tag tokenrec.eval.<day>.<root>.<metric>)."""
+    (value,) = [v for k, v in version.tags.items() if k.startswith(f"tokenrec.eval.{day}.") and k.endswith(metric)]
+    return float(value)
+
+
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
@@ -69,7 +75,7 @@ def test_daily_gate_promote_rollback_backfill(roots, tmp_path: Path) -> None:
     assert reg.champion() == d1["model_version"] == 1
     v1 = reg.version(1)
     assert v1.tags["tokenrec.rows_in"] == str(d1["rows_in"]) and v1.tags["tokenrec.eval_day"] == "2026-01-02"
-    assert float(v1.tags["tokenrec.eval.2026-01-02.eval_auc"]) > 0.6  # the gate's own scoring
+    assert scored(v1, "2026-01-02") > 0.6  # the gate's own scoring
 
     again = run_daily(CFG, "2026-01-01", req, log=quiet)
     assert again["skipped"] and len(reg.versions()) == 1
@@ -77,7 +83,7 @@ def test_daily_gate_promote_rollback_backfill(roots, tmp_path: Path) -> None:
     d2 = run_daily(CFG, "2026-01-02", req, log=quiet)
     assert d2["parent_version"] == 1 and d2["model_version"] == 2
     run2_metrics = reg.client.get_run(d2["run_id"]).data.metrics
-    v1_on_day3 = float(reg.version(1).tags["tokenrec.eval.2026-01-03.eval_auc"])
+    v1_on_day3 = scored(reg.version(1), "2026-01-03")
     assert run2_metrics["gate_champion_eval_auc"] == pytest.approx(v1_on_day3, abs=1e-5)
     # the gate's scoring of the new model agrees with the workers' sharded evaluation of it
     assert run2_metrics["gate_eval_auc"] == pytest.approx(run2_metrics["eval_auc"], abs=1e-4)
@@ -98,7 +104,7 @@ def test_daily_gate_promote_rollback_backfill(roots, tmp_path: Path) -> None:
     assert bad["model_version"] == 3 and not bad["promoted"]
     assert reg.champion() == champion and reg.alias("challenger") == 3
     assert "below champion" in reg.version(3).tags["tokenrec.gate"]
-    assert float(reg.version(3).tags["tokenrec.eval.2026-01-04.eval_auc"]) < 0.6
+    assert scored(reg.version(3), "2026-01-04") < 0.6
 
     r = cli("promote", "--version", "3", *flags)
     assert r.returncode == 2 and "gate kept the champion" in r.stderr, r.stderr[-2000:]

@@ -1,0 +1,36 @@
+"""Registry rules on a real MLflow SQLite store (no training): which version a day warm-starts
+from, and the gate refusing to compare models on a day one of them trained on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from jobs.config import GateConfig
+from jobs.registry import Registry
+
+
+@pytest.fixture
+def reg(tmp_path: Path) -> Registry:
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_registered_model("m")
+    for days in ("2026-01-01..2026-01-01", "2026-01-02..2026-01-02", "2026-01-03..2026-01-03"):
+        client.create_model_version("m", source=str(tmp_path), tags={"tokenrec.days": days})
+    return Registry(client, "m")
+
+
+def test_parent_is_the_champion_or_latest_trained_before_the_day(reg: Registry) -> None:
+    assert reg.parent_for("2026-01-04") == 3  # no champion: the newest
+    reg.set_champion(2, "test")
+    assert reg.parent_for("2026-01-04") == 2  # the champion
+    assert reg.parent_for("2026-01-02") == 1  # rerun of day 2: the champion trained on it
+    assert reg.parent_for("2026-01-01") is None  # nothing before day 1: cold start
+
+
+def test_gate_refuses_a_day_a_model_trained_on(reg: Registry) -> None:
+    reg.set_champion(3, "test")
+    d = reg.decide(1, "/nonexistent", "2026-01-02", GateConfig(), log=lambda *_: None)
+    assert not d.promote and "not comparable" in d.summary()
+    assert reg.champion() == 3 and reg.alias("challenger") == 1
