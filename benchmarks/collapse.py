@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
+
+from common import mean_std
 
 from jobs.analyze import run_analyze
 from jobs.config import load_config
@@ -25,10 +26,6 @@ from pipeline.generator import generate
 ROOT = Path(__file__).resolve().parents[1]
 TOWERS = ("tokenformer", "naive_transformer")
 MODEL = ["model.tokenformer.d_model=32", "model.tokenformer.num_heads=2", "model.tokenformer.windows=[16, 8]"]
-
-
-def mean_std(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.4f}"
 
 
 def main() -> None:

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from common import mean_std
 from torch.utils.flop_counter import FlopCounterMode
 
 from jobs.config import load_config
@@ -39,10 +39,6 @@ TOWERS = {
     "tokenformer": ["model.tokenformer.d_model=48", "model.tokenformer.num_heads=2",
                     "model.tokenformer.num_full_layers=2", "model.tokenformer.windows=[16, 8]"],
 }
-
-
-def mean_std(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.4f}"
 
 
 def cost(cfg, data: Path, rows: int = 256) -> tuple[int, float]:

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
+
+from common import mean_std
 
 from jobs.analyze import run_analyze
 from jobs.config import load_config
@@ -47,10 +48,6 @@ TOWERS = {
     "hyformer": [f"model.hyformer.d_model={D}", "model.hyformer.encoder=longer",
                  "model.hyformer.recent_window=8"],
 }
-
-
-def mean_std(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.4f}"
 
 
 def main() -> None:

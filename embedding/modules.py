@@ -83,6 +83,14 @@ def build_field_ebc(schema: FeatureSchema, device: torch.device) -> EmbeddingBag
     return EmbeddingBagCollection(tables=configs, device=device) if configs else None
 
 
+@torch.no_grad()
+def zero_unsharded_miss_rows(mc_ebc: ManagedCollisionEmbeddingBagCollection) -> int:
+    """Zero the miss row (the last row) of each table of an unsharded managed-collision EBC."""
+    for cfg in mc_ebc._embedding_module.embedding_bag_configs():
+        mc_ebc._embedding_module.embedding_bags[cfg.name].weight[-1] = 0
+    return len(mc_ebc._embedding_module.embedding_bag_configs())
+
+
 def build_field_mc_ebc(schema: FeatureSchema, device: torch.device,
                        buckets: int = 1) -> ManagedCollisionEmbeddingBagCollection | None:
     """The managed-collision field tables (None when there are none). ``buckets``: the number of

@@ -33,6 +33,8 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from embedding.modules import zero_unsharded_miss_rows
+
 SHARDING_TYPES = tuple(t.value for t in ShardingType)
 SPARSE_OPTIMIZERS = ("rowwise_adagrad", "sgd")
 DENSE_OPTIMIZERS = ("adam", "sgd")
@@ -143,9 +145,7 @@ def zero_miss_rows(model: nn.Module) -> int:
                         state[-1] = 0
                     n += 1
         elif isinstance(m, ManagedCollisionEmbeddingBagCollection):
-            for cfg in m._embedding_module.embedding_bag_configs():
-                m._embedding_module.embedding_bags[cfg.name].weight[-1] = 0
-                n += 1
+            n += zero_unsharded_miss_rows(m)
     return n
 
 

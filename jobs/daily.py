@@ -20,15 +20,13 @@ rerunning the same command continues from the failed day.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
-from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from jobs.config import JobConfig
 from jobs.registry import Registry
-from jobs.tracking import connect, default_tracking_uri
+from jobs.tracking import connect, default_tracking_uri, log_metrics
 from jobs.train import TrainRequest, eval_spec, run_train
 from pipeline.days import next_day, parse_day, parse_days
 
@@ -110,7 +108,7 @@ def run_daily(cfg: JobConfig, day: str, req: DailyRequest, log=print) -> dict:
     d = reg.decide(version, req.data_root, eval_day, cfg.gate, log)
     scores = {f"gate_{k}": v for k, v in d.candidate.items()}  # the gate's own scoring of this model
     scores |= {f"gate_champion_{k}": v for k, v in (d.champion or {}).items()}
-    client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in scores.items()])
+    log_metrics(client, run_id, scores)
     client.set_tag(run_id, "tokenrec.gate", d.summary()[:4000])
     client.set_tag(run_id, "tokenrec.model_version", str(version))  # marks the day done
     return m | {"day": day, "skipped": False, "promoted": d.promote, "parent_version": parent}

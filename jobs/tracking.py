@@ -45,6 +45,15 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict, step: int = 0) -> None:
+    """The numeric entries of ``metrics`` in one batch (non-numbers are skipped)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
+                                      if isinstance(v, (int, float))])
+
+
 class StepLogger:
     """Batched per-step metric logging from the rank-0 worker."""
 
@@ -52,7 +61,4 @@ class StepLogger:
         self.client, self.run_id = MlflowClient(tracking_uri), run_id
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        log_metrics(self.client, self.run_id, metrics, step)

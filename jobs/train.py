@@ -23,7 +23,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from deploy.export import export_checkpoint, log_pyfunc
 from jobs.checkpoint import read_position
 from jobs.config import JobConfig
-from jobs.tracking import connect, default_tracking_uri, flatten, redact
+from jobs.tracking import connect, default_tracking_uri, flatten, log_metrics, redact
 from jobs.worker import WorkerArgs, train_loop
 from pipeline.days import day_files, next_day, parse_days
 from pipeline.source import UnequalSplit, read_logs
@@ -158,8 +158,7 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
     if m.get("stopped_early"):
         log(f"stopped after step {m['steps']} ([train].max_steps); continue with --resume {checkpoint} "
             f"and [train].max_steps raised or 0")
-        client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0)
-                                          for k, v in m.items() if isinstance(v, (int, float))])
+        log_metrics(client, run_id, m)
         return m
 
     # Accounting: nothing lost. rows_trained counts the first epoch; every epoch re-reads them all.
@@ -181,8 +180,7 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
     oracle = oracle_auc(req.data_root, eval_day) if ".." not in eval_day else None
     if oracle is not None:
         m["eval_oracle_auc"] = oracle
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0)
-                                      for k, v in m.items() if isinstance(v, (int, float))])
+    log_metrics(client, run_id, m)
     client.log_dict(run_id, {"train": reasons, "eval": eval_reasons}, "quarantine/reasons.json")
 
     export_dir = export_checkpoint(cfg.schema, cfg.model, checkpoint, run_dir / "export")

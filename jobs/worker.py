@@ -77,7 +77,8 @@ def train_loop(args: WorkerArgs) -> None:
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(tc.seed)
     device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
-    model = RankingTrain(RankingModel(cfg.schema, cfg.model, sparse_device=torch.device("meta")))
+    model = RankingTrain(RankingModel(cfg.schema, cfg.model, sparse_device=torch.device("meta"),
+                                      num_shards=dist.get_world_size()))
     dmp = shard(model, tc.sharding, device)
     opt = dense_optimizer(dmp, tc.sharding)
     dense_opt = opt._optims[0][1]  # the lazily initialized part, see checkpoint.load

@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -30,9 +29,9 @@ from embedding.modules import (
     field_hasher,
     managed_tables,
     sequence_hasher,
+    zero_unsharded_miss_rows,
 )
 from embedding.schema import FeatureSchema
-from embedding.sharding import zero_miss_rows
 
 
 @dataclass
@@ -50,20 +49,21 @@ def common_dim(schema: FeatureSchema, what: str) -> int:
 
 
 class SparseArch(nn.Module):
-    def __init__(self, schema: FeatureSchema, device: torch.device | None = None) -> None:
+    def __init__(self, schema: FeatureSchema, device: torch.device | None = None, num_shards: int = 1) -> None:
+        """``num_shards``: the row-wise shards managed-collision tables will be split into (the
+        number of workers when sharded; each shard owns an equal range of ids and rows)."""
         super().__init__()
         device = device or torch.device("cpu")
         self.schema = schema
         self.field_hasher = field_hasher(schema)
         self.ebc = build_field_ebc(schema, device)
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        uneven = [t.name for t in schema.field_tables if t.managed_collision and t.hash_size % world]
+        uneven = [t.name for t in schema.field_tables if t.managed_collision and t.hash_size % num_shards]
         if uneven:
             raise ValueError(f"managed-collision tables {uneven}: hash_size must be divisible by the number "
-                             f"of workers ({world}); each worker owns an equal range of rows")
-        self.mc_ebc = build_field_mc_ebc(schema, device, buckets=world)
+                             f"of workers ({num_shards}); each worker owns an equal range of rows")
+        self.mc_ebc = build_field_mc_ebc(schema, device, buckets=num_shards)
         if self.mc_ebc is not None and device.type != "meta":
-            zero_miss_rows(self.mc_ebc)  # sharded: embedding.sharding.shard() does it
+            zero_unsharded_miss_rows(self.mc_ebc)  # sharded: embedding.sharding.shard() does it
         managed = set(managed_tables(schema))
         self._mc_keys = [f.name for f in schema.sparse if f.table in managed]
         self._plain_keys = [f.name for f in schema.sparse if f.table not in managed]

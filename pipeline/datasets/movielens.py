@@ -205,10 +205,6 @@ def to_logs(ml: MovieLens, out: str | Path, max_len: int = 50, log=print) -> dic
     return {"rows": table.num_rows, "days": per_day}
 
 
-def day_span(per_day: dict[str, int]) -> list[dt.date]:
-    return sorted(dt.date.fromisoformat(d) for d in per_day)
-
-
 def chronological_split(days: list[dt.date], train: float = 0.8, valid: float = 0.1
                         ) -> tuple[list[dt.date], list[dt.date], list[dt.date]]:
     """Consecutive days → (train, validation, test): the earliest ``train`` share of the time

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from embedding.sharding import ShardingConfig, dense_optimizer, shard, zero_miss_rows
@@ -36,7 +37,8 @@ def _schema():
 def _build():
     schema = _schema()
     torch.manual_seed(0)
-    model = RankingTrain(RankingModel(schema, ModelConfig(), sparse_device=torch.device("meta")))
+    model = RankingTrain(RankingModel(schema, ModelConfig(), sparse_device=torch.device("meta"),
+                                      num_shards=dist.get_world_size()))
     dmp = shard(model, CFG, torch.device("cpu"))
     return schema, dmp, dense_optimizer(dmp, CFG)
 
