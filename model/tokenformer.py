@@ -160,6 +160,12 @@ class UnifiedInteractionBlock(nn.Module):
         self.captured: dict[str, torch.Tensor] | None = None  # set to {} to keep q, k for diagnostics
 
     def forward(self, x_BSD: torch.Tensor, pos_BS: torch.Tensor, key_valid_BS: torch.Tensor) -> torch.Tensor:
+        i_BSD = self.attend(x_BSD, pos_BS, key_valid_BS)
+        return i_BSD + self.ffn(self.norm_ffn(i_BSD))
+
+    def attend(self, x_BSD: torch.Tensor, pos_BS: torch.Tensor, key_valid_BS: torch.Tensor) -> torch.Tensor:
+        """The attention sub-layer ``I = X + σ(X W_g + b) ⊙ Attn(RMSNorm(X))``: everything the
+        attention kernel and window change; the SwiGLU sub-layer after it is the same for all."""
         B, S, D = x_BSD.shape
         q, k, v = self.qkv(self.norm_attn(x_BSD)).view(B, S, 3, self.heads, D // self.heads).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # B H S E
@@ -171,8 +177,7 @@ class UnifiedInteractionBlock(nn.Module):
                           .transpose(1, 2).reshape(B, S, D))
         if self.gate is not None:
             a_BSD = torch.sigmoid(self.gate(x_BSD)) * a_BSD
-        i_BSD = x_BSD + a_BSD
-        return i_BSD + self.ffn(self.norm_ffn(i_BSD))
+        return x_BSD + a_BSD
 
 
 class HSTUBlock(nn.Module):
