@@ -71,6 +71,7 @@ def synced(batches: Iterator, padding) -> Iterator:
 
 def train_loop(args: WorkerArgs) -> None:
     cfg, tc = args.cfg, args.cfg.train
+    t_enter = time.perf_counter()
     torch.set_num_threads(1)
     if tc.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -82,6 +83,9 @@ def train_loop(args: WorkerArgs) -> None:
     dmp = shard(model, tc.sharding, device)
     opt = dense_optimizer(dmp, tc.sharding)
     dense_opt = opt._optims[0][1]  # the lazily initialized part, see checkpoint.load
+    if rank == 0:
+        print(f"model built and sharded over {dist.get_world_size()} workers in "
+              f"{time.perf_counter() - t_enter:.1f}s", flush=True)
 
     pos = checkpoint.Position(world_size=dist.get_world_size())
     if args.init_from:
@@ -142,6 +146,9 @@ def train_loop(args: WorkerArgs) -> None:
             opt.step()
             zero_miss_rows(dmp)  # unknown ids read zeros, on any number of shards
             step += 1
+            if step == start_step + 1 and rank == 0:
+                print(f"first step done {time.perf_counter() - t0:.1f}s after the data stream opened",
+                      flush=True)
             real = int(batch.weights.sum())
             rows += real
             first_epoch_rows += real if epoch == 0 else 0
@@ -162,15 +169,21 @@ def train_loop(args: WorkerArgs) -> None:
             print(f"epoch {epoch} done: step {step}, {rows:,} rows so far on rank 0, "
                   f"{time.perf_counter() - t0:.0f}s", flush=True)
     train_seconds = time.perf_counter() - t0
+    t_save = time.perf_counter()
     final_ckpt = save(epoch, final=not stopped)
+    if rank == 0:
+        print(f"final checkpoint written in {time.perf_counter() - t_save:.1f}s", flush=True)
     totals = torch.tensor([rows, first_epoch_rows], dtype=torch.int64)
     dist.all_reduce(totals)
 
     sparse_arch = next(m for m in dmp.modules() if isinstance(m, SparseArch))
     metrics = managed_collision_metrics(sparse_arch, "train")
     if args.has_eval and not stopped:
+        t_eval = time.perf_counter()
         metrics |= evaluate_shard(dmp, stream("eval", tc.eval_batch_size), padding(tc.eval_batch_size))
         metrics |= managed_collision_metrics(sparse_arch, "eval")
+        if rank == 0:
+            print(f"evaluated {int(metrics['eval_rows']):,} rows in {time.perf_counter() - t_eval:.1f}s", flush=True)
     if rank == 0:
         slots = (step - start_step) * tc.batch_size * dist.get_world_size()
         new_samples = int(totals[0]) - pos.rows

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from embedding.schema import FeatureSchema
 
 REASON = "_reason"
-SOURCE = "path"  # Ray Data's include_paths column
+SOURCE = "path"  # the source file of each row (pipeline.source tags it)
 
 
 class SchemaMismatchError(ValueError):
