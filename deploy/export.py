@@ -1,13 +1,24 @@
-"""Export: a sharded DCP checkpoint → an unsharded servable model, and its MLflow pyfunc.
+"""Export: a sharded DCP checkpoint → an unsharded inference program, and its MLflow pyfunc.
 
-The servable model is ``model.ranking.RankingModel`` (no loss), rebuilt from ``config.json`` and
-loaded from ``model.pt`` with ``weights_only=True`` (no unpickling of untrusted data).
+An export folder holds
+
+* ``model.pt2`` — the inference program: ``InferenceModule`` (id hashing, managed-collision id
+  remapping, embeddings, tower, sigmoid; no loss) captured by ``torch.export`` with a dynamic
+  batch size and dynamic id counts. Serving runs this, no model code needed;
+* ``config.json`` — the feature schema and model config it was built from (what a request must
+  contain; also enough to rebuild the eager model);
+* ``model.pt`` — the same weights as a state dict, for the eager ``RankingModel`` (evaluation,
+  diagnostics), loaded with ``weights_only=True``.
+
+Neither file is unpickled: ``torch.load(weights_only=True)`` and ``torch.export.load`` only read
+tensors and a serialized graph.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -16,19 +27,98 @@ import pandas as pd
 import pyarrow as pa
 import torch
 import torch.distributed.checkpoint as dcp
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from torch import nn
+from torch.export import Dim
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embedding.schema import FeatureSchema
 from embedding.typed_config import from_dict
 from model.ranking import ModelConfig, RankingModel, RankingTrain
 from pipeline.collate import collate
-from pipeline.validate import REASON, canonical_schema, split_valid, to_canonical
+from pipeline.validate import REASON, _kind, canonical_schema, expected_kinds, split_valid, to_canonical
 
 PACKAGES = ("embedding", "model", "pipeline", "deploy")
+MAX_REQUEST_ROWS = 10_000  # default limit on rows per serving request (``export_checkpoint(max_rows=)``)
 
 
-def servable_config(schema: FeatureSchema, model_cfg: ModelConfig) -> dict:
-    """What serving needs to rebuild the model: the expanded schema and the model config."""
-    return {"schema": schema.to_dict(), "model": dataclasses.asdict(model_cfg)}
+class InferenceModule(nn.Module):
+    """``RankingModel`` for serving, with plain tensor inputs so ``torch.export`` can take it::
+
+        dense [B, Dd], field_values [Nf], field_lengths [F·B], seq_values [Ns], seq_lengths [C·B]
+        → probabilities [B, T]
+
+    Field and sequence KJTs are rebuilt inside with the schema's keys (``pipeline.collate``
+    order); ids are raw, hashed and remapped by the model itself."""
+
+    def __init__(self, model: RankingModel) -> None:
+        super().__init__()
+        self.model = model
+        schema = model.schema
+        self.field_keys = list(schema.field_names)
+        self.seq_keys = [c for q in schema.sequences for c in q.columns]
+
+    def forward(self, dense: torch.Tensor, field_values: torch.Tensor, field_lengths: torch.Tensor,
+                seq_values: torch.Tensor, seq_lengths: torch.Tensor) -> torch.Tensor:
+        fields = KeyedJaggedTensor(keys=self.field_keys, values=field_values, lengths=field_lengths)
+        seqs = (KeyedJaggedTensor(keys=self.seq_keys, values=seq_values, lengths=seq_lengths)
+                if self.seq_keys else None)
+        sparse = self.model.sparse_arch(fields, seqs)
+        tower = self.model.tower
+        logits = (tower.forward_with_aux(dense, sparse)[0] if hasattr(tower, "forward_with_aux")
+                  else tower(dense, sparse))
+        return torch.sigmoid(logits)
+
+
+def inference_inputs(batch, schema: FeatureSchema) -> tuple[torch.Tensor, ...]:
+    """A ``Batch`` → ``InferenceModule``'s inputs (sequences only as far as the model uses them)."""
+    if schema.sequences:
+        seq_values, seq_lengths = batch.sequences.values(), batch.sequences.lengths()
+    else:
+        seq_values = seq_lengths = torch.zeros(0, dtype=torch.int64)
+    return batch.dense, batch.fields.values(), batch.fields.lengths(), seq_values, seq_lengths
+
+
+def _example_inputs(schema: FeatureSchema, rows: int = 4) -> tuple[torch.Tensor, ...]:
+    """Synthetic inputs to trace with: uneven list lengths, so that no id count is tied to the
+    batch size in the exported program's shape guards."""
+    g = torch.Generator().manual_seed(0)
+    field_lengths = torch.tensor([2 if f.multi_valued else 1 for f in schema.sparse for _ in range(rows)])
+    seq_lengths = torch.tensor([1 + (r + c) % 3 for c in range(sum(len(q.columns) for q in schema.sequences))
+                                for r in range(rows)], dtype=torch.int64)
+    return (torch.randn(rows, len(schema.dense), generator=g),
+            torch.randint(0, 1000, (int(field_lengths.sum()),), generator=g),
+            field_lengths,
+            torch.randint(0, 1000, (int(seq_lengths.sum()),), generator=g),
+            seq_lengths)
+
+
+def export_program(model: RankingModel) -> torch.export.ExportedProgram:
+    """``torch.export`` of the inference module; batch size and id counts are dynamic. The
+    program needs at least 2 rows (export specializes size 1): ``predict_probabilities`` pads."""
+    module = InferenceModule(model).eval()
+    dyn = [{0: Dim.AUTO}] * 5
+    with torch.no_grad():
+        return torch.export.export(module, _example_inputs(model.schema), dynamic_shapes=dyn, strict=False)
+
+
+def score_table(program: nn.Module, table: pa.Table, schema: FeatureSchema) -> np.ndarray:
+    """Valid rows in the canonical layout → probabilities [rows, tasks] from an exported program
+    (``torch.export.load(...).module()``). The program is traced for >= 2 rows; a single row is
+    scored twice and one copy kept."""
+    n = table.num_rows
+    if n == 1:
+        table = pa.concat_tables([table, table])
+    batch = collate(table, schema, with_labels=False)
+    with torch.no_grad():
+        probs = program(*inference_inputs(batch, schema))
+    return probs[:n].numpy()
+
+
+def servable_config(schema: FeatureSchema, model_cfg: ModelConfig, max_rows: int = MAX_REQUEST_ROWS) -> dict:
+    """What serving needs: the expanded schema, the model config, the request row limit."""
+    return {"schema": schema.to_dict(), "model": dataclasses.asdict(model_cfg), "serving": {"max_rows": max_rows}}
 
 
 def load_servable_config(config_json: str | Path) -> tuple[FeatureSchema, ModelConfig]:
@@ -36,22 +126,30 @@ def load_servable_config(config_json: str | Path) -> tuple[FeatureSchema, ModelC
     return FeatureSchema.from_dict(doc["schema"]), from_dict(ModelConfig, doc["model"], "model")
 
 
+def export_model(model: RankingModel, out_dir: str | Path, max_rows: int = MAX_REQUEST_ROWS) -> Path:
+    """Write ``model.pt``, ``model.pt2`` and ``config.json`` of an unsharded model."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    torch.save(model.state_dict(), out / "model.pt")
+    torch.export.save(export_program(model), out / "model.pt2")
+    (out / "config.json").write_text(json.dumps(servable_config(model.schema, model.cfg, max_rows), indent=1))
+    return out
+
+
 def export_checkpoint(schema: FeatureSchema, model_cfg: ModelConfig, checkpoint_dir: str | Path,
-                      out_dir: str | Path) -> Path:
-    """Load a (sharded, any world size) DCP checkpoint into the unsharded model; write
-    ``out_dir/model.pt`` and ``out_dir/config.json``."""
+                      out_dir: str | Path, max_rows: int = MAX_REQUEST_ROWS) -> Path:
+    """Load a (sharded, any world size) DCP checkpoint into the unsharded model and export it
+    (``export_model``)."""
     train = RankingTrain(RankingModel(schema, model_cfg))
     state = {"model": train.state_dict()}  # the optimizer part of the checkpoint is not read
     dcp.load(state, checkpoint_id=str(checkpoint_dir))
     train.load_state_dict(state["model"])
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(train.model.state_dict(), out / "model.pt")
-    (out / "config.json").write_text(json.dumps(servable_config(schema, model_cfg), indent=1))
-    return out
+    return export_model(train.model, out_dir, max_rows)
 
 
 def load_servable(model_pt: str | Path, config_json: str | Path) -> tuple[RankingModel, FeatureSchema]:
+    """The eager model of an export (evaluation, diagnostics)."""
     schema, model_cfg = load_servable_config(config_json)
     model = RankingModel(schema, model_cfg)
     model.load_state_dict(torch.load(model_pt, weights_only=True))
@@ -59,35 +157,89 @@ def load_servable(model_pt: str | Path, config_json: str | Path) -> tuple[Rankin
     return model, schema
 
 
+def load_program(export_dir: str | Path) -> tuple[nn.Module, FeatureSchema, int]:
+    """The exported inference program of an export folder, its schema and request row limit."""
+    export_dir = Path(export_dir)
+    doc = json.loads((export_dir / "config.json").read_text())
+    program = torch.export.load(export_dir / "model.pt2").module()
+    max_rows = int(doc.get("serving", {}).get("max_rows", MAX_REQUEST_ROWS))
+    return program, FeatureSchema.from_dict(doc["schema"]), max_rows
+
+
+class RequestError(ValueError):
+    """A request the model cannot answer; the message names what to fix."""
+
+
+def check_request(table: pa.Table, schema: FeatureSchema, max_rows: int) -> pa.Table:
+    """Rows of a request → the canonical table, or ``RequestError`` naming the problem: too many
+    rows, missing or unknown columns, a column of the wrong type, an invalid row."""
+    if table.num_rows == 0:
+        raise RequestError("request has no rows")
+    if table.num_rows > max_rows:
+        raise RequestError(f"request has {table.num_rows:,} rows; the limit is {max_rows:,} per request "
+                           f"(split it, or score days in bulk with `tokenrec score`)")
+    kinds = expected_kinds(schema)
+    needed = [c for c in canonical_schema(schema, with_labels=False).names]
+    missing = [c for c in needed if c not in table.column_names]
+    if missing:
+        raise RequestError(f"request lacks column(s) {missing}")
+    allowed = set(needed) | set(schema.labels)
+    unknown = [c for c in table.column_names if c not in allowed]
+    if unknown:
+        raise RequestError(f"request has unknown column(s) {unknown}; the model reads {needed}")
+    for col in needed:
+        got = _kind(table.schema.field(col).type)
+        if got == "int" and "float" in kinds[col]:
+            continue  # JSON numbers without a fraction: cast exactly
+        if got not in kinds[col] and not (got == "null" and table.column(col).null_count):
+            raise RequestError(f"column '{col}' has type {table.schema.field(col).type} ({got}); "
+                               f"the model expects {' or '.join(sorted(kinds[col]))}")
+    _, bad = split_valid(table, schema, check_labels=False)
+    if bad.num_rows:
+        raise RequestError(f"{bad.num_rows} invalid request row(s), first: {bad.column(REASON)[0].as_py()}")
+    try:
+        return to_canonical(table, schema, with_labels=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        raise RequestError(f"request columns do not convert to the model's types: {e}") from None
+
+
 class TokenrecPyfunc(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc: a DataFrame of log rows → one probability column per task."""
+    """MLflow pyfunc: a DataFrame of log rows → one probability column per task, computed by the
+    exported program (``model.pt2``). A bad request raises an ``MlflowException`` with
+    ``INVALID_PARAMETER_VALUE``, which ``mlflow models serve`` answers with HTTP 400 and the
+    message; the server keeps serving."""
 
     def load_context(self, context) -> None:
-        self.model, self.schema = load_servable(context.artifacts["model"], context.artifacts["config"])
+        self.program, self.schema, self.max_rows = load_program(Path(context.artifacts["export"]))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        """Rows in the log format; label columns are not needed. Invalid rows are an error
-        naming the row and the reason (a request is answered whole or not at all)."""
-        table = pa.Table.from_pandas(model_input, preserve_index=False)
-        missing = [c for c in canonical_schema(self.schema, with_labels=False).names if c not in table.column_names]
-        if missing:
-            raise ValueError(f"request lacks column(s) {missing}")
-        good, bad = split_valid(table, self.schema, check_labels=False)
-        if bad.num_rows:
-            raise ValueError(f"{bad.num_rows} invalid request row(s), first: {bad.column(REASON)[0].as_py()}")
-        table = to_canonical(table, self.schema, with_labels=False)
-        with torch.no_grad():
-            probs = torch.sigmoid(self.model(collate(table, self.schema, with_labels=False))).numpy()
+        """Rows in the log format; label columns may be present and are ignored. A request is
+        answered whole or not at all."""
+        try:
+            if not isinstance(model_input, pd.DataFrame):
+                raise RequestError(f"expected rows (a DataFrame), got {type(model_input).__name__}")
+            try:
+                table = pa.Table.from_pandas(model_input, preserve_index=False)
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+                raise RequestError(f"request rows do not form typed columns: {e}") from None
+            table = check_request(table, self.schema, self.max_rows)
+        except RequestError as e:
+            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
+        probs = score_table(self.program, table, self.schema)
         return pd.DataFrame(probs.astype(np.float64), columns=list(self.schema.labels))
 
 
 def log_pyfunc(export_dir: Path, pip_requirements: list[str]):
-    """Log the exported model as an MLflow pyfunc in the active run; returns ModelInfo."""
+    """Log the export folder as an MLflow pyfunc in the active run; returns ModelInfo.
+
+    MLflow's own check of the pinned requirements (a ``pip install --dry-run`` against PyPI,
+    ~30 s of CPU per model) is skipped: they are the lock file ``make install`` resolved."""
     root = Path(__file__).resolve().parents[1]
+    os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=TokenrecPyfunc(),
-        artifacts={"model": str(export_dir / "model.pt"), "config": str(export_dir / "config.json")},
+        artifacts={"export": str(export_dir)},
         code_paths=[str(root / p) for p in PACKAGES],
         pip_requirements=pip_requirements,
     )

@@ -179,6 +179,19 @@ def _summary(m: dict) -> None:
     print(json.dumps({k: m[k] for k in keys if k in m}, indent=1))
 
 
+TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else SQLite under --workdir)"
+ADDRESS_HELP = "Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)"
+
+
+def cmd_score(a: argparse.Namespace) -> int:
+    from jobs.score import ScoreRequest, run_score
+
+    run_score(ScoreRequest(model_uri=a.model, data_root=a.data, days=a.days, out=a.out, workdir=a.workdir,
+                           tracking_uri=a.tracking_uri, address=a.address, batch_size=a.batch_size,
+                           num_actors=a.num_actors))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tokenrec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -194,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--days", help="YYYY-MM-DD..YYYY-MM-DD (default: [train].days)")
     t.add_argument("--data", type=Path, required=True, help="root of the day=YYYY-MM-DD folders")
     t.add_argument("--workdir", type=Path, default=Path(".tokenrec"), help="runs, checkpoints, MLflow store")
-    t.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under --workdir)")
-    t.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+    t.add_argument("--tracking-uri", help=TRACKING_HELP)
+    t.add_argument("--address", help=ADDRESS_HELP)
     t.add_argument("--num-workers", type=int, help="Ray Train workers (default: [train].num_workers)")
     t.add_argument("--init-from", help="warm start from a checkpoint folder (weights + optimizer state)")
     t.add_argument("--resume", help="continue a stopped run of this job from its checkpoint folder")
@@ -209,19 +222,19 @@ def main(argv: list[str] | None = None) -> int:
     z = sub.add_parser("analyze", help="collapse diagnostics (effective rank, MI, field attention) of runs")
     z.add_argument("--run", action="append", required=True, help="MLflow run id (repeat to compare)")
     z.add_argument("--workdir", type=Path, default=Path(".tokenrec"))
-    z.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under --workdir)")
+    z.add_argument("--tracking-uri", help=TRACKING_HELP)
     z.add_argument("--rows", type=int, default=2048, help="held-out rows of the run's evaluation day")
     z.set_defaults(fn=cmd_analyze)
 
     def registry_flags(p: argparse.ArgumentParser) -> None:
         _common(p)
         p.add_argument("--workdir", type=Path, default=Path(".tokenrec"), help="runs, checkpoints, MLflow store")
-        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under --workdir)")
+        p.add_argument("--tracking-uri", help=TRACKING_HELP)
 
     def daily_flags(p: argparse.ArgumentParser) -> None:
         registry_flags(p)
         p.add_argument("--data", type=Path, required=True, help="root of the day=YYYY-MM-DD folders")
-        p.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+        p.add_argument("--address", help=ADDRESS_HELP)
         p.add_argument("--force", action="store_true", help="retrain days that are already done")
         p.add_argument("--cold-start", action="store_true", help="train from scratch, not from the champion")
 
@@ -251,6 +264,18 @@ def main(argv: list[str] | None = None) -> int:
     rb = sub.add_parser("rollback", help="give champion back to the previous champion")
     registry_flags(rb)
     rb.set_defaults(fn=cmd_rollback)
+
+    sc = sub.add_parser("score", help="batch predictions of a registered model over days of logs → Parquet")
+    sc.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN/model")
+    sc.add_argument("--data", type=Path, required=True, help="root of the day=YYYY-MM-DD folders")
+    sc.add_argument("--days", required=True, help="YYYY-MM-DD or YYYY-MM-DD..YYYY-MM-DD")
+    sc.add_argument("--out", type=Path, required=True, help="output folder (Parquet files; must not exist)")
+    sc.add_argument("--workdir", type=Path, default=Path(".tokenrec"), help="MLflow store, quarantine")
+    sc.add_argument("--tracking-uri", help=TRACKING_HELP)
+    sc.add_argument("--address", help=ADDRESS_HELP)
+    sc.add_argument("--batch-size", type=int, default=4096, help="rows per scoring call")
+    sc.add_argument("--num-actors", type=int, default=2, help="scoring actors (one CPU each)")
+    sc.set_defaults(fn=cmd_score)
 
     from pipeline.datasets.fetch import DATASETS, DEFAULT_CACHE
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -11,7 +12,13 @@ from mlflow.tracking import MlflowClient
 
 
 def default_tracking_uri(workdir: Path) -> str:
-    return f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
+    """``MLFLOW_TRACKING_URI`` when set (a tracking server: credentials stay in the environment,
+    never in a config), else the embedded SQLite store in the work folder."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
+
+
+def is_local_store(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
 
 
 def redact(uri: str) -> str:
@@ -25,8 +32,9 @@ def connect(tracking_uri: str, experiment: str, artifact_root: Path) -> tuple[Ml
     client = MlflowClient(tracking_uri)
     try:
         exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(
-            experiment, artifact_location=artifact_root.resolve().as_uri())
+        # a local store keeps artifacts beside it; a tracking server picks its own artifact store
+        location = artifact_root.resolve().as_uri() if is_local_store(tracking_uri) else None
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=location)
     except Exception as e:  # noqa: BLE001 - any failure here means the same thing to the user
         raise RuntimeError(f"cannot reach the MLflow tracking store at {redact(tracking_uri)}: {e}") from None
     return client, exp_id

@@ -53,6 +53,7 @@ def init_ray(address: str | None, num_workers: int) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints once, not twice
+    address = address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit` and on cluster nodes
     if address:
         ray.init(address=address)
     else:  # logical CPUs for the workers plus room for Ray Data's read and quarantine tasks

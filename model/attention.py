@@ -45,7 +45,8 @@ def reference_attention(q_BHLE, k_BHLE, v_BHLE, key_valid_BL, window: int | None
 
 
 def sdpa_attention(q_BHLE, k_BHLE, v_BHLE, key_valid_BL, window: int | None = None):
-    if window is None and bool(key_valid_BL.all()):
+    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()  # no data-dependent branch
+    if window is None and not tracing and bool(key_valid_BL.all()):
         return F.scaled_dot_product_attention(q_BHLE, k_BHLE, v_BHLE, is_causal=True)
     return reference_attention(q_BHLE, k_BHLE, v_BHLE, key_valid_BL, window)
 

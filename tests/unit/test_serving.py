@@ -1,48 +1,84 @@
-"""The MLflow pyfunc answers requests without labels and rejects invalid rows by name."""
+"""The exported inference program and the MLflow pyfunc around it: same probabilities as the
+eager model for any batch size, requests without labels, and a clear 400-style error (an
+``MlflowException`` with ``INVALID_PARAMETER_VALUE``) for every malformed request."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
 
-from deploy.export import TokenrecPyfunc, servable_config
+from deploy.export import TokenrecPyfunc, export_model, load_program, score_table
 from embedding.schema import load_schema
 from model.ranking import ModelConfig, RankingModel
 from pipeline.collate import collate
 from pipeline.days import parse_days
 from pipeline.generator import GeneratorConfig, generate
+from pipeline.validate import to_canonical
 
 ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = load_schema(ROOT / "configs/tiny.toml")
 
 
-def test_predict_without_labels_equals_the_module(tmp_path: Path) -> None:
-    schema = load_schema(ROOT / "configs/tiny.toml")
-    generate(schema, GeneratorConfig(seed=1, rows_per_day=20, files_per_day=1, num_users=10, num_items=8,
-                                     num_categories=2), tmp_path / "d", parse_days("2026-01-01"),
-             log=lambda *_: None)
-    table = pq.read_table(next((tmp_path / "d").glob("day=*/*.parquet")))
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serving")
+    generate(SCHEMA, GeneratorConfig(seed=1, rows_per_day=40, files_per_day=1, num_users=10, num_items=8,
+                                     num_categories=2), tmp / "d", parse_days("2026-01-01"), log=lambda *_: None)
+    table = pq.read_table(next((tmp / "d").glob("day=*/*.parquet")))
     torch.manual_seed(0)
-    model = RankingModel(schema, ModelConfig()).eval()
-    torch.save(model.state_dict(), tmp_path / "model.pt")
-    (tmp_path / "config.json").write_text(json.dumps(servable_config(schema, ModelConfig())))
+    model = RankingModel(SCHEMA, ModelConfig(tower="tokenformer")).eval()
+    out = export_model(model, tmp / "export", max_rows=30)
     pyfunc = TokenrecPyfunc()
-    pyfunc.load_context(SimpleNamespace(artifacts={"model": str(tmp_path / "model.pt"),
-                                                   "config": str(tmp_path / "config.json")}))
-    request = table.drop_columns(["click", "p_true"]).to_pandas()
-    got = pyfunc.predict(None, request)
-    with torch.no_grad():
-        want = torch.sigmoid(model(collate(table, schema))).numpy()[:, 0]
-    assert list(got.columns) == ["click"]
-    assert got["click"].to_numpy() == pytest.approx(want, abs=1e-6)
+    pyfunc.load_context(SimpleNamespace(artifacts={"export": str(out)}))
+    return SimpleNamespace(model=model, out=out, table=table, pyfunc=pyfunc)
 
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 30])
+def test_exported_program_equals_the_eager_model(exported, rows: int) -> None:
+    program, schema, max_rows = load_program(exported.out)
+    assert max_rows == 30 and schema.fingerprint() == SCHEMA.fingerprint()
+    table = to_canonical(exported.table.slice(3, rows), SCHEMA, with_labels=False)
+    with torch.no_grad():
+        want = torch.sigmoid(exported.model(collate(table, SCHEMA, with_labels=False))).numpy()
+    got = score_table(program, table, SCHEMA)
+    assert got.shape == (rows, 1)
+    assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_pyfunc_answers_rows_without_labels(exported) -> None:
+    request = exported.table.slice(0, 12).drop_columns(["click", "p_true"]).to_pandas()
+    got = exported.pyfunc.predict(None, request)
+    with torch.no_grad():
+        want = torch.sigmoid(exported.model(collate(exported.table.slice(0, 12), SCHEMA))).numpy()[:, 0]
+    assert list(got.columns) == ["click"]
+    assert got["click"].to_numpy() == pytest.approx(want, abs=1e-5)
+    with_label = exported.table.slice(0, 12).drop_columns(["p_true"]).to_pandas()  # labels are ignored
+    assert exported.pyfunc.predict(None, with_label)["click"].to_numpy() == pytest.approx(want, abs=1e-5)
+
+
+def _bad(request, match: str, exported) -> None:
+    with pytest.raises(MlflowException, match=match) as e:
+        exported.pyfunc.predict(None, request)
+    assert e.value.get_http_status_code() == 400
+
+
+def test_malformed_requests_get_a_400_naming_the_problem(exported) -> None:
+    request = exported.table.slice(0, 10).drop_columns(["click", "p_true"]).to_pandas()
     bad = request.copy()
     bad.loc[3, "dense_1"] = float("inf")
-    with pytest.raises(ValueError, match="1 invalid request row.*NaN or inf dense 'dense_1'"):
-        pyfunc.predict(None, bad)
-    with pytest.raises(ValueError, match=r"request lacks column\(s\) \['ctx_2'\]"):
-        pyfunc.predict(None, request.drop(columns=["ctx_2"]))
+    _bad(bad, "1 invalid request row.*NaN or inf dense 'dense_1'", exported)
+    _bad(request.drop(columns=["ctx_2"]), r"request lacks column\(s\) \['ctx_2'\]", exported)
+    _bad(request.assign(colour="red"), r"unknown column\(s\) \['colour'\]", exported)
+    _bad(request.assign(item_id=request["item_id"].astype(str)),
+         "column 'item_id' has type .*string.*the model expects int", exported)
+    big = exported.table.slice(0, 31).drop_columns(["click", "p_true"]).to_pandas()
+    _bad(big, "31 rows; the limit is 30", exported)
+    _bad(request.iloc[:0], "no rows", exported)
+    # JSON numbers without a fraction are fine for float columns
+    ok = request.assign(dense_0=request["dense_0"].round().astype("int64"))
+    assert len(exported.pyfunc.predict(None, ok)) == 10
