@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 PIP     := $(BIN)/python -m pip --disable-pip-version-check -q
 LOCK    := requirements/cpu.lock
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo lint bench bench-quality clean
 
 $(STAMP): $(LOCK) requirements/torchrec.txt pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,18 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/tokenrec demo
+
+# The performance suite (issue 7): each script prints its table and rewrites its JSON under
+# benchmarks/results/, which docs/benchmarks.md quotes. Under 20 minutes on 2 cores.
+PERF_BENCH := generator attention throughput torchrec_reference field_scale serving
+bench: $(STAMP)
+	@set -e; t0=$$(date +%s); for b in $(PERF_BENCH); do \
+	  echo "== benchmarks/$$b.py"; $(BIN)/python benchmarks/$$b.py; done; \
+	  echo "== make bench: $$(( $$(date +%s) - t0 )) s"
+
+# Model quality on generated and public data (docs/quality.md): long, run one at a time.
+bench-quality: $(STAMP)
+	$(BIN)/python benchmarks/quality.py --workdir /tmp/tokenrec-quality
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

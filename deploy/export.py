@@ -126,26 +126,29 @@ def load_servable_config(config_json: str | Path) -> tuple[FeatureSchema, ModelC
     return FeatureSchema.from_dict(doc["schema"]), from_dict(ModelConfig, doc["model"], "model")
 
 
-def export_model(model: RankingModel, out_dir: str | Path, max_rows: int = MAX_REQUEST_ROWS) -> Path:
-    """Write ``model.pt``, ``model.pt2`` and ``config.json`` of an unsharded model."""
+def export_model(model: RankingModel, out_dir: str | Path, max_rows: int = MAX_REQUEST_ROWS,
+                 program: bool = True) -> Path:
+    """Write ``model.pt``, ``model.pt2`` (unless ``program=False``: runs that are never served
+    skip the ~4 s trace) and ``config.json`` of an unsharded model."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     torch.save(model.state_dict(), out / "model.pt")
-    torch.export.save(export_program(model), out / "model.pt2")
+    if program:
+        torch.export.save(export_program(model), out / "model.pt2")
     (out / "config.json").write_text(json.dumps(servable_config(model.schema, model.cfg, max_rows), indent=1))
     return out
 
 
 def export_checkpoint(schema: FeatureSchema, model_cfg: ModelConfig, checkpoint_dir: str | Path,
-                      out_dir: str | Path, max_rows: int = MAX_REQUEST_ROWS) -> Path:
+                      out_dir: str | Path, max_rows: int = MAX_REQUEST_ROWS, program: bool = True) -> Path:
     """Load a (sharded, any world size) DCP checkpoint into the unsharded model and export it
     (``export_model``)."""
     train = RankingTrain(RankingModel(schema, model_cfg))
     state = {"model": train.state_dict()}  # the optimizer part of the checkpoint is not read
     dcp.load(state, checkpoint_id=str(checkpoint_dir))
     train.load_state_dict(state["model"])
-    return export_model(train.model, out_dir, max_rows)
+    return export_model(train.model, out_dir, max_rows, program)
 
 
 def load_servable(model_pt: str | Path, config_json: str | Path) -> tuple[RankingModel, FeatureSchema]:

@@ -184,7 +184,7 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
     log_metrics(client, run_id, m)
     client.log_dict(run_id, {"train": reasons, "eval": eval_reasons}, "quarantine/reasons.json")
 
-    export_dir = export_checkpoint(cfg.schema, cfg.model, checkpoint, run_dir / "export")
+    export_dir = export_checkpoint(cfg.schema, cfg.model, checkpoint, run_dir / "export", program=req.register)
     client.set_tag(run_id, "tokenrec.export", str(export_dir))
     m["export_dir"] = str(export_dir)
     if not req.register:

@@ -123,6 +123,13 @@ def test_exported_model_predicts_like_the_workers(saved: Path, data_file: str, t
     torch.testing.assert_close(preds, torch.sigmoid(saved_state["preds"]), atol=1e-6, rtol=1e-5)
     counts = model.sparse_arch.mc_counts
     assert counts["user"][1] == BATCH and counts["item"][1] == BATCH  # the unseen half missed
+    # the torch.export inference program of the same export: the workers' predictions again
+    from deploy.export import inference_inputs, load_program
+
+    program, _, _ = load_program(out)
+    with torch.no_grad():
+        exported = program(*inference_inputs(fixed_batch(schema, data_file), schema))
+    torch.testing.assert_close(exported, torch.sigmoid(saved_state["preds"]), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("world", [1, 4])
