@@ -146,6 +146,9 @@ def export_checkpoint(schema: FeatureSchema, model_cfg: ModelConfig, checkpoint_
     (``export_model``)."""
     train = RankingTrain(RankingModel(schema, model_cfg))
     state = {"model": train.state_dict()}  # the optimizer part of the checkpoint is not read
+    from jobs.checkpoint import verify_metadata
+
+    verify_metadata(checkpoint_dir)  # DCP unpickles .metadata: allow-list it first
     dcp.load(state, checkpoint_id=str(checkpoint_dir))
     train.load_state_dict(state["model"])
     return export_model(train.model, out_dir, max_rows, program)

@@ -69,6 +69,7 @@ class SparseField:
     raw_type: str = "int64"
     pooling: str = "sum"
     group: str = "default"  # token group: fields of one group become one field token in grouped towers
+    id_range: tuple[int, int] | None = None  # int ids outside [lo, hi] are quarantined; None: any id
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,7 +145,9 @@ class FeatureSchema:
 
     def fingerprint(self) -> str:
         """A stable hash of the schema (used to cache sharding plans and tag runs)."""
-        return hashlib.sha256(repr(dataclasses.asdict(self)).encode()).hexdigest()[:16]
+        # fields added later with their default left out, so existing schemas keep their hash
+        text = repr(dataclasses.asdict(self)).replace(", 'id_range': None", "")
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def without_sequences(self) -> FeatureSchema:
         used = {f.table for f in self.sparse}
@@ -162,7 +165,8 @@ class FeatureSchema:
                        | ({"managed_collision": True, "eviction_policy": t.eviction_policy,
                            "eviction_interval": t.eviction_interval} if t.managed_collision else {})
                        for t in self.tables},
-            "sparse": [dataclasses.asdict(f) for f in self.sparse],
+            "sparse": [{k: list(v) if k == "id_range" else v for k, v in dataclasses.asdict(f).items()
+                        if not (k == "id_range" and v is None)} for f in self.sparse],
             "dense": [dataclasses.asdict(f) for f in self.dense],
             "sequences": [{"name": q.name, "max_len": q.max_len,
                            "features": [dataclasses.asdict(f) for f in q.features]}
@@ -186,6 +190,8 @@ class FeatureSchema:
         ]
         sparse = [SparseField(**_only(f"schema.sparse[{i}]", s, _names(SparseField)))
                   for i, s in enumerate(d.get("sparse", []))]
+        sparse = [dataclasses.replace(f, id_range=tuple(f.id_range)) if isinstance(f.id_range, list) else f
+                  for f in sparse]
         for i, g in enumerate(d.get("sparse_groups", [])):
             new_tables, new_fields = _expand_sparse_group(f"schema.sparse_groups[{i}]", g)
             tables += new_tables
@@ -322,6 +328,11 @@ def _validate(s: FeatureSchema) -> None:
             raise ValueError(f"{where}.raw_type: must be one of {RAW_TYPES}, got '{f.raw_type}'")
         if f.pooling not in POOLINGS:
             raise ValueError(f"{where}.pooling: must be one of {POOLINGS}, got '{f.pooling}'")
+        if f.id_range is not None:
+            r = f.id_range
+            if (f.raw_type != "int64" or len(r) != 2 or not all(isinstance(x, int) for x in r) or r[0] > r[1]):
+                raise ValueError(f"{where}.id_range: expected [lo, hi] with integers lo <= hi on an int64 "
+                                 f"field, got {list(r)} (raw_type {f.raw_type})")
         dim = tables[f.table].dim
         prev = group_dims.setdefault(f.group, (dim, f.name))
         if prev[0] != dim:

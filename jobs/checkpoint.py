@@ -21,12 +21,18 @@ shard that owns its range for the new world size (written once next to the check
 
 State-dict keys are normalized (DMP/DDP wrapper prefixes removed) so the same checkpoint loads into
 a model wrapped differently — any world size, or the unsharded model for export.
+
+Loading never unpickles untrusted data: DCP reads its ``.metadata`` file with ``pickle``, so
+``verify_metadata`` first replays that pickle with an unpickler that only admits DCP's metadata
+classes, torch dtypes/sizes and plain containers, and refuses the checkpoint otherwise; tensors and
+RNG states are read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import time
@@ -130,11 +136,47 @@ def read_position(ckpt: str | Path) -> Position:
     return Position(**{k: doc[k] for k in Position.__dataclass_fields__ if k in doc})
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint's DCP metadata names a Python object outside the allow-list."""
+
+
+_SAFE_MODULES = ("torch.distributed.checkpoint.",)  # Metadata, TensorStorageMetadata, _StorageInfo, …
+_SAFE_GLOBALS = {("collections", "OrderedDict"), ("torch", "Size"), ("torch", "device"),
+                 ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "Path")}
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module.startswith(_SAFE_MODULES) or (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise UnsafeCheckpointError(f"'{module}.{name}'")
+
+    def persistent_load(self, pid):  # DCP metadata has none; refuse rather than guess
+        raise UnsafeCheckpointError(f"persistent id {pid!r}")
+
+
+def verify_metadata(ckpt: str | Path) -> None:
+    """Refuse a checkpoint whose DCP ``.metadata`` pickle would construct anything but DCP
+    metadata (DCP itself reads it with plain ``pickle.load``)."""
+    path = Path(ckpt) / ".metadata"
+    if not path.exists():
+        raise FileNotFoundError(f"{ckpt} has no DCP .metadata: not a complete checkpoint")
+    try:
+        with open(path, "rb") as f:
+            _AllowListUnpickler(f).load()
+    except UnsafeCheckpointError as e:
+        raise UnsafeCheckpointError(f"{path} would unpickle {e}, which is not DCP checkpoint metadata; "
+                                    f"refusing to load it (was the file written by tokenrec?)") from None
+
+
 def load(ckpt: str | Path, model, opt=None, dense_opt=None, restore_rng: bool = False) -> Position:
     """Load weights (and, given ``opt``, optimizer state) in place; any world size. ``dense_opt``
     (the lazily initialized dense part of ``opt``) gets its state created first so that it can
     be loaded into. Returns the saved position."""
     pos = read_position(ckpt)
+    verify_metadata(ckpt)
     model_sd, model_names = _normalized(model.state_dict())
     world = dist.get_world_size() if dist.is_initialized() else 1
     if any(k.endswith(MC_IDS) for k in model_sd) and pos.world_size % world:
@@ -192,8 +234,9 @@ def reshard_managed(ckpt: str | Path, world: int, out: str | Path, log=print) ->
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    verify_metadata(ckpt)
     dcp_to_torch_save(str(ckpt), str(tmp / "full.pt"))
-    full = torch.load(tmp / "full.pt", weights_only=False)
+    full = torch.load(tmp / "full.pt", weights_only=True)
     model, optim = full["model"], full.get("optim", {})
     old_block = -(-MC_INPUT_HASH_SIZE // pos.world_size)  # TorchRec's block bucketing: ceil
     new_block = -(-MC_INPUT_HASH_SIZE // world)

@@ -33,7 +33,7 @@ class TrainConfig:
     eval_days: int = 1  # ... and on this many consecutive days from there
     num_workers: int = 2
     batch_size: int = 512
-    eval_batch_size: int = 4096
+    eval_batch_size: int = 1024  # rows per eval step (larger batches were slower per row on CPU)
     epochs: int = 1
     log_every: int = 50
     seed: int = 0
@@ -42,6 +42,11 @@ class TrainConfig:
     keep_checkpoints: int = 3  # published checkpoints kept per run (the newest)
     max_steps: int = 0  # stop (with a checkpoint) after this many steps; 0: no limit
     deterministic: bool = False  # fixed data order per worker + deterministic kernels: exact resume
+    # worker-group failures Ray Train recovers from, each time from this run's newest checkpoint
+    # (set checkpoint_every so there is one mid-day); with deterministic=false a restart mid-epoch
+    # cannot replay the same rows, so the row accounting then fails the run instead of registering
+    max_failures: int = 2
+    unknown_columns: str = "warn"  # columns in the logs the schema does not read: warn | error | ignore
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
 
     def __post_init__(self) -> None:
@@ -49,7 +54,9 @@ class TrainConfig:
                     "keep_checkpoints", "eval_days"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"[train].{key}: must be positive, got {getattr(self, key)}")
-        for key in ("checkpoint_every", "max_steps"):
+        if self.unknown_columns not in ("warn", "error", "ignore"):
+            raise ValueError(f"[train].unknown_columns: choose warn, error or ignore, got '{self.unknown_columns}'")
+        for key in ("checkpoint_every", "max_steps", "max_failures"):
             if getattr(self, key) < 0:
                 raise ValueError(f"[train].{key}: must be >= 0 (0 turns it off), got {getattr(self, key)}")
 

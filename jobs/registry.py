@@ -9,12 +9,20 @@
   its calibration inside ``calibration_band``; otherwise it gets the ``challenger`` alias.
 * Champion history — the registered model's tag ``tokenrec.champion_history`` (a JSON list of
   versions, newest last) makes ``rollback`` restore the previous champion.
+* Concurrency — changing the champion reads the history, then writes it and the alias: two
+  ``promote`` / ``rollback`` / ``daily`` at once could lose one's update. ``Registry.lock`` (an
+  exclusive ``flock`` beside a SQLite store, or per tracking URI under ``~/.cache/tokenrec/locks``
+  for a server) serializes them on one machine; on a cluster, point the lock at the shared mount
+  with ``TOKENREC_REGISTRY_LOCK_DIR``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +37,7 @@ from deploy.export import load_servable
 from jobs.metrics import evaluate
 from pipeline.collate import collate
 from pipeline.days import day_files, parse_days
-from pipeline.validate import expected_kinds, split_valid, to_canonical
+from pipeline.validate import DuplicateFinder, expected_kinds, split_valid, to_canonical
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY = "tokenrec.champion_history"
@@ -46,7 +54,8 @@ def evaluate_export(export_dir: str | Path, data_root: str | Path, day: str,
     labels, probs, users, invalid = [], [], [], 0
     with torch.no_grad():
         for path in day_files(data_root, parse_days(day)):
-            good, bad = split_valid(pq.read_table(path, columns=columns), schema)
+            table = pq.read_table(path, columns=columns)
+            good, bad = split_valid(table, schema, duplicate=DuplicateFinder()(table))
             invalid += bad.num_rows
             good = to_canonical(good, schema)
             for start in range(0, good.num_rows, batch_rows):
@@ -108,6 +117,27 @@ class Registry:
 
     def __init__(self, client: MlflowClient, name: str) -> None:
         self.client, self.name = client, name
+
+    def lock_path(self) -> Path:
+        uri = self.client.tracking_uri if hasattr(self.client, "tracking_uri") else ""
+        key = hashlib.sha256(f"{uri}|{self.name}".encode()).hexdigest()[:16]
+        if os.environ.get("TOKENREC_REGISTRY_LOCK_DIR"):
+            return Path(os.environ["TOKENREC_REGISTRY_LOCK_DIR"]) / f"registry-{key}.lock"
+        if uri.startswith("sqlite:///"):
+            return Path(uri.removeprefix("sqlite:///") + f".{key}.lock")
+        return Path.home() / ".cache" / "tokenrec" / "locks" / f"registry-{key}.lock"
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Exclusive while the champion alias and its history change (read, then write)."""
+        path = self.lock_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     # -- reading ---------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -185,6 +215,10 @@ class Registry:
 
     # -- writing -----------------------------------------------------------------------------
     def set_champion(self, number: int, why: str) -> None:
+        with self.lock():
+            self._set_champion(number, why)
+
+    def _set_champion(self, number: int, why: str) -> None:
         history = self.history()
         if not history or history[-1] != number:
             history.append(number)
@@ -226,6 +260,10 @@ class Registry:
 
     def rollback(self, log=print) -> int:
         """Give ``champion`` back to the previous champion; the current one is tagged rolled back."""
+        with self.lock():
+            return self._rollback(log)
+
+    def _rollback(self, log=print) -> int:
         history = self.history()
         current = self.champion()
         if current is None:

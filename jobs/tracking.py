@@ -1,10 +1,21 @@
-"""MLflow: the embedded default store, runs, parameters, and the model registry."""
+"""MLflow: the embedded default store, runs, parameters, and the model registry.
+
+Failure handling: ``connect`` fails fast, before any training, with a message naming the URI
+(credentials redacted) when the store cannot be reached. Afterwards every client call goes
+through ``RetryingClient``: a transient failure (connection refused or reset, timeout, HTTP 429 /
+5xx, SQLite "database is locked") is retried with exponential backoff; other errors surface at
+once. The per-step logger of the training worker never stops training: after its retries it
+drops that step's metrics with a warning and counts them (``dropped``).
+"""
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -26,10 +37,79 @@ def redact(uri: str) -> str:
     return re.sub(r"//[^/@]+@", "//***@", uri)
 
 
-def connect(tracking_uri: str, experiment: str, artifact_root: Path) -> tuple[MlflowClient, str]:
+TRANSIENT_MARKERS = ("database is locked", "connection refused", "connection reset", "connection aborted",
+                     "timed out", "timeout", "temporarily unavailable", "too many requests",
+                     "max retries exceeded", "bad gateway", "service unavailable", "gateway time-out",
+                     "remote end closed", "broken pipe")
+
+
+def is_transient(e: BaseException) -> bool:
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    text = f"{type(e).__name__}: {e}".lower()
+    return any(m in text for m in TRANSIENT_MARKERS) or "temporarily_unavailable" in text
+
+
+def with_retries(fn, *args, what: str = "MLflow call", attempts: int = 5, base_delay: float = 0.5,
+                 log=None, **kwargs):
+    """``fn(*args, **kwargs)``, retried on transient failures with exponential backoff
+    (0.5, 1, 2, 4 s by default); other errors are raised at once."""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - classified below
+            if not is_transient(e) or i == attempts - 1:
+                raise
+            delay = base_delay * 2**i
+            (log or (lambda m: print(m, file=sys.stderr, flush=True)))(
+                f"{what} failed ({type(e).__name__}: {str(e)[:200]}); retry {i + 1}/{attempts - 1} in {delay:.1f}s")
+            time.sleep(delay)
+
+
+class RetryingClient:
+    """An ``MlflowClient`` whose every method goes through ``with_retries``."""
+
+    def __init__(self, client: MlflowClient, attempts: int = 5, base_delay: float = 0.5) -> None:
+        self._client, self._attempts, self._base_delay = client, attempts, base_delay
+
+    @property
+    def tracking_uri(self) -> str:
+        return self._client.tracking_uri
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            return with_retries(attr, *args, what=f"MLflow {name}", attempts=self._attempts,
+                                base_delay=self._base_delay, **kwargs)
+        return call
+
+
+def _probe(tracking_uri: str, timeout: float = 5.0, attempts: int = 3) -> None:
+    """A tracking server answers ``/health``; fail fast (a few seconds) when it does not."""
+    url = tracking_uri.rstrip("/") + "/health"
+    for i in range(attempts):
+        try:
+            with urllib.request.urlopen(url, timeout=timeout):
+                return
+        except urllib.error.HTTPError:
+            return  # it answered (a proxy or an older server without /health): reachable
+        except OSError as e:
+            if i == attempts - 1:
+                raise RuntimeError(f"cannot reach the MLflow tracking server at {redact(tracking_uri)} ({e}); "
+                                   f"start it or fix --tracking-uri / $MLFLOW_TRACKING_URI. Nothing was "
+                                   f"trained.") from None
+            time.sleep(1.0)
+
+
+def connect(tracking_uri: str, experiment: str, artifact_root: Path) -> tuple[RetryingClient, str]:
     """Client and experiment id; fails with a clear message when the store is unreachable."""
+    if tracking_uri.startswith(("http://", "https://")):
+        _probe(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
+    client = RetryingClient(MlflowClient(tracking_uri))
     try:
         exp = client.get_experiment_by_name(experiment)
         # a local store keeps artifacts beside it; a tracking server picks its own artifact store
@@ -63,10 +143,18 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict, step: int = 0)
 
 
 class StepLogger:
-    """Batched per-step metric logging from the rank-0 worker."""
+    """Batched per-step metric logging from the rank-0 worker. A tracking outage never stops
+    training: each call is retried (``with_retries``); if it still fails, that step's metrics are
+    dropped with a warning and counted in ``dropped``."""
 
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
-        self.client, self.run_id = MlflowClient(tracking_uri), run_id
+    def __init__(self, tracking_uri: str, run_id: str, attempts: int = 4, base_delay: float = 0.5) -> None:
+        self.client = RetryingClient(MlflowClient(tracking_uri), attempts=attempts, base_delay=base_delay)
+        self.run_id, self.dropped = run_id, 0
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        log_metrics(self.client, self.run_id, metrics, step)
+        try:
+            log_metrics(self.client, self.run_id, metrics, step)
+        except Exception as e:  # noqa: BLE001 - metrics are expendable, the training is not
+            self.dropped += 1
+            print(f"warning: step {step} metrics not logged to MLflow ({type(e).__name__}: {str(e)[:200]}); "
+                  f"training goes on ({self.dropped} step(s) dropped so far)", file=sys.stderr, flush=True)

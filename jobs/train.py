@@ -17,13 +17,13 @@ from pathlib import Path
 import mlflow
 import ray
 import ray.data
-from ray.train import RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from deploy.export import export_checkpoint, log_pyfunc
 from jobs.checkpoint import read_position
 from jobs.config import JobConfig
-from jobs.tracking import connect, default_tracking_uri, flatten, log_metrics, redact
+from jobs.tracking import connect, default_tracking_uri, flatten, log_metrics, redact, with_retries
 from jobs.worker import WorkerArgs, train_loop
 from pipeline.days import day_files, next_day, parse_days
 from pipeline.source import UnequalSplit, read_logs
@@ -73,15 +73,26 @@ def eval_spec(days: list) -> str:
     return str(days[0]) if len(days) == 1 else f"{days[0]}..{days[-1]}"
 
 
+def register_once(client, name: str, model_uri: str, run_id: str, tags: dict):
+    """Register ``model_uri`` as a version of ``name``, exactly once per run: a retry after a
+    failure whose request may have gone through first looks for the run's version."""
+    def attempt():
+        for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+            return v
+        return mlflow.register_model(model_uri, name, tags=tags)
+    return with_retries(attempt, what="registering the model")
+
+
 def run_train(cfg: JobConfig, req: TrainRequest, log=print) -> dict:
     days = parse_days(req.days or cfg.train.days)
     first_eval = next_day(days[-1], cfg.train.eval_offset)
     eval_days = [next_day(first_eval, k) for k in range(cfg.train.eval_days)]
     eval_day = eval_spec(eval_days)
     train_files = day_files(req.data_root, days)
-    rows_in = check_files(train_files, cfg.schema)  # schema problems stop here, before training
+    # schema problems stop here, before training
+    rows_in = check_files(train_files, cfg.schema, cfg.train.unknown_columns, log)
     eval_files = day_files(req.data_root, eval_days)
-    eval_rows_in = check_files(eval_files, cfg.schema)
+    eval_rows_in = check_files(eval_files, cfg.schema, cfg.train.unknown_columns, log=lambda *_: None)
     log(f"train days {days[0]}..{days[-1]}: {len(train_files)} files, {rows_in:,} rows; "
         f"eval day {eval_day}: {eval_rows_in:,} rows")
 
@@ -145,7 +156,8 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
         datasets=datasets, dataset_config=UnequalSplit(deterministic=cfg.train.deterministic),
-        run_config=RunConfig(name=f"train-{run_id}", storage_path=str(req.workdir.resolve() / "ray_results")),
+        run_config=RunConfig(name=f"train-{run_id}", storage_path=str(req.workdir.resolve() / "ray_results"),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )
     t0 = time.perf_counter()
     result = trainer.fit()
@@ -175,6 +187,9 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
         raise RuntimeError(
             f"row accounting broken: train rows_in {rows_in} != trained {rows_trained} + "
             f"quarantined {q_train}; eval rows_in {eval_rows_in} vs evaluated {m['eval_rows']} + {q_eval}")
+    if m.get("rows_sequence_truncated"):
+        log(f"{int(m['rows_sequence_truncated']):,} training rows had a behaviour sequence longer than its "
+            f"max_len: their newest max_len behaviours were kept (metric rows_sequence_truncated)")
     if q_train or q_eval:
         log(f"quarantined {q_train:,} train and {q_eval:,} eval rows into {quarantine}: "
             f"{reasons | eval_reasons}")
@@ -189,12 +204,14 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
     m["export_dir"] = str(export_dir)
     if not req.register:
         return m
-    with mlflow.start_run(run_id=run_id):
-        info = log_pyfunc(export_dir, REQUIREMENTS.read_text().split())
-    version = mlflow.register_model(info.model_uri, cfg.tracking.model_name,
-                                    tags={k: str(v) for k, v in m.items() if k.startswith("eval_")}
-                                    | {"tokenrec.days": client.get_run(run_id).data.tags["tokenrec.days"],
-                                       "tokenrec.eval_day": eval_day})
+    def log_model():
+        with mlflow.start_run(run_id=run_id):
+            return log_pyfunc(export_dir, REQUIREMENTS.read_text().split())
+
+    info = with_retries(log_model, what="logging the model")
+    tags = ({k: str(v) for k, v in m.items() if k.startswith("eval_")}
+            | {"tokenrec.days": client.get_run(run_id).data.tags["tokenrec.days"], "tokenrec.eval_day": eval_day})
+    version = register_once(client, cfg.tracking.model_name, info.model_uri, run_id, tags)
     m["model_version"] = int(version.version)
     client.set_tag(run_id, "tokenrec.model_version", str(version.version))
     log(f"registered {cfg.tracking.model_name} version {version.version}")

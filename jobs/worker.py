@@ -88,14 +88,22 @@ def train_loop(args: WorkerArgs) -> None:
               f"{time.perf_counter() - t_enter:.1f}s", flush=True)
 
     pos = checkpoint.Position(world_size=dist.get_world_size())
-    if args.init_from:
+    # Ray Train restarts the worker group after a worker failure ([train].max_failures): this
+    # run's newest published checkpoint is then the place to go on from, like --resume.
+    resume_from = args.resume_from
+    restarted = checkpoint.latest(args.checkpoint_root)
+    if restarted is not None and str(restarted) != str(args.resume_from):
+        resume_from = str(restarted)
+        if rank == 0:
+            print(f"worker group restarted after a failure: going on from {restarted}", flush=True)
+    elif args.init_from:
         checkpoint.load(args.init_from, dmp, opt, dense_opt)
         if rank == 0:
             print(f"warm start from {args.init_from}", flush=True)
-    if args.resume_from:
-        pos = checkpoint.load(args.resume_from, dmp, opt, dense_opt, restore_rng=True)
+    if resume_from:
+        pos = checkpoint.load(resume_from, dmp, opt, dense_opt, restore_rng=True)
         if rank == 0:
-            print(f"resuming at step {pos.step} (epoch {pos.epoch}) from {args.resume_from}", flush=True)
+            print(f"resuming at step {pos.step} (epoch {pos.epoch}) from {resume_from}", flush=True)
     start_step = pos.step
 
     def padding(size: int):
@@ -104,19 +112,24 @@ def train_loop(args: WorkerArgs) -> None:
 
     logger = StepLogger(args.tracking_uri, args.run_id) if rank == 0 else None
 
-    def stream(name: str, batch_size: int) -> Iterator:
+    truncated = [0]  # first-epoch training rows whose sequence was longer than max_len (cut)
+
+    def stream(name: str, batch_size: int, count_truncated: bool = False) -> Iterator:
         shard_it = ray.train.get_dataset_shard(name)
         for table in shard_it.iter_batches(batch_size=batch_size, batch_format="pyarrow",
                                            prefetch_batches=2):
+            if count_truncated:
+                truncated[0] += overlong_rows(table, cfg.schema)
             yield collate(table, cfg.schema, pad_to=batch_size,
                           padding_row=args.template).to(device, non_blocking=True)
 
     # row counters: the checkpoint holds the sums over workers; rank 0 carries them on
-    step = pos.step if args.resume_from else 0
+    step = pos.step if resume_from else 0
     rows = pos.rows if rank == 0 else 0
     first_epoch_rows = pos.first_epoch_rows if rank == 0 else 0
     t0, window_rows, window_t = time.perf_counter(), 0, time.perf_counter()
     stopped = False
+    first_step_time = float("nan")
 
     def save(epoch: int, final: bool = False) -> str:
         totals = torch.tensor([rows, first_epoch_rows], dtype=torch.int64)
@@ -133,7 +146,8 @@ def train_loop(args: WorkerArgs) -> None:
     replayed = 0
     epoch = 0
     for epoch in range(tc.epochs):
-        for batch in synced(stream("train", tc.batch_size), padding(tc.batch_size)):
+        count = epoch == 0 and not resume_from  # a resumed run's position excludes replayed rows
+        for batch in synced(stream("train", tc.batch_size, count), padding(tc.batch_size)):
             if replayed < start_step:  # resume: this step is already in the weights
                 replayed += 1
                 continue
@@ -147,6 +161,7 @@ def train_loop(args: WorkerArgs) -> None:
             zero_miss_rows(dmp)  # unknown ids read zeros, on any number of shards
             step += 1
             if step == start_step + 1 and rank == 0:
+                first_step_time = time.time()  # wall clock: the driver compares it with its own
                 print(f"first step done {time.perf_counter() - t0:.1f}s after the data stream opened",
                       flush=True)
             real = int(batch.weights.sum())
@@ -173,7 +188,7 @@ def train_loop(args: WorkerArgs) -> None:
     final_ckpt = save(epoch, final=not stopped)
     if rank == 0:
         print(f"final checkpoint written in {time.perf_counter() - t_save:.1f}s", flush=True)
-    totals = torch.tensor([rows, first_epoch_rows], dtype=torch.int64)
+    totals = torch.tensor([rows, first_epoch_rows, truncated[0]], dtype=torch.int64)
     dist.all_reduce(totals)
 
     sparse_arch = next(m for m in dmp.modules() if isinstance(m, SparseArch))
@@ -188,6 +203,7 @@ def train_loop(args: WorkerArgs) -> None:
         slots = (step - start_step) * tc.batch_size * dist.get_world_size()
         new_samples = int(totals[0]) - pos.rows
         metrics.update(samples_trained=int(totals[0]), rows_trained=int(totals[1]), steps=step,
+                       rows_sequence_truncated=int(totals[2]), first_step_time=first_step_time,
                        stopped_early=int(stopped), train_seconds=train_seconds,
                        train_rows_per_s=new_samples / max(train_seconds, 1e-9),
                        padding_share=1.0 - new_samples / max(slots, 1))
@@ -200,6 +216,17 @@ def train_loop(args: WorkerArgs) -> None:
         with open(f"{report}/checkpoint.json", "w") as f:
             json.dump({"checkpoint": final_ckpt}, f)
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(report) if report else None)
+
+
+def overlong_rows(table, schema) -> int:
+    """Rows with a behaviour sequence longer than its ``max_len`` (collate keeps the newest)."""
+    import pyarrow.compute as pc
+
+    over = np.zeros(table.num_rows, dtype=bool)
+    for q in schema.sequences:
+        lens = pc.list_value_length(table.column(q.columns[0])).fill_null(0).to_numpy(zero_copy_only=False)
+        over |= lens > q.max_len
+    return int(over.sum())
 
 
 def managed_collision_metrics(sparse_arch: SparseArch, phase: str) -> dict[str, float]:

@@ -20,7 +20,7 @@ import ray.data
 from ray.train import DataConfig
 
 from embedding.schema import FeatureSchema
-from pipeline.validate import SOURCE, QuarantineWriter, expected_kinds
+from pipeline.validate import SOURCE, DuplicateFinder, QuarantineWriter, expected_kinds
 
 READ_TASKS = 16  # many small files (a day each) are read a few per task: task start-up dominates otherwise
 
@@ -52,11 +52,12 @@ class ParquetReader:
     def __call__(self, paths: pa.Table) -> Iterator[pa.Table]:
         for path in paths.column("path").to_pylist():
             fs, where = pafs.FileSystem.from_uri(path) if "://" in path else (None, path)
+            duplicates = DuplicateFinder()  # exact repeats of an earlier row of this file
             with pq.ParquetFile(where, filesystem=fs) as f:
                 for rb in f.iter_batches(batch_size=self.rows_per_block, columns=self.columns):
                     table = pa.Table.from_batches([rb])
                     table = table.append_column(SOURCE, pa.array([path] * table.num_rows, pa.string()))
-                    yield self.writer(table)
+                    yield self.writer(table, duplicates(table))
 
 
 class UnequalSplit(DataConfig):

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -80,10 +81,18 @@ def to_canonical(table: pa.Table, schema: FeatureSchema, with_labels: bool = Tru
     return table.select(target.names).cast(target)
 
 
-def check_files(files: list[Path], schema: FeatureSchema) -> int:
-    """Check every file's footer against the schema; return the total row count."""
+UNKNOWN_COLUMNS = ("warn", "error", "ignore")
+
+
+def check_files(files: list[Path], schema: FeatureSchema, unknown: str = "warn", log=print) -> int:
+    """Check every file's footer against the schema; return the total row count. Columns the
+    schema does not read are ignored; ``unknown="warn"`` prints one line naming them,
+    ``"error"`` stops on the first file that has one."""
+    if unknown not in UNKNOWN_COLUMNS:
+        raise ValueError(f"unknown_columns: choose one of {UNKNOWN_COLUMNS}, got '{unknown}'")
     exp = expected_kinds(schema)
     rows = 0
+    extra: dict[str, int] = {}
     for path in files:
         try:
             meta = pq.read_metadata(path)
@@ -100,7 +109,16 @@ def check_files(files: list[Path], schema: FeatureSchema) -> int:
                     f"{path}: column '{col}' has type {arrow.field(idx).type} ({got}), "
                     f"schema expects {' or '.join(sorted(kinds))}"
                 )
+        for col in arrow.names:
+            if col not in exp:
+                if unknown == "error":
+                    raise SchemaMismatchError(f"{path}: column '{col}' is not in the schema "
+                                              f"([train].unknown_columns = \"error\"; \"warn\" ignores it)")
+                extra[col] = extra.get(col, 0) + 1
         rows += meta.num_rows
+    if extra and unknown == "warn":
+        log(f"warning: columns the schema does not read are ignored: "
+            f"{', '.join(f'{c} ({n} files)' for c, n in sorted(extra.items()))}")
     return rows
 
 
@@ -118,9 +136,11 @@ def _np(mask: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool)
 
 
-def split_valid(table: pa.Table, schema: FeatureSchema, check_labels: bool = True) -> tuple[pa.Table, pa.Table]:
+def split_valid(table: pa.Table, schema: FeatureSchema, check_labels: bool = True,
+                duplicate: np.ndarray | None = None) -> tuple[pa.Table, pa.Table]:
     """(good rows, bad rows + ``_reason``), columnar; each bad row carries its first failure.
-    ``check_labels=False`` for serving requests, which carry no labels."""
+    ``check_labels=False`` for serving requests, which carry no labels. ``duplicate``: rows
+    already seen (``DuplicateFinder``), quarantined as duplicates."""
     n = table.num_rows
     reason = np.full(n, "", dtype=object)
 
@@ -147,6 +167,9 @@ def split_valid(table: pa.Table, schema: FeatureSchema, check_labels: bool = Tru
         flag(nulls(f.name), f"null id '{f.name}'")
         if f.multi_valued and pc.list_flatten(table.column(f.name)).null_count:
             flag(_list_has_null(table.column(f.name)), f"null element in '{f.name}'")
+        if f.id_range is not None:
+            flag(_out_of_range(table.column(f.name), f.id_range), f"id out of range in '{f.name}' "
+                                                                  f"(allowed {f.id_range[0]}..{f.id_range[1]})")
     for q in schema.sequences:
         first = None
         for col in q.columns:
@@ -159,12 +182,50 @@ def split_valid(table: pa.Table, schema: FeatureSchema, check_labels: bool = Tru
             else:
                 flag(lens != first, f"misaligned sequence '{q.name}': '{col}' length differs from "
                                     f"'{q.columns[0]}'")
+    if duplicate is not None:
+        flag(duplicate, "duplicate row (the same values as an earlier row of this file)")
     bad = reason != ""
     if not bad.any():
         return table, table.slice(0, 0).append_column(REASON, pa.array([], pa.string()))
     good_rows = table.filter(pa.array(~bad))
     bad_rows = table.filter(pa.array(bad)).append_column(REASON, pa.array(reason[bad].astype(str)))
     return good_rows, bad_rows
+
+
+def _out_of_range(col: pa.ChunkedArray | pa.Array, lo_hi: tuple[int, int]) -> np.ndarray:
+    """Per row: does the (single or multi-valued, int) id column hold an id outside [lo, hi]?"""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if not pa.types.is_integer(arr.type) and not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
+        return np.zeros(len(arr), dtype=bool)
+    lo, hi = lo_hi
+    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+        lens = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False)
+        vals = pc.list_flatten(arr).fill_null(lo).to_numpy(zero_copy_only=False)
+        out_flat = (vals < lo) | (vals > hi)
+        out = np.zeros(len(arr), dtype=bool)
+        out[np.repeat(np.arange(len(arr)), lens)[out_flat]] = True
+        return out
+    vals = arr.fill_null(lo).to_numpy(zero_copy_only=False)
+    return (vals < lo) | (vals > hi)
+
+
+class DuplicateFinder:
+    """Rows equal, in every single-valued column, to an earlier row of the same file (a logging
+    double-fire: same user, timestamp, item, features and label; the behaviour sequence of a
+    user at a timestamp is then the same too). One finder per file; blocks in file order."""
+
+    def __init__(self) -> None:
+        self.seen = np.empty(0, dtype=np.uint64)
+
+    def __call__(self, table: pa.Table) -> np.ndarray:
+        cols = [c for c in table.column_names if c != SOURCE and not (
+            pa.types.is_list(table.schema.field(c).type) or pa.types.is_large_list(table.schema.field(c).type))]
+        if not cols or table.num_rows == 0:
+            return np.zeros(table.num_rows, dtype=bool)
+        h = pd.util.hash_pandas_object(table.select(cols).to_pandas(), index=False).to_numpy()
+        dup = pd.Series(h).duplicated().to_numpy() | np.isin(h, self.seen)
+        self.seen = np.union1d(self.seen, h)
+        return dup
 
 
 def _list_has_null(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -184,8 +245,8 @@ class QuarantineWriter:
     def __init__(self, schema: FeatureSchema, quarantine_dir: str) -> None:
         self.schema, self.dir = schema, Path(quarantine_dir)
 
-    def __call__(self, table: pa.Table) -> pa.Table:
-        good, bad = split_valid(table, self.schema)
+    def __call__(self, table: pa.Table, duplicate: np.ndarray | None = None) -> pa.Table:
+        good, bad = split_valid(table, self.schema, duplicate=duplicate)
         if bad.num_rows:
             self.dir.mkdir(parents=True, exist_ok=True)
             # Named by the whole block's content (rows and their source path): a block re-read

@@ -5,6 +5,7 @@ registered version asserted, the head stopped."""
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -34,8 +35,10 @@ def test_ray_job_submit_trains_on_a_started_head(tmp_path: Path) -> None:
     generate(cfg.schema, cfg.generator, tmp_path / "data", parse_days("2026-01-01..2026-01-02"),
              log=lambda *_: None)
     bin_dir = Path(sys.executable).parent
+    # token authentication, as Ray 2.60 sets up a head by default: a fresh token for this cluster
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
-        "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+        "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     dashboard = _free_port()
     start = subprocess.run([str(bin_dir / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
                             f"--port={_free_port()}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
