@@ -21,11 +21,15 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
+# The user's MLFLOW_TRACKING_URI, read once at import: mlflow.set_tracking_uri() writes the same
+# variable into os.environ, so reading it later would return whatever store this process used last.
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or None
+
 
 def default_tracking_uri(workdir: Path) -> str:
-    """``MLFLOW_TRACKING_URI`` when set (a tracking server: credentials stay in the environment,
-    never in a config), else the embedded SQLite store in the work folder."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
+    """``$MLFLOW_TRACKING_URI`` as the process started with it (a tracking server: credentials
+    stay in the environment, never in a config), else the embedded SQLite store in the work folder."""
+    return USER_TRACKING_URI or f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
 
 
 def is_local_store(uri: str) -> bool:

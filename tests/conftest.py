@@ -17,3 +17,11 @@ def root() -> Path:
 @pytest.fixture(scope="session")
 def tiny_toml() -> Path:
     return ROOT / "configs" / "tiny.toml"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_tracking_env(monkeypatch):
+    """mlflow.set_tracking_uri() writes MLFLOW_TRACKING_URI into os.environ; without this, a
+    test's store would leak into the next test's subprocesses (which inherit the environment)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield

@@ -202,3 +202,16 @@ def test_no_torch_load_of_pickles_in_the_code() -> None:
                 if "torch.load(" in line and "weights_only=True" not in line:
                     hits.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not hits, hits
+
+
+def test_label_outside_0_1_and_null_id_are_quarantined(logs: Path) -> None:
+    t = _table(logs)
+    click = t.column("click").to_pylist()
+    click[1] = 2.0
+    item = t.column("item_id").to_pylist()
+    item[4] = None
+    t = t.set_column(t.schema.get_field_index("click"), "click", pa.array(click, t.schema.field("click").type))
+    t = t.set_column(t.schema.get_field_index("item_id"), "item_id", pa.array(item, pa.int64()))
+    good, bad = split_valid(t, SCHEMA)
+    assert good.num_rows == t.num_rows - 2
+    assert bad.column(REASON).to_pylist() == ["label 'click' not 0 or 1", "null id 'item_id'"]
