@@ -133,6 +133,15 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             raise ValueError(f"{path}: not valid TOML: {e}") from None
     for assignment in overrides:
         _override(doc, assignment)
+    return config_from_doc(doc, str(path))
+
+
+apply_override = _override
+
+
+def config_from_doc(doc: dict, where: str) -> JobConfig:
+    """A job config from a parsed TOML document (``where`` names it in errors)."""
+    path = where
     unknown = sorted(set(doc) - set(SECTIONS))
     if unknown:
         raise ValueError(f"{path}: unknown table(s) {unknown}; allowed: {list(SECTIONS)}")
