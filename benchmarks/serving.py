@@ -53,11 +53,8 @@ def main() -> None:
     ap.add_argument("--tower", default="dlrm")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serving.json")
     a = ap.parse_args()
-    import mlflow
-
-    from deploy.export import export_model, load_program, log_pyfunc, score_table
+    from deploy.export import export_model, load_program, register_export, score_table
     from jobs.config import load_config
-    from jobs.tracking import connect
     from model.ranking import RankingModel
     from pipeline.days import parse_days
     from pipeline.generator import generate
@@ -71,11 +68,7 @@ def main() -> None:
     torch.manual_seed(0)
     export = export_model(RankingModel(cfg.schema, cfg.model), tmp / "export")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    client, exp_id = connect(uri, "latency", tmp / "mlartifacts")
-    with mlflow.start_run(experiment_id=exp_id):
-        info = log_pyfunc(export, (ROOT / "requirements/cpu.lock").read_text().split())
-    version = mlflow.register_model(info.model_uri, NAME)
-    client.set_registered_model_alias(NAME, "champion", version.version)
+    register_export(export, uri, "latency", NAME, tmp / "mlartifacts", alias="champion")
 
     port = _free_port()
     bin_dir = Path(sys.executable).parent

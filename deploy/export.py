@@ -40,6 +40,7 @@ from pipeline.collate import collate
 from pipeline.validate import REASON, _kind, canonical_schema, expected_kinds, split_valid, to_canonical
 
 PACKAGES = ("embedding", "model", "pipeline", "deploy")
+REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements" / "cpu.lock"  # a logged model's pins
 MAX_REQUEST_ROWS = 10_000  # default limit on rows per serving request (``export_checkpoint(max_rows=)``)
 
 
@@ -235,8 +236,25 @@ class TokenrecPyfunc(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(probs.astype(np.float64), columns=list(self.schema.labels))
 
 
-def log_pyfunc(export_dir: Path, pip_requirements: list[str]):
-    """Log the export folder as an MLflow pyfunc in the active run; returns ModelInfo.
+def register_export(export_dir: Path, tracking_uri: str, experiment: str, model_name: str,
+                    artifact_root: Path, alias: str | None = None) -> int:
+    """Log an export folder as the model of a new run, register it, optionally alias it;
+    returns the version number (what tests and the serving benchmark need; training jobs log
+    into their own run, see ``jobs.train``)."""
+    from jobs.tracking import connect
+
+    client, exp_id = connect(tracking_uri, experiment, artifact_root)
+    with mlflow.start_run(experiment_id=exp_id):
+        info = log_pyfunc(export_dir)
+    version = mlflow.register_model(info.model_uri, model_name)
+    if alias:
+        client.set_registered_model_alias(model_name, alias, version.version)
+    return int(version.version)
+
+
+def log_pyfunc(export_dir: Path, pip_requirements: list[str] | None = None):
+    """Log the export folder as an MLflow pyfunc in the active run; returns ModelInfo. The
+    requirements default to the lock file (``REQUIREMENTS``).
 
     MLflow's own check of the pinned requirements (a ``pip install --dry-run`` against PyPI,
     ~30 s of CPU per model) is skipped: they are the lock file ``make install`` resolved."""
@@ -247,5 +265,5 @@ def log_pyfunc(export_dir: Path, pip_requirements: list[str]):
         python_model=TokenrecPyfunc(),
         artifacts={"export": str(export_dir)},
         code_paths=[str(root / p) for p in PACKAGES],
-        pip_requirements=pip_requirements,
+        pip_requirements=pip_requirements or REQUIREMENTS.read_text().split(),
     )

@@ -71,6 +71,20 @@ class SparseField:
     group: str = "default"  # token group: fields of one group become one field token in grouped towers
     id_range: tuple[int, int] | None = None  # int ids outside [lo, hi] are quarantined; None: any id
 
+    def __post_init__(self) -> None:
+        if isinstance(self.id_range, list):  # from TOML / JSON
+            object.__setattr__(self, "id_range", tuple(self.id_range))
+
+
+def _sparse_dict(f: SparseField) -> dict[str, Any]:
+    """``asdict`` of a field, ``id_range`` left out when unset (a list when set)."""
+    d = dataclasses.asdict(f)
+    if d["id_range"] is None:
+        del d["id_range"]
+    else:
+        d["id_range"] = list(d["id_range"])
+    return d
+
 
 @dataclass(frozen=True, kw_only=True)
 class DenseField:
@@ -145,9 +159,9 @@ class FeatureSchema:
 
     def fingerprint(self) -> str:
         """A stable hash of the schema (used to cache sharding plans and tag runs)."""
-        # fields added later with their default left out, so existing schemas keep their hash
-        text = repr(dataclasses.asdict(self)).replace(", 'id_range': None", "")
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        d = dataclasses.asdict(self)
+        d["sparse"] = type(d["sparse"])(_sparse_dict(f) for f in self.sparse)  # unset id_range left out
+        return hashlib.sha256(repr(d).encode()).hexdigest()[:16]
 
     def without_sequences(self) -> FeatureSchema:
         used = {f.table for f in self.sparse}
@@ -165,8 +179,7 @@ class FeatureSchema:
                        | ({"managed_collision": True, "eviction_policy": t.eviction_policy,
                            "eviction_interval": t.eviction_interval} if t.managed_collision else {})
                        for t in self.tables},
-            "sparse": [{k: list(v) if k == "id_range" else v for k, v in dataclasses.asdict(f).items()
-                        if not (k == "id_range" and v is None)} for f in self.sparse],
+            "sparse": [_sparse_dict(f) for f in self.sparse],
             "dense": [dataclasses.asdict(f) for f in self.dense],
             "sequences": [{"name": q.name, "max_len": q.max_len,
                            "features": [dataclasses.asdict(f) for f in q.features]}
@@ -190,8 +203,6 @@ class FeatureSchema:
         ]
         sparse = [SparseField(**_only(f"schema.sparse[{i}]", s, _names(SparseField)))
                   for i, s in enumerate(d.get("sparse", []))]
-        sparse = [dataclasses.replace(f, id_range=tuple(f.id_range)) if isinstance(f.id_range, list) else f
-                  for f in sparse]
         for i, g in enumerate(d.get("sparse_groups", [])):
             new_tables, new_fields = _expand_sparse_group(f"schema.sparse_groups[{i}]", g)
             tables += new_tables

@@ -29,8 +29,6 @@ from pipeline.days import day_files, next_day, parse_days
 from pipeline.source import UnequalSplit, read_logs
 from pipeline.validate import check_files, count_quarantined, first_valid_row
 
-REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements" / "cpu.lock"
-
 
 @dataclass(frozen=True, kw_only=True)
 class TrainRequest:
@@ -206,7 +204,7 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
         return m
     def log_model():
         with mlflow.start_run(run_id=run_id):
-            return log_pyfunc(export_dir, REQUIREMENTS.read_text().split())
+            return log_pyfunc(export_dir)
 
     info = with_retries(log_model, what="logging the model")
     tags = ({k: str(v) for k, v in m.items() if k.startswith("eval_")}

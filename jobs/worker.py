@@ -124,7 +124,7 @@ def train_loop(args: WorkerArgs) -> None:
                           padding_row=args.template).to(device, non_blocking=True)
 
     # row counters: the checkpoint holds the sums over workers; rank 0 carries them on
-    step = pos.step if resume_from else 0
+    step = start_step  # 0 unless resumed
     rows = pos.rows if rank == 0 else 0
     first_epoch_rows = pos.first_epoch_rows if rank == 0 else 0
     t0, window_rows, window_t = time.perf_counter(), 0, time.perf_counter()

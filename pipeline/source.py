@@ -56,7 +56,7 @@ class ParquetReader:
             with pq.ParquetFile(where, filesystem=fs) as f:
                 for rb in f.iter_batches(batch_size=self.rows_per_block, columns=self.columns):
                     table = pa.Table.from_batches([rb])
-                    table = table.append_column(SOURCE, pa.array([path] * table.num_rows, pa.string()))
+                    table = table.append_column(SOURCE, pa.repeat(pa.scalar(path, pa.string()), table.num_rows))
                     yield self.writer(table, duplicates(table))
 
 

@@ -192,21 +192,28 @@ def split_valid(table: pa.Table, schema: FeatureSchema, check_labels: bool = Tru
     return good_rows, bad_rows
 
 
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
+def _rows_with(arr: pa.Array, flat_hit: np.ndarray) -> np.ndarray:
+    """Per row of a list array: does any of its elements have ``flat_hit`` (one per element)?"""
+    lens = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False)
+    out = np.zeros(len(arr), dtype=bool)
+    out[np.repeat(np.arange(len(arr)), lens)[flat_hit]] = True
+    return out
+
+
 def _out_of_range(col: pa.ChunkedArray | pa.Array, lo_hi: tuple[int, int]) -> np.ndarray:
-    """Per row: does the (single or multi-valued, int) id column hold an id outside [lo, hi]?"""
+    """Per row: does the (single or multi-valued) int id column hold an id outside [lo, hi]?"""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if not pa.types.is_integer(arr.type) and not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
-        return np.zeros(len(arr), dtype=bool)
     lo, hi = lo_hi
-    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
-        lens = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False)
-        vals = pc.list_flatten(arr).fill_null(lo).to_numpy(zero_copy_only=False)
-        out_flat = (vals < lo) | (vals > hi)
-        out = np.zeros(len(arr), dtype=bool)
-        out[np.repeat(np.arange(len(arr)), lens)[out_flat]] = True
-        return out
-    vals = arr.fill_null(lo).to_numpy(zero_copy_only=False)
-    return (vals < lo) | (vals > hi)
+    flat = pc.list_flatten(arr) if _is_list(arr.type) else arr
+    if not pa.types.is_integer(flat.type):
+        return np.zeros(len(arr), dtype=bool)  # a string id: the type check names it
+    vals = flat.fill_null(lo).to_numpy(zero_copy_only=False)
+    hit = (vals < lo) | (vals > hi)
+    return _rows_with(arr, hit) if _is_list(arr.type) else hit
 
 
 class DuplicateFinder:
@@ -215,28 +222,25 @@ class DuplicateFinder:
     user at a timestamp is then the same too). One finder per file; blocks in file order."""
 
     def __init__(self) -> None:
-        self.seen = np.empty(0, dtype=np.uint64)
+        self.seen = np.empty(0, dtype=np.uint64)  # row hashes of the file so far, sorted
 
     def __call__(self, table: pa.Table) -> np.ndarray:
-        cols = [c for c in table.column_names if c != SOURCE and not (
-            pa.types.is_list(table.schema.field(c).type) or pa.types.is_large_list(table.schema.field(c).type))]
+        cols = [c for c in table.column_names if c != SOURCE and not _is_list(table.schema.field(c).type)]
         if not cols or table.num_rows == 0:
             return np.zeros(table.num_rows, dtype=bool)
         h = pd.util.hash_pandas_object(table.select(cols).to_pandas(), index=False).to_numpy()
-        dup = pd.Series(h).duplicated().to_numpy() | np.isin(h, self.seen)
-        self.seen = np.union1d(self.seen, h)
+        at = np.searchsorted(self.seen, h)  # membership by binary search, no re-sort of what was seen
+        seen = self.seen[np.minimum(at, len(self.seen) - 1)] == h if len(self.seen) else np.zeros(len(h), bool)
+        dup = seen | pd.Series(h).duplicated().to_numpy()
+        new = np.sort(h[~dup])
+        self.seen = np.insert(self.seen, np.searchsorted(self.seen, new), new)
         return dup
 
 
 def _list_has_null(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """Per row: does the list hold a null element?"""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    lens = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False)
-    parent = np.repeat(np.arange(len(arr)), lens)
-    flat_null = _np(pc.list_flatten(arr).is_null())
-    out = np.zeros(len(arr), dtype=bool)
-    out[parent[flat_null]] = True
-    return out
+    return _rows_with(arr, _np(pc.list_flatten(arr).is_null()))
 
 
 class QuarantineWriter:

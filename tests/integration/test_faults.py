@@ -12,8 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
-import torch
 from mlflow.tracking import MlflowClient
 
 from jobs import checkpoint
@@ -82,19 +80,16 @@ def test_unreachable_tracking_server_stops_before_training(tmp_path: Path) -> No
 
 
 def test_concurrent_promotes_leave_one_champion_and_a_full_history(tmp_path: Path) -> None:
-    from deploy.export import export_model, log_pyfunc
+    from deploy.export import export_model, register_export
     from jobs.registry import HISTORY, Registry
-    from jobs.tracking import connect
     from model.ranking import RankingModel
 
     cfg = load_config(TINY)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client, exp_id = connect(uri, cfg.tracking.experiment, tmp_path / "mlartifacts")
     export = export_model(RankingModel(cfg.schema, cfg.model), tmp_path / "export", program=False)
     for _ in range(7):
-        with mlflow.start_run(experiment_id=exp_id):
-            info = log_pyfunc(export, [f"torch=={torch.__version__.split('+')[0]}"])
-        mlflow.register_model(info.model_uri, cfg.tracking.model_name)
+        register_export(export, uri, cfg.tracking.experiment, cfg.tracking.model_name, tmp_path / "mlartifacts")
+    client = MlflowClient(uri)
     reg = Registry(client, cfg.tracking.model_name)
     reg.set_champion(1, "first")
     procs = [_cli("promote", "--config", str(TINY), "--version", str(v), "--no-gate", "--workdir", str(tmp_path),

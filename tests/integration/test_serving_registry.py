@@ -13,14 +13,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from deploy.export import export_model, load_program, score_table
+from deploy.export import export_model, load_program, register_export, score_table
 from jobs.cli import main
 from jobs.config import load_config
 from model.ranking import RankingModel
@@ -41,14 +40,7 @@ def registered(tmp_path_factory):
     torch.manual_seed(0)
     export = export_model(RankingModel(cfg.schema, cfg.model), tmp / "export", max_rows=64)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    from deploy.export import log_pyfunc
-    from jobs.tracking import connect
-
-    client, exp_id = connect(uri, "serving-test", tmp / "mlartifacts")
-    with mlflow.start_run(experiment_id=exp_id):
-        info = log_pyfunc(export, (ROOT / "requirements/cpu.lock").read_text().split())
-    version = mlflow.register_model(info.model_uri, NAME)
-    client.set_registered_model_alias(NAME, "champion", version.version)
+    register_export(export, uri, "serving-test", NAME, tmp / "mlartifacts", alias="champion")
     program, schema, _ = load_program(export)
     return {"tmp": tmp, "uri": uri, "cfg": cfg, "program": program, "schema": schema}
 
