@@ -16,7 +16,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -36,22 +35,28 @@ def _ids(arr: pa.Array, raw_type: str) -> np.ndarray:
     return arr.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
 
 
-def _column(table: pa.Table, name: str) -> pa.Array:
-    col = table.column(name)
-    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+def _arrays(table: pa.Table) -> dict[str, pa.Array]:
+    """Name → one contiguous array per column. A table from ``iter_batches`` has one chunk per
+    column, so this is a lookup, not a copy (``combine_chunks`` only where a column has several)."""
+    return {name: col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+            for name, col in zip(table.column_names, table.columns)}
 
 
 def _list_parts(arr: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    """(flat values, lengths) of a list array, slice-safe."""
-    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
-    return pc.list_flatten(arr), lengths
+    """(flat values, lengths) of a list array without nulls (validated rows), slice-safe: read
+    straight off the offsets buffer instead of running compute kernels."""
+    offsets = arr.offsets.to_numpy()
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    return arr.values.slice(lo, hi - lo), np.diff(offsets).astype(np.int64, copy=False)
 
 
-def _floats(table: pa.Table, names: list[str]) -> np.ndarray:
+def _floats(cols: dict[str, pa.Array], names: list[str], n: int) -> np.ndarray:
     if not names:
-        return np.zeros((table.num_rows, 0), dtype=np.float32)
-    return np.stack([_column(table, n).to_numpy(zero_copy_only=False) for n in names],
-                    axis=1).astype(np.float32, copy=False)
+        return np.zeros((n, 0), dtype=np.float32)
+    out = np.empty((n, len(names)), dtype=np.float32)
+    for j, name in enumerate(names):
+        out[:, j] = cols[name].to_numpy(zero_copy_only=False)
+    return out
 
 
 def keep_newest(lengths: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -85,16 +90,17 @@ def collate(table: pa.Table, schema: FeatureSchema, pad_to: int | None = None,
     n = table.num_rows
     weights = np.zeros(n, dtype=np.float32)
     weights[:real] = 1.0
+    cols = _arrays(table)
     values, lengths = [], []
+    ones = np.ones(n, dtype=np.int64)
     for f in schema.sparse:
-        arr = _column(table, f.name)
         if f.multi_valued:
-            flat, lens = _list_parts(arr)
+            flat, lens = _list_parts(cols[f.name])
             values.append(_ids(flat, f.raw_type))
             lengths.append(lens)
         else:
-            values.append(_ids(arr, f.raw_type))
-            lengths.append(np.ones(n, dtype=np.int64))
+            values.append(_ids(cols[f.name], f.raw_type))
+            lengths.append(ones)
     fields = KeyedJaggedTensor(
         keys=schema.field_names,
         values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
@@ -105,10 +111,10 @@ def collate(table: pa.Table, schema: FeatureSchema, pad_to: int | None = None,
     if schema.sequences:
         s_values, s_lengths = [], []
         for q in schema.sequences:
-            _, lens = _list_parts(_column(table, q.columns[0]))
+            _, lens = _list_parts(cols[q.columns[0]])
             idx, new_lens = keep_newest(lens, q.max_len)
             for feat in q.features:
-                flat, _ = _list_parts(_column(table, q.column(feat)))
+                flat, _ = _list_parts(cols[q.column(feat)])
                 s_values.append(_ids(flat, feat.raw_type)[idx])
                 s_lengths.append(new_lens)
         sequences = KeyedJaggedTensor(
@@ -117,13 +123,12 @@ def collate(table: pa.Table, schema: FeatureSchema, pad_to: int | None = None,
             lengths=torch.from_numpy(np.concatenate(s_lengths)),
             stride=n,
         )
-    users = _column(table, schema.user_id)
     return Batch(
-        dense=torch.from_numpy(_floats(table, schema.dense_names)),
+        dense=torch.from_numpy(_floats(cols, schema.dense_names, n)),
         fields=fields,
         sequences=sequences,
-        labels=torch.from_numpy(_floats(table, list(schema.labels)) if with_labels
+        labels=torch.from_numpy(_floats(cols, list(schema.labels), n) if with_labels
                                 else np.zeros((n, len(schema.labels)), dtype=np.float32)),
-        user_ids=torch.from_numpy(np.array(_ids(users, schema.user_id_type))),
+        user_ids=torch.from_numpy(np.array(_ids(cols[schema.user_id], schema.user_id_type))),
         weights=torch.from_numpy(weights),
     )

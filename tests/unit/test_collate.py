@@ -78,3 +78,17 @@ def test_string_hash_is_stable_across_processes() -> None:
     # SipHash with pandas' fixed key: a literal value pins it
     assert hash_strings(pa.array(["tokenrec"]))[0] == -4273498841899581305
     assert hash_strings(["tokenrec"])[0] == -4273498841899581305
+
+
+def test_collate_reads_slices_and_chunks_like_a_fresh_table() -> None:
+    """Workers collate slices of Ray Data blocks (list offsets not starting at 0) and
+    concatenations (several chunks per column): the result must equal a fresh copy's."""
+    chunked = pa.concat_tables([TABLE, TABLE])  # two chunks per column
+    for view in (chunked.slice(1, 4), chunked.slice(2, 3), TABLE.slice(1, 2)):
+        fresh = pa.Table.from_pylist(view.to_pylist(), schema=view.schema)
+        a, b = collate(view, SCHEMA), collate(fresh, SCHEMA)
+        for kjt in ("fields", "sequences"):
+            x, y = getattr(a, kjt), getattr(b, kjt)
+            assert torch.equal(x.values(), y.values()) and torch.equal(x.lengths(), y.lengths())
+        for t in ("dense", "labels", "user_ids", "weights"):
+            assert torch.equal(getattr(a, t), getattr(b, t))

@@ -22,7 +22,7 @@ from jobs.tracking import RetryingClient, StepLogger, connect, log_metrics, with
 from jobs.worker import overlong_rows
 from pipeline.days import day_files, parse_days
 from pipeline.generator import GeneratorConfig, generate
-from pipeline.validate import REASON, DuplicateFinder, SchemaMismatchError, check_files, split_valid
+from pipeline.validate import REASON, DuplicateFinder, SchemaMismatchError, check_files, row_hashes, split_valid
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = load_schema(ROOT / "configs/tiny.toml")
@@ -81,6 +81,23 @@ def test_duplicated_rows_are_quarantined_once_across_blocks(logs: Path) -> None:
     good, bad = split_valid(second_block, SCHEMA, duplicate=dup)
     assert good.num_rows == 20 and set(bad.column(REASON).to_pylist()) == {
         "duplicate row (the same values as an earlier row of this file)"}
+
+
+def test_row_hashes_tell_values_nulls_and_columns_apart() -> None:
+    t = pa.table({"a": pa.array([1, 1, 2, None, 0, 1], pa.int64()),
+                  "b": pa.array([0, 0, 0, 0, 0, None], pa.int64()),
+                  "x": pa.array([0.5, 0.5, 0.5, 0.5, 0.5, 0.5], pa.float32()),
+                  "s": ["u", "u", "u", "u", "u", "u"]})
+    h = row_hashes(t, ["a", "b", "x", "s"]).tolist()
+    assert h[0] == h[1]  # equal rows
+    assert len({h[0], h[2], h[3], h[4], h[5]}) == 5  # a value, a null, 0 and a null elsewhere differ
+    swapped = pa.table({"a": [0], "b": [1], "x": pa.array([0.5], pa.float32()), "s": ["u"]})
+    assert row_hashes(swapped, ["a", "b", "x", "s"])[0] != h[4]  # b = 1 vs b = 0
+    ab = pa.table({"a": [1], "b": [2]})
+    assert row_hashes(ab, ["a", "b"])[0] != row_hashes(ab, ["b", "a"])[0]  # order matters
+    floats = pa.table({"x": pa.array([0.1, 0.1, 0.2], pa.float64())})
+    assert row_hashes(floats, ["x"]).tolist()[:2] == [row_hashes(floats, ["x"])[0]] * 2
+    assert row_hashes(floats, ["x"])[0] != row_hashes(floats, ["x"])[2]
 
 
 def test_overlong_sequences_are_counted(logs: Path) -> None:
