@@ -11,8 +11,10 @@ drops that step's metrics with a warning and counts them (``dropped``).
 from __future__ import annotations
 
 import os
+import queue
 import re
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -147,18 +149,45 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict, step: int = 0)
 
 
 class StepLogger:
-    """Batched per-step metric logging from the rank-0 worker. A tracking outage never stops
-    training: each call is retried (``with_retries``); if it still fails, that step's metrics are
-    dropped with a warning and counted in ``dropped``."""
+    """Per-step metric logging from the rank-0 worker, off the training thread. A tracking
+    outage never stops training: each call is retried (``with_retries``); if it still fails,
+    that step's metrics are dropped with a warning and counted in ``dropped``.
 
-    def __init__(self, tracking_uri: str, run_id: str, attempts: int = 4, base_delay: float = 0.5) -> None:
+    ``log`` only queues: a background thread sends, so the step (and the other workers, who
+    wait for rank 0 at the next collective) never waits for the tracking server. ``close``
+    sends what is queued and returns. Up to ``max_queued`` steps wait; beyond that the oldest
+    is dropped with a warning rather than holding training back."""
+
+    def __init__(self, tracking_uri: str, run_id: str, attempts: int = 4, base_delay: float = 0.5,
+                 max_queued: int = 1000) -> None:
         self.client = RetryingClient(MlflowClient(tracking_uri), attempts=attempts, base_delay=base_delay)
         self.run_id, self.dropped = run_id, 0
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queued)
+        self._thread = threading.Thread(target=self._send_all, name="tokenrec-step-logger", daemon=True)
+        self._thread.start()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         try:
-            log_metrics(self.client, self.run_id, metrics, step)
-        except Exception as e:  # noqa: BLE001 - metrics are expendable, the training is not
-            self.dropped += 1
-            print(f"warning: step {step} metrics not logged to MLflow ({type(e).__name__}: {str(e)[:200]}); "
-                  f"training goes on ({self.dropped} step(s) dropped so far)", file=sys.stderr, flush=True)
+            self._queue.put_nowait((step, metrics))
+        except queue.Full:
+            self._drop(step, "too many steps waiting for the tracking server")
+
+    def close(self) -> None:
+        """Send everything queued, then stop the thread."""
+        self._queue.put((None, None))
+        self._thread.join()
+
+    def _send_all(self) -> None:
+        while True:
+            step, metrics = self._queue.get()
+            if step is None:
+                return
+            try:
+                log_metrics(self.client, self.run_id, metrics, step)
+            except Exception as e:  # noqa: BLE001 - metrics are expendable, the training is not
+                self._drop(step, f"{type(e).__name__}: {str(e)[:200]}")
+
+    def _drop(self, step: int, why: str) -> None:
+        self.dropped += 1
+        print(f"warning: step {step} metrics not logged to MLflow ({why}); "
+              f"training goes on ({self.dropped} step(s) dropped so far)", file=sys.stderr, flush=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -69,6 +70,56 @@ def synced(batches: Iterator, padding) -> Iterator:
         yield padding if batch is None else batch
 
 
+class EarlyStart:
+    """An iterator whose first item is pulled in a background thread from construction on.
+
+    The training stream's start-up (Ray Data's coordinator, read tasks, the first block) then
+    runs while the model is built, sharded and loaded, instead of after it. Iterating joins the
+    thread, re-raises its error if it had one, and yields the first item, then the rest."""
+
+    _END = object()
+
+    def __init__(self, it: Iterator) -> None:
+        self._it, self._first, self._error = it, self._END, None
+        self.opened_at, self.ready_at = time.perf_counter(), float("nan")  # ready: first item in
+        self._thread = threading.Thread(target=self._pull, name="tokenrec-early-stream", daemon=True)
+        self._thread.start()
+
+    def _pull(self) -> None:
+        try:
+            self._first = next(self._it, self._END)
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread
+            self._error = e
+        self.ready_at = time.perf_counter()
+
+    def __iter__(self) -> Iterator:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._first is self._END:
+            return
+        yield self._first
+        yield from self._it
+
+
+class Timed:
+    """An iterator that adds up the time spent waiting in ``next`` (``seconds``): how long
+    the training loop waited for its input."""
+
+    def __init__(self, it: Iterator) -> None:
+        self.it, self.seconds = iter(it), 0.0
+
+    def __iter__(self) -> Timed:
+        return self
+
+    def __next__(self):
+        t = time.perf_counter()
+        try:
+            return next(self.it)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+
 def train_loop(args: WorkerArgs) -> None:
     cfg, tc = args.cfg, args.cfg.train
     t_enter = time.perf_counter()
@@ -78,6 +129,33 @@ def train_loop(args: WorkerArgs) -> None:
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(tc.seed)
     device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
+
+    truncated = [0]  # first-epoch training rows whose sequence was longer than max_len (cut)
+
+    def stream(name: str, batch_size: int, count_truncated: bool = False) -> Iterator:
+        shard_it = ray.train.get_dataset_shard(name)  # on this thread; iteration may run on another
+
+        def batches() -> Iterator:
+            for table in shard_it.iter_batches(batch_size=batch_size, batch_format="pyarrow",
+                                               prefetch_batches=2):
+                if count_truncated:
+                    truncated[0] += overlong_rows(table, cfg.schema)
+                yield collate(table, cfg.schema, pad_to=batch_size,
+                              padding_row=args.template).to(device, non_blocking=True)
+        return batches()
+
+    # Ray Train restarts the worker group after a worker failure ([train].max_failures): this
+    # run's newest published checkpoint is then the place to go on from, like --resume.
+    resume_from = args.resume_from
+    restarted = checkpoint.latest(args.checkpoint_root)
+    if restarted is not None and str(restarted) == str(args.resume_from):
+        restarted = None
+    if restarted is not None:
+        resume_from = str(restarted)
+
+    # The first epoch's stream starts now and gets its first batch ready while the model is
+    # built below (docs/benchmarks.md, "end to end").
+    first_stream = EarlyStart(stream("train", tc.batch_size, count_truncated=not resume_from))
     model = RankingTrain(RankingModel(cfg.schema, cfg.model, sparse_device=torch.device("meta"),
                                       num_shards=dist.get_world_size()))
     dmp = shard(model, tc.sharding, device)
@@ -88,12 +166,7 @@ def train_loop(args: WorkerArgs) -> None:
               f"{time.perf_counter() - t_enter:.1f}s", flush=True)
 
     pos = checkpoint.Position(world_size=dist.get_world_size())
-    # Ray Train restarts the worker group after a worker failure ([train].max_failures): this
-    # run's newest published checkpoint is then the place to go on from, like --resume.
-    resume_from = args.resume_from
-    restarted = checkpoint.latest(args.checkpoint_root)
-    if restarted is not None and str(restarted) != str(args.resume_from):
-        resume_from = str(restarted)
+    if restarted is not None:
         if rank == 0:
             print(f"worker group restarted after a failure: going on from {restarted}", flush=True)
     elif args.init_from:
@@ -111,17 +184,6 @@ def train_loop(args: WorkerArgs) -> None:
                        padding_row=args.template).to(device)
 
     logger = StepLogger(args.tracking_uri, args.run_id) if rank == 0 else None
-
-    truncated = [0]  # first-epoch training rows whose sequence was longer than max_len (cut)
-
-    def stream(name: str, batch_size: int, count_truncated: bool = False) -> Iterator:
-        shard_it = ray.train.get_dataset_shard(name)
-        for table in shard_it.iter_batches(batch_size=batch_size, batch_format="pyarrow",
-                                           prefetch_batches=2):
-            if count_truncated:
-                truncated[0] += overlong_rows(table, cfg.schema)
-            yield collate(table, cfg.schema, pad_to=batch_size,
-                          padding_row=args.template).to(device, non_blocking=True)
 
     # row counters: the checkpoint holds the sums over workers; rank 0 carries them on
     step = start_step  # 0 unless resumed
@@ -145,9 +207,11 @@ def train_loop(args: WorkerArgs) -> None:
     dmp.train()
     replayed = 0
     epoch = 0
+    data_wait = 0.0  # rank 0's seconds blocked on its input stream (an input-bound job shows it)
     for epoch in range(tc.epochs):
         count = epoch == 0 and not resume_from  # a resumed run's position excludes replayed rows
-        for batch in synced(stream("train", tc.batch_size, count), padding(tc.batch_size)):
+        batches = Timed(first_stream if epoch == 0 else stream("train", tc.batch_size, count))
+        for batch in synced(batches, padding(tc.batch_size)):
             if replayed < start_step:  # resume: this step is already in the weights
                 replayed += 1
                 continue
@@ -162,8 +226,10 @@ def train_loop(args: WorkerArgs) -> None:
             step += 1
             if step == start_step + 1 and rank == 0:
                 first_step_time = time.time()  # wall clock: the driver compares it with its own
-                print(f"first step done {time.perf_counter() - t0:.1f}s after the data stream opened",
-                      flush=True)
+                print(f"first step done {time.perf_counter() - t0:.1f}s after the model was ready; "
+                      f"the data stream opened {t0 - first_stream.opened_at:.1f}s before that and "
+                      f"had its first batch {first_stream.ready_at - first_stream.opened_at:.1f}s "
+                      f"after opening", flush=True)
             real = int(batch.weights.sum())
             rows += real
             first_epoch_rows += real if epoch == 0 else 0
@@ -178,11 +244,12 @@ def train_loop(args: WorkerArgs) -> None:
                 window_rows, window_t = 0, time.perf_counter()
             if tc.checkpoint_every and step % tc.checkpoint_every == 0:
                 save(epoch)
+        data_wait += batches.seconds
         if stopped:
             break
         if rank == 0:
             print(f"epoch {epoch} done: step {step}, {rows:,} rows so far on rank 0, "
-                  f"{time.perf_counter() - t0:.0f}s", flush=True)
+                  f"{time.perf_counter() - t0:.0f}s ({data_wait:.1f}s of it waiting for data)", flush=True)
     train_seconds = time.perf_counter() - t0
     t_save = time.perf_counter()
     final_ckpt = save(epoch, final=not stopped)
@@ -205,9 +272,11 @@ def train_loop(args: WorkerArgs) -> None:
         metrics.update(samples_trained=int(totals[0]), rows_trained=int(totals[1]), steps=step,
                        rows_sequence_truncated=int(totals[2]), first_step_time=first_step_time,
                        stopped_early=int(stopped), train_seconds=train_seconds,
+                       data_wait_seconds=data_wait,
                        train_rows_per_s=new_samples / max(train_seconds, 1e-9),
                        padding_share=1.0 - new_samples / max(slots, 1))
         logger.log(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        logger.close()  # everything queued is sent before the run is reported done
     # Ray Train V2 fills Result.metrics only with a checkpoint: rank 0 hands it a small folder
     # naming the published checkpoint (the DCP files stay where jobs.checkpoint put them).
     report = None

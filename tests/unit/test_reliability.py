@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -197,7 +198,10 @@ def test_step_logger_never_stops_training(monkeypatch, capsys) -> None:
         port = s.getsockname()[1]
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     logger = StepLogger(f"http://127.0.0.1:{port}", "0" * 32, attempts=2, base_delay=0.01)
-    logger.log(5, {"train_loss": 0.5})  # returns: the training loop goes on
+    t0 = time.perf_counter()
+    logger.log(5, {"train_loss": 0.5})  # returns at once: the send runs on the logger's thread
+    assert time.perf_counter() - t0 < 0.5
+    logger.close()  # waits for the retries to give up
     assert logger.dropped == 1 and "step 5 metrics not logged" in capsys.readouterr().err
 
 
