@@ -7,14 +7,17 @@ tables, a 50-long behaviour sequence, the DLRM tower, 512 rows per worker batch)
 
 A. **upper bound**: one process reads the files with pyarrow and decodes every column to numpy
    (lists as flat values + offsets) — no validation, no KJTs;
-B. **pipeline**: ``pipeline.source.read_logs`` (Ray Data: read, validate, quarantine) →
-   ``streaming_split(2)`` → 2 consumers (Ray tasks, one CPU each) that ``collate`` every batch
-   into a ``Batch`` of KJTs, as a training worker does;
+B. **pipeline**: 2 consumers (Ray tasks, one CPU each), each streaming
+   ``pipeline.source.read_logs`` (Ray Data: read, validate, quarantine) over the files dealt to it
+   and ``collate``-ing every batch into a ``Batch`` of KJTs — what each training worker does
+   (``pipeline.source.UnequalSplit``); also split into start-up and the steady rate after it;
 C. **pre-built batches**: the demo model sharded by DMP over 2 gloo processes and trained from
    batches collated in memory before the clock starts (``embedding.sharding.shard``, the same
    optimizers and the same step as ``jobs.worker``): what the step alone can consume;
 D. **full job**: ``jobs.train.run_train`` (Ray Data + Ray Train + DMP, 2 workers, MLflow), the
-   workers' training rate (from opening the data stream to the last step, both workers).
+   workers' training rate: rows trained over the time from the model being ready to the last
+   step, the clock C uses (the worker opens its data stream before building the model, so the
+   stream's start-up overlaps it; time spent waiting for data after that is inside the clock).
 
 Targets (issue 7): B ≥ 50% of A; B ≥ 3× C (training is never input-bound); D ≥ 85% of C.
 Writes benchmarks/results/throughput.json.
@@ -68,25 +71,34 @@ def upper_bound(files: list[Path], columns: list[str]) -> tuple[int, float]:
     return rows, time.perf_counter() - t0
 
 
-def pipeline_rate(files: list[Path], cfg: JobConfig, quarantine: Path) -> tuple[int, float]:
+def pipeline_rate(files: list[Path], cfg: JobConfig, quarantine: Path) -> tuple[int, float, dict]:
+    """B: what the training workers do — each of 2 consumers streams its own ``read_logs`` over
+    the files dealt to it (``deal_files``, as ``UnequalSplit`` does) and collates every batch.
+    Also returns the start-up (call to the last consumer's first batch) and the steady rate
+    after it."""
     import ray
 
     from pipeline.collate import collate
-    from pipeline.source import read_logs
+    from pipeline.source import deal_files, read_logs
 
     @ray.remote(num_cpus=1)
-    def consume(split, schema, batch_size: int) -> int:
+    def consume(mine: list[Path], schema, batch_size: int) -> tuple[int, float, float]:
         torch.set_num_threads(1)
-        rows = 0
-        for table in split.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=2):
+        rows, first = 0, None
+        ds = read_logs(mine, schema, quarantine)
+        for table in ds.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=2):
             collate(table, schema)
             rows += table.num_rows
-        return rows
+            first = first or time.time()
+        return rows, first, time.time()
 
-    t0 = time.perf_counter()
-    splits = read_logs(files, cfg.schema, quarantine).streaming_split(2, equal=False)
-    rows = sum(ray.get([consume.remote(s, cfg.schema, cfg.train.batch_size) for s in splits]))
-    return rows, time.perf_counter() - t0
+    t0 = time.time()
+    out = ray.get([consume.remote(mine, cfg.schema, cfg.train.batch_size) for mine in deal_files(files, 2)])
+    end = max(o[2] for o in out)
+    first = max(o[1] for o in out)  # both consumers have data from here on
+    rows = sum(o[0] for o in out)
+    return rows, end - t0, {"startup_seconds": first - t0,
+                            "steady_rows_per_s": (rows - 2 * cfg.train.batch_size) / (end - first)}
 
 
 def _prebuilt_worker(rank: int, world_size: int, cfg: JobConfig, files: list[str], out: str) -> None:
@@ -168,15 +180,22 @@ def main() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     best = min((pipeline_rate(files, cfg, a.workdir / "quarantine") for _ in range(a.repeats)),
                key=lambda r: r[1])
-    record("B pipeline (Ray Data, 2 consumers)", *best)
+    record("B pipeline (Ray Data, 2 consumers)", *best[:2])
+    rates["B pipeline (Ray Data, 2 consumers)"] |= best[2]
+    print(f"  B start-up {best[2]['startup_seconds']:.2f} s, then {best[2]['steady_rows_per_s']:,.0f} rows/s",
+          flush=True)
     m = run_train(cfg, TrainRequest(days=f"{days[0]}..{days[-1]}", data_root=data, workdir=a.workdir,
                                     register=False), log=lambda *_: None)
     record("D full job (Ray Train, 2 workers)", int(m["rows_trained"]), float(m["train_seconds"]))
-    rates["D full job (Ray Train, 2 workers)"]["job_wall_seconds"] = m["wall_seconds"]
+    rates["D full job (Ray Train, 2 workers)"] |= {"job_wall_seconds": m["wall_seconds"],
+                                                   "data_wait_seconds": m["data_wait_seconds"]}
 
     A, B, C, D = (rates[k]["rows_per_s"] for k in sorted(rates))
+    B_steady = rates["B pipeline (Ray Data, 2 consumers)"]["steady_rows_per_s"]
     checks = {
         "pipeline_vs_upper_bound": {"value": B / A, "target": ">= 0.5", "met": B / A >= 0.5},
+        "pipeline_steady_vs_upper_bound": {"value": B_steady / A, "target": "(context: after start-up)",
+                                           "met": B_steady / A >= 0.5},
         "pipeline_vs_training_step": {"value": B / C, "target": ">= 3", "met": B / C >= 3},
         "full_job_vs_prebuilt": {"value": D / C, "target": ">= 0.85", "met": D / C >= 0.85},
     }

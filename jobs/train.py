@@ -194,7 +194,9 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
         _worker_entry, train_loop_config={"args": args},
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
-        datasets=datasets, dataset_config=UnequalSplit(deterministic=cfg.train.deterministic),
+        datasets=datasets, dataset_config=UnequalSplit(deterministic=cfg.train.deterministic, sources={
+            "train": (train_files, cfg.schema, quarantine / "train"),
+            "eval": (eval_files, cfg.schema, quarantine / "eval")}),
         run_config=RunConfig(name=f"train-{run_id}", storage_path=str(req.workdir.resolve() / "ray_results"),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )

@@ -35,8 +35,8 @@ def read_logs(files: list[Path], schema: FeatureSchema, quarantine_dir: str | Pa
     ``ray.data.read_parquet``, which on Ray 2.60 spent 14 s listing and planning 172 small day
     files before the first row came out (1.2 s this way; see docs/benchmarks.md)."""
     columns = list(expected_kinds(schema))
-    paths = ray.data.from_items([{"path": str(f)} for f in files],
-                                override_num_blocks=min(max(len(files), 1), READ_TASKS))
+    items = [{"path": str(f)} for f in files] or [{"path": ""}]  # "": no file (an empty shard)
+    paths = ray.data.from_items(items, override_num_blocks=min(len(items), READ_TASKS))
     reader = ParquetReader(columns, rows_per_block, QuarantineWriter(schema, str(quarantine_dir)))
     return paths.map_batches(reader, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
 
@@ -51,6 +51,8 @@ class ParquetReader:
 
     def __call__(self, paths: pa.Table) -> Iterator[pa.Table]:
         for path in paths.column("path").to_pylist():
+            if not path:
+                continue
             fs, where = pafs.FileSystem.from_uri(path) if "://" in path else (None, path)
             duplicates = DuplicateFinder()  # exact repeats of an earlier row of this file
             with pq.ParquetFile(where, filesystem=fs) as f:
@@ -60,25 +62,57 @@ class ParquetReader:
                     yield self.writer(table, duplicates(table))
 
 
+def deal_files(files: list[Path], parts: int) -> list[list[Path]]:
+    """Files dealt into ``parts`` lists of nearly equal row counts (footers only; largest
+    file first to the part with the fewest rows), each list in the original file order."""
+    rows = [pq.read_metadata(f).num_rows for f in files]
+    load, owned = [0] * parts, [[] for _ in range(parts)]
+    for i in sorted(range(len(files)), key=lambda i: (-rows[i], i)):
+        p = min(range(parts), key=lambda k: (load[k], k))
+        load[p] += rows[i]
+        owned[p].append(i)
+    return [[files[i] for i in sorted(idx)] for idx in owned]
+
+
 class UnequalSplit(DataConfig):
-    """Like Ray Train's DataConfig, but ``streaming_split(equal=False)``: no row is dropped.
+    """Like Ray Train's DataConfig, but no row is dropped (Ray's default equalizes by dropping).
 
-    ``deterministic=True``: blocks keep their order and are dealt to the workers by position
-    (``Dataset.split(equal=False)``, which materializes the dataset once), so every run, and
-    every epoch, feeds each worker the same rows in the same order — what exact resume needs.
-    Streaming split hands blocks to whichever worker asks first."""
+    With ``sources`` (dataset name → ``(files, schema, quarantine_dir)``), each worker gets its
+    own ``read_logs`` stream over files dealt by row count (``deal_files``). The stream runs in
+    the worker's process, with no coordinator actor between it and the read tasks: Ray Data's
+    ``streaming_split`` starts one in a fresh process, which took 2–3 s of the job's start on 2
+    cores (docs/benchmarks.md). Shares differ by at most about one file's rows; the training
+    loop evens out step counts with zero-weight steps.
 
-    def __init__(self, deterministic: bool = False) -> None:
+    Without ``sources``: ``streaming_split(equal=False)``, which hands blocks to whichever worker
+    asks first.
+
+    ``deterministic=True``: blocks keep their order. A worker's own stream reads its files in
+    order; without ``sources``, blocks are dealt to the workers by position
+    (``Dataset.split(equal=False)``, which materializes the dataset once). Either way every run,
+    and every epoch, feeds each worker the same rows in the same order — what exact resume needs."""
+
+    def __init__(self, deterministic: bool = False, sources: dict | None = None) -> None:
         super().__init__()
         self.deterministic = deterministic
+        self.sources = sources or {}
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         output = [{} for _ in range(world_size)]
         for name, ds in datasets.items():
-            ds = ds.copy(ds)
-            ds.context.execution_options = self._resolve_execution_options(name)
+            options = self._resolve_execution_options(name)
             if self.deterministic:
-                ds.context.execution_options.preserve_order = True
+                options.preserve_order = True
+            if name in self.sources:
+                files, schema, quarantine = self.sources[name]
+                for i, mine in enumerate(deal_files(files, world_size)):
+                    own = read_logs(mine, schema, quarantine)
+                    own.context.execution_options = options
+                    output[i][name] = own.iterator()
+                continue
+            ds = ds.copy(ds)
+            ds.context.execution_options = options
+            if self.deterministic:
                 splits = [s.iterator() for s in ds.split(world_size, equal=False)]
             else:
                 splits = ds.streaming_split(world_size, equal=False)
