@@ -1,6 +1,8 @@
 """Columnar collate: one validated ``pyarrow.Table`` → one ``Batch``.
 
-Everything is vectorized over rows; the only Python loops run over columns. Example with two
+Everything is vectorized over rows. Single-valued int fields — most of a wide schema — are read
+by Arrow in one call for all of them (``to_tensor``); Python steps only over string fields,
+multi-valued fields and sequences. Example with two
 rows and fields ``a`` (single-valued) and ``t`` (multi-valued)::
 
     a: [7, 9]            t: [[1, 2], [3]]
@@ -12,6 +14,8 @@ A sequence longer than its ``max_len`` keeps its newest (last) ``max_len`` eleme
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -35,11 +39,57 @@ def _ids(arr: pa.Array, raw_type: str) -> np.ndarray:
     return arr.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
 
 
-def _arrays(table: pa.Table) -> dict[str, pa.Array]:
-    """Name → one contiguous array per column. A table from ``iter_batches`` has one chunk per
-    column, so this is a lookup, not a copy (``combine_chunks`` only where a column has several)."""
-    return {name: col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
-            for name, col in zip(table.column_names, table.columns)}
+def _one_batch(table: pa.Table) -> pa.RecordBatch:
+    """The table as one record batch: zero-copy when every column has one chunk (a table from
+    ``iter_batches``), one ``combine_chunks`` otherwise (a padded batch)."""
+    batches = table.to_batches()
+    if len(batches) != 1:
+        batches = table.combine_chunks().to_batches() or [pa.RecordBatch.from_pylist([], schema=table.schema)]
+    return batches[0]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How a schema's sparse fields are read, worked out once per schema: single-valued int64
+    fields are read together (``int_columns``), in runs of consecutive keys; string and
+    multi-valued fields one by one."""
+
+    int_columns: list[str]  # the single-valued int fields, in key order
+    segments: list[tuple]  # key order: ("ints", first, end) into int_columns | ("one", field)
+
+
+_PLANS: dict[int, tuple[FeatureSchema, _Plan]] = {}
+
+
+def _plan(schema: FeatureSchema) -> _Plan:
+    hit = _PLANS.get(id(schema))
+    if hit is not None and hit[0] is schema:
+        return hit[1]
+    ints, segments = [], []
+    for f in schema.sparse:
+        if not f.multi_valued and f.raw_type == "int64":
+            if segments and segments[-1][0] == "ints":
+                segments[-1] = ("ints", segments[-1][1], len(ints) + 1)
+            else:
+                segments.append(("ints", len(ints), len(ints) + 1))
+            ints.append(f.name)
+        else:
+            segments.append(("one", f))
+    plan = _Plan(ints, segments)
+    if len(_PLANS) > 64:
+        _PLANS.clear()
+    _PLANS[id(schema)] = (schema, plan)
+    return plan
+
+
+def _int_block(rb: pa.RecordBatch, names: list[str]) -> np.ndarray:
+    """Columns ``names`` (integers, no nulls) as one int64 array [len(names), rows], read by
+    Arrow in one call (``to_tensor``, column-major): no Python step per column."""
+    if not names:
+        return np.zeros((0, rb.num_rows), dtype=np.int64)
+    if rb.num_rows == 0:
+        return np.zeros((len(names), 0), dtype=np.int64)
+    return np.asarray(rb.select(names).to_tensor(row_major=False)).T.astype(np.int64, copy=False)
 
 
 def _list_parts(arr: pa.Array) -> tuple[pa.Array, np.ndarray]:
@@ -50,13 +100,11 @@ def _list_parts(arr: pa.Array) -> tuple[pa.Array, np.ndarray]:
     return arr.values.slice(lo, hi - lo), np.diff(offsets).astype(np.int64, copy=False)
 
 
-def _floats(cols: dict[str, pa.Array], names: list[str], n: int) -> np.ndarray:
-    if not names:
-        return np.zeros((n, 0), dtype=np.float32)
-    out = np.empty((n, len(names)), dtype=np.float32)
-    for j, name in enumerate(names):
-        out[:, j] = cols[name].to_numpy(zero_copy_only=False)
-    return out
+def _floats(rb: pa.RecordBatch, names: list[str], n: int) -> np.ndarray:
+    """Columns ``names`` as float32 [rows, len(names)], in one Arrow call."""
+    if not names or n == 0:
+        return np.zeros((n, len(names)), dtype=np.float32)
+    return np.ascontiguousarray(np.asarray(rb.select(names).to_tensor(row_major=True)), dtype=np.float32)
 
 
 def keep_newest(lengths: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -90,31 +138,39 @@ def collate(table: pa.Table, schema: FeatureSchema, pad_to: int | None = None,
     n = table.num_rows
     weights = np.zeros(n, dtype=np.float32)
     weights[:real] = 1.0
-    cols = _arrays(table)
-    values, lengths = [], []
-    ones = np.ones(n, dtype=np.int64)
-    for f in schema.sparse:
+    rb = _one_batch(table)
+    plan = _plan(schema)
+    ints = _int_block(rb, plan.int_columns)  # every single-valued int field in one Arrow call
+    values = []
+    lengths = np.ones(len(schema.sparse) * n, dtype=np.int64)  # single-valued: 1; lists below
+    at = 0  # this key's first row in lengths
+    for seg in plan.segments:
+        if seg[0] == "ints":
+            values.append(ints[seg[1]:seg[2]].reshape(-1))
+            at += (seg[2] - seg[1]) * n
+            continue
+        f = seg[1]
         if f.multi_valued:
-            flat, lens = _list_parts(cols[f.name])
+            flat, lens = _list_parts(rb.column(f.name))
             values.append(_ids(flat, f.raw_type))
-            lengths.append(lens)
+            lengths[at:at + n] = lens
         else:
-            values.append(_ids(cols[f.name], f.raw_type))
-            lengths.append(ones)
+            values.append(_ids(rb.column(f.name), f.raw_type))
+        at += n
     fields = KeyedJaggedTensor(
         keys=schema.field_names,
         values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
-        lengths=torch.from_numpy(np.concatenate(lengths) if lengths else np.zeros(0, np.int64)),
+        lengths=torch.from_numpy(lengths),
         stride=n,
     )
     sequences = None
     if schema.sequences:
         s_values, s_lengths = [], []
         for q in schema.sequences:
-            _, lens = _list_parts(cols[q.columns[0]])
+            _, lens = _list_parts(rb.column(q.columns[0]))
             idx, new_lens = keep_newest(lens, q.max_len)
             for feat in q.features:
-                flat, _ = _list_parts(cols[q.column(feat)])
+                flat, _ = _list_parts(rb.column(q.column(feat)))
                 s_values.append(_ids(flat, feat.raw_type)[idx])
                 s_lengths.append(new_lens)
         sequences = KeyedJaggedTensor(
@@ -124,11 +180,12 @@ def collate(table: pa.Table, schema: FeatureSchema, pad_to: int | None = None,
             stride=n,
         )
     return Batch(
-        dense=torch.from_numpy(_floats(cols, schema.dense_names, n)),
+        dense=torch.from_numpy(_floats(rb, schema.dense_names, n)),
         fields=fields,
         sequences=sequences,
-        labels=torch.from_numpy(_floats(cols, list(schema.labels), n) if with_labels
+        labels=torch.from_numpy(_floats(rb, list(schema.labels), n) if with_labels
                                 else np.zeros((n, len(schema.labels)), dtype=np.float32)),
-        user_ids=torch.from_numpy(np.array(_ids(cols[schema.user_id], schema.user_id_type))),
+        user_ids=torch.from_numpy(np.array(_ids(rb.column(schema.user_id), schema.user_id_type))),
         weights=torch.from_numpy(weights),
     )
+

@@ -92,3 +92,21 @@ def test_collate_reads_slices_and_chunks_like_a_fresh_table() -> None:
             assert torch.equal(x.values(), y.values()) and torch.equal(x.lengths(), y.lengths())
         for t in ("dense", "labels", "user_ids", "weights"):
             assert torch.equal(getattr(a, t), getattr(b, t))
+
+
+
+def test_int_fields_read_together_keep_key_order() -> None:
+    """Single-valued int fields are read in one Arrow call; runs of them on either side of a
+    list field must still land in schema key order."""
+    schema = FeatureSchema.from_dict({
+        "user_id": "a", "labels": ["click"], "tables": {"t": {"hash_size": 10, "dim": 4}},
+        "sparse": [{"name": "a", "table": "t"}, {"name": "l", "table": "t", "multi_valued": True},
+                   {"name": "b", "table": "t"}, {"name": "c", "table": "t"}],
+    })
+    t = pa.table({"ts": [1, 2], "click": pa.array([1.0, 0.0], pa.float32()),
+                  "a": pa.array([1, 2], pa.int64()), "l": pa.array([[5], [6, 7]], pa.list_(pa.int64())),
+                  "b": pa.array([3, 4], pa.int64()), "c": pa.array([8, 9], pa.int64())})
+    f = collate(t, schema).fields
+    assert f.keys() == ["a", "l", "b", "c"]
+    assert f.values().tolist() == [1, 2, 5, 6, 7, 3, 4, 8, 9]
+    assert f.lengths().tolist() == [1, 1, 1, 2, 1, 1, 1, 1]
