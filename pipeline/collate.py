@@ -110,13 +110,11 @@ def _floats(rb: pa.RecordBatch, names: list[str], n: int) -> np.ndarray:
 def keep_newest(lengths: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices into the flat values that keep each row's last ``max_len`` elements, and the
     new lengths."""
-    ends = np.cumsum(lengths)
     new_lengths = np.minimum(lengths, max_len)
-    starts = ends - new_lengths
-    total = int(new_lengths.sum())
-    row_start = np.repeat(starts, new_lengths)
-    new_offsets = np.cumsum(new_lengths) - new_lengths
-    idx = np.arange(total) - np.repeat(new_offsets, new_lengths) + row_start
+    new_ends = np.cumsum(new_lengths)
+    # element j of row r sits at new_offset[r] + j in the output and at start[r] + j in the input
+    shift = (np.cumsum(lengths) - new_lengths) - (new_ends - new_lengths)
+    idx = np.arange(int(new_ends[-1]) if len(new_ends) else 0) + np.repeat(shift, new_lengths)
     return idx, new_lengths
 
 
@@ -168,11 +166,14 @@ def collate(table: pa.Table, schema: FeatureSchema, pad_to: int | None = None,
         s_values, s_lengths = [], []
         for q in schema.sequences:
             _, lens = _list_parts(rb.column(q.columns[0]))
-            idx, new_lens = keep_newest(lens, q.max_len)
+            idx = None
+            if n and lens.max() > q.max_len:  # else every row is kept whole: no gather
+                idx, lens = keep_newest(lens, q.max_len)
             for feat in q.features:
                 flat, _ = _list_parts(rb.column(q.column(feat)))
-                s_values.append(_ids(flat, feat.raw_type)[idx])
-                s_lengths.append(new_lens)
+                ids = _ids(flat, feat.raw_type)
+                s_values.append(ids if idx is None else ids[idx])
+                s_lengths.append(lens)
         sequences = KeyedJaggedTensor(
             keys=schema.sequence_columns,
             values=torch.from_numpy(np.concatenate(s_values)),
