@@ -36,6 +36,7 @@ from jobs.tracking import StepLogger
 from model.ranking import RankingModel, RankingTrain
 from model.sparse import SparseArch
 from pipeline.collate import collate
+from pipeline.source import rebatch
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,8 @@ def train_loop(args: WorkerArgs) -> None:
         shard_it = ray.train.get_dataset_shard(name)  # on this thread; iteration may run on another
 
         def batches() -> Iterator:
-            for table in shard_it.iter_batches(batch_size=batch_size, batch_format="pyarrow",
-                                               prefetch_batches=2):
+            blocks = shard_it.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
+            for table in rebatch(blocks, batch_size):
                 if count_truncated:
                     truncated[0] += overlong_rows(table, cfg.schema)
                 yield collate(table, cfg.schema, pad_to=batch_size,

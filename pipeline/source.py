@@ -9,7 +9,7 @@ counts itself with zero-weight steps, so every row in is trained or quarantined.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,8 +30,11 @@ def read_logs(files: list[Path], schema: FeatureSchema, quarantine_dir: str | Pa
     """A dataset of the files' valid rows, schema columns only, in file order.
 
     The file list is dealt into at most ``READ_TASKS`` blocks of paths; one ``map_batches`` task
-    per block streams each file's row groups (``rows_per_block`` rows at most per output block,
-    so the split hands the workers even shares) through the ``QuarantineWriter``. This replaces
+    per block streams each file's row groups, ``rows_per_block`` rows at a time, through the
+    ``QuarantineWriter``. Ray Data joins a task's output into blocks of up to 128 MiB (about a
+    file of the demo's logs); smaller blocks (a lower ``target_max_block_size`` or a streaming
+    repartition) brought the first rows sooner but halved the 2-consumer rate on 2 cores
+    (docs/benchmarks.md), so the default stays. This replaces
     ``ray.data.read_parquet``, which on Ray 2.60 spent 14 s listing and planning 172 small day
     files before the first row came out (1.2 s this way; see docs/benchmarks.md)."""
     columns = list(expected_kinds(schema))
@@ -60,6 +63,28 @@ class ParquetReader:
                     table = pa.Table.from_batches([rb])
                     table = table.append_column(SOURCE, pa.repeat(pa.scalar(path, pa.string()), table.num_rows))
                     yield self.writer(table, duplicates(table))
+
+
+def rebatch(blocks: Iterable[pa.Table], size: int) -> Iterator[pa.Table]:
+    """Consecutive ``size``-row tables cut from a stream of blocks, the last one shorter if the
+    rows run out: the batches ``iter_batches(batch_size=size)`` yields, in the same order.
+
+    Workers iterate whole blocks (``iter_batches(batch_size=None)``) and cut them here with
+    zero-copy slices; Ray Data's own batcher cost about half of the pipeline's steady rate at
+    512-row batches (docs/benchmarks.md). Only a block's leftover rows are copied, once, into
+    the next batch."""
+    carry = None
+    for block in blocks:
+        if carry is not None:
+            block, carry = pa.concat_tables([carry, block]), None
+        n = block.num_rows
+        full = n - n % size
+        for lo in range(0, full, size):
+            yield block.slice(lo, size)
+        if full < n:
+            carry = block.slice(full)
+    if carry is not None:
+        yield carry
 
 
 def deal_files(files: list[Path], parts: int) -> list[list[Path]]:
