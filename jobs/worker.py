@@ -74,7 +74,7 @@ def synced(batches: Iterator, padding) -> Iterator:
 class EarlyStart:
     """An iterator whose first item is pulled in a background thread from construction on.
 
-    The training stream's start-up (Ray Data's coordinator, read tasks, the first block) then
+    The training stream's start-up (Ray Data's executor, read tasks, the first block) then
     runs while the model is built, sharded and loaded, instead of after it. Iterating joins the
     thread, re-raises its error if it had one, and yields the first item, then the rest."""
 
