@@ -155,8 +155,8 @@ class StepLogger:
 
     ``log`` only queues: a background thread sends, so the step (and the other workers, who
     wait for rank 0 at the next collective) never waits for the tracking server. ``close``
-    sends what is queued and returns. Up to ``max_queued`` steps wait; beyond that the oldest
-    is dropped with a warning rather than holding training back."""
+    sends what is queued and returns. Up to ``max_queued`` steps wait; beyond that a new step's
+    metrics are dropped with a warning rather than holding training back."""
 
     def __init__(self, tracking_uri: str, run_id: str, attempts: int = 4, base_delay: float = 0.5,
                  max_queued: int = 1000) -> None:

@@ -77,6 +77,8 @@ def _train_runtime_env() -> dict:
         from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR as key
         from ray.train.v2._internal.constants import (
             DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE as value,
+        )
+        from ray.train.v2._internal.constants import (
             get_env_vars_to_propagate,
         )
     except ImportError:
