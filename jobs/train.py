@@ -55,48 +55,8 @@ def init_ray(address: str | None, num_workers: int) -> None:
     if address:
         ray.init(address=address)
     else:  # logical CPUs for the workers plus room for Ray Data's read and quarantine tasks
-        num_cpus = max(os.cpu_count() or 1, num_workers + 2)
-        # Ray kills idle pooled workers once there are more workers than CPUs; Ray Train's own
-        # actors (controller, workers, watchers) pass that on a small machine, and the warm
-        # workers of warm_data_workers would be killed before Ray Data could use them.
-        ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
-                 _system_config={"num_workers_soft_limit": num_cpus + 8})
-
-
-@ray.remote(num_cpus=0)
-def _import_pipeline() -> int:
-    import pipeline.source  # noqa: F401  (pyarrow, Ray Data and the validators: ~1 s a process)
-    return os.getpid()
-
-
-def _train_runtime_env() -> dict:
-    """The runtime env Ray Train (2.60) gives its controller, and so the dataset actors and
-    read tasks started under it. Ray hands a pooled worker only to work with the same runtime
-    env, so the warm workers must carry it too. Private Ray names: {} if they move."""
-    try:
-        from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR as key
-        from ray.train.v2._internal.constants import (
-            DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE as value,
-        )
-        from ray.train.v2._internal.constants import (
-            get_env_vars_to_propagate,
-        )
-    except ImportError:
-        return {}
-    env = get_env_vars_to_propagate()
-    env.setdefault(key, value)
-    return {"env_vars": env}
-
-
-def warm_data_workers(count: int) -> list:
-    """Start ``count`` Ray worker processes and import the pipeline in them, without waiting.
-
-    Ray Data's read tasks run in pooled worker processes. Started cold, when the first worker
-    asks for data, each costs a process start plus ~1 s of imports before its first row, and
-    the job's first step waited for that (docs/benchmarks.md). Started here, they get ready
-    while Ray Train starts its controller and workers, and go back to the pool warm."""
-    task = _import_pipeline.options(runtime_env=_train_runtime_env())
-    return [task.remote() for _ in range(count)]
+        ray.init(num_cpus=max(os.cpu_count() or 1, num_workers + 2), include_dashboard=False,
+                 configure_logging=False)
 
 
 def oracle_auc(data_root: Path, day: str) -> float | None:
@@ -167,9 +127,6 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
     client.log_text(run_id, cfg.to_json(), "config/resolved_config.json")
 
     init_ray(req.address, cfg.train.num_workers)
-    # the CPUs Ray Train leaves to Ray Data's read tasks (2 on the local default), plus 2 for
-    # the actors Ray Data starts first (the split coordinator and the stats actor)
-    warm_data_workers(2 + min(4, max(1, int(ray.cluster_resources().get("CPU", 1)) - cfg.train.num_workers)))
     ray.data.DataContext.get_current().enable_progress_bars = False  # workers print progress
     run_dir = (req.workdir / "runs" / run_id).resolve()
     quarantine = run_dir / "quarantine"
