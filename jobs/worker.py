@@ -35,8 +35,7 @@ from jobs.metrics import evaluate
 from jobs.tracking import StepLogger
 from model.ranking import RankingModel, RankingTrain
 from model.sparse import SparseArch
-from pipeline.collate import collate
-from pipeline.source import rebatch
+from pipeline.collate import collate, collate_blocks
 
 
 @dataclass(frozen=True)
@@ -138,11 +137,11 @@ def train_loop(args: WorkerArgs) -> None:
 
         def batches() -> Iterator:
             blocks = shard_it.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
-            for table in rebatch(blocks, batch_size):
+            # each block decoded once, its batches cut from it (pipeline.collate.Decoded)
+            for batch, overlong in collate_blocks(blocks, cfg.schema, batch_size, padding_row=args.template):
                 if count_truncated:
-                    truncated[0] += overlong_rows(table, cfg.schema)
-                yield collate(table, cfg.schema, pad_to=batch_size,
-                              padding_row=args.template).to(device, non_blocking=True)
+                    truncated[0] += overlong
+                yield batch.to(device, non_blocking=True)
         return batches()
 
     # Ray Train restarts the worker group after a worker failure ([train].max_failures): this
@@ -286,17 +285,6 @@ def train_loop(args: WorkerArgs) -> None:
         with open(f"{report}/checkpoint.json", "w") as f:
             json.dump({"checkpoint": final_ckpt}, f)
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(report) if report else None)
-
-
-def overlong_rows(table, schema) -> int:
-    """Rows with a behaviour sequence longer than its ``max_len`` (collate keeps the newest)."""
-    import pyarrow.compute as pc
-
-    over = np.zeros(table.num_rows, dtype=bool)
-    for q in schema.sequences:
-        lens = pc.list_value_length(table.column(q.columns[0])).fill_null(0).to_numpy(zero_copy_only=False)
-        over |= lens > q.max_len
-    return int(over.sum())
 
 
 def managed_collision_metrics(sparse_arch: SparseArch, phase: str) -> dict[str, float]:

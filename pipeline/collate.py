@@ -15,6 +15,7 @@ A sequence longer than its ``max_len`` keeps its newest (last) ``max_len`` eleme
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,14 +109,117 @@ def _floats(rb: pa.RecordBatch, names: list[str], n: int) -> np.ndarray:
 
 
 def keep_newest(lengths: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices into the flat values that keep each row's last ``max_len`` elements, and the
-    new lengths."""
-    new_lengths = np.minimum(lengths, max_len)
-    new_ends = np.cumsum(new_lengths)
-    # element j of row r sits at new_offset[r] + j in the output and at start[r] + j in the input
-    shift = (np.cumsum(lengths) - new_lengths) - (new_ends - new_lengths)
-    idx = np.arange(int(new_ends[-1]) if len(new_ends) else 0) + np.repeat(shift, new_lengths)
-    return idx, new_lengths
+    """A mask over the flat values that keeps each row's last ``max_len`` elements, and the
+    new lengths. Only the dropped elements are indexed (the oldest of the over-long rows), so
+    it costs little when few rows are over-long."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    keep = np.ones(int(lengths.sum()), dtype=bool)
+    cut = lengths - max_len
+    over = np.flatnonzero(cut > 0)
+    if len(over):
+        cut = cut[over]
+        starts = np.cumsum(lengths)[over] - lengths[over]  # each over-long row's first element
+        ends = np.cumsum(cut)
+        keep[np.repeat(starts - (ends - cut), cut) + np.arange(int(ends[-1]))] = False
+    return keep, np.minimum(lengths, max_len)
+
+
+class Decoded:
+    """A validated table decoded once; ``batch(lo, hi)`` cuts the ``Batch`` of rows
+    ``[lo, hi)`` from it.
+
+    Everything that costs per row runs once over the whole table: the single-valued int fields
+    in one Arrow call, string hashing, the newest-``max_len`` gather of every sequence, dense
+    and label matrices. A batch is then slices of those arrays and one concatenation per KJT:
+    a worker decodes each Ray Data block once and cuts all its batches from it
+    (``collate_blocks``), instead of decoding 512 rows at a time (docs/benchmarks.md).
+    ``overlong`` marks the rows whose behaviour sequence was cut to ``max_len``."""
+
+    def __init__(self, table: pa.Table, schema: FeatureSchema, with_labels: bool = True) -> None:
+        rb = _one_batch(table)
+        n = self.n = rb.num_rows
+        plan = _plan(schema)
+        self.schema = schema
+        self.ints = _int_block(rb, plan.int_columns)  # every single-valued int field, one Arrow call
+        self.fields = []  # key order: ("ints", first, end) | ("ids", ids, offsets or None: one a row)
+        self.field_lengths = np.ones((len(schema.sparse), n), dtype=np.int64)  # [key, row]
+        row = 0  # the key's row in field_lengths
+        for seg in plan.segments:
+            if seg[0] == "ints":
+                self.fields.append(seg)
+                row += seg[2] - seg[1]
+                continue
+            f = seg[1]
+            row += 1
+            if f.multi_valued:
+                flat, lens = _list_parts(rb.column(f.name))
+                self.field_lengths[row - 1] = lens
+                self.fields.append(("ids", _ids(flat, f.raw_type), _offsets(lens)))
+            else:
+                self.fields.append(("ids", _ids(rb.column(f.name), f.raw_type), None))
+        self.sequences = []  # one (ids, offsets) per sequence column, key order
+        seq_lengths = []
+        self.overlong = np.zeros(n, dtype=bool)
+        for q in schema.sequences:
+            _, lens = _list_parts(rb.column(q.columns[0]))
+            keep = None
+            if n and lens.max() > q.max_len:  # else every row is kept whole: no copy
+                self.overlong |= lens > q.max_len
+                keep, lens = keep_newest(lens, q.max_len)
+            offsets = _offsets(lens)
+            for feat in q.features:
+                flat, _ = _list_parts(rb.column(q.column(feat)))
+                ids = _ids(flat, feat.raw_type)
+                self.sequences.append((ids if keep is None else ids[keep], offsets))
+                seq_lengths.append(lens)
+        self.sequence_lengths = np.stack(seq_lengths) if seq_lengths else None  # [column, row]
+        self.dense = _floats(rb, schema.dense_names, n)
+        self.labels = (_floats(rb, list(schema.labels), n) if with_labels
+                       else np.zeros((n, len(schema.labels)), dtype=np.float32))
+        self.user_ids = np.array(_ids(rb.column(schema.user_id), schema.user_id_type))  # writable
+
+    def batch(self, lo: int = 0, hi: int | None = None, real: int | None = None) -> Batch:
+        """Rows ``[lo, hi)`` as a ``Batch``; the first ``real`` of them weigh 1, the rest 0."""
+        hi = self.n if hi is None else hi
+        m = hi - lo
+        weights = np.zeros(m, dtype=np.float32)
+        weights[:m if real is None else real] = 1.0
+        values = []
+        for part in self.fields:
+            if part[0] == "ints":
+                values.append(self.ints[part[1]:part[2], lo:hi].reshape(-1))
+            elif part[2] is None:
+                values.append(part[1][lo:hi])
+            else:
+                values.append(part[1][part[2][lo]:part[2][hi]])
+        fields = KeyedJaggedTensor(
+            keys=self.schema.field_names,
+            values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
+            lengths=torch.from_numpy(self.field_lengths[:, lo:hi].reshape(-1)),
+            stride=m,
+        )
+        sequences = None
+        if self.sequence_lengths is not None:
+            sequences = KeyedJaggedTensor(
+                keys=self.schema.sequence_columns,
+                values=torch.from_numpy(np.concatenate([ids[o[lo]:o[hi]] for ids, o in self.sequences])),
+                lengths=torch.from_numpy(self.sequence_lengths[:, lo:hi].reshape(-1)),
+                stride=m,
+            )
+        return Batch(
+            dense=torch.from_numpy(self.dense[lo:hi]),
+            fields=fields,
+            sequences=sequences,
+            labels=torch.from_numpy(self.labels[lo:hi]),
+            user_ids=torch.from_numpy(self.user_ids[lo:hi]),
+            weights=torch.from_numpy(weights),
+        )
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
 
 
 def collate(table: pa.Table, schema: FeatureSchema, pad_to: int | None = None,
@@ -127,66 +231,45 @@ def collate(table: pa.Table, schema: FeatureSchema, pad_to: int | None = None,
     have no labels: ``with_labels=False`` fills ``labels`` with zeros.
     """
     real = table.num_rows
-    if pad_to is not None and real < pad_to:
-        if padding_row is None:
-            raise ValueError("collate: pad_to needs a padding_row")
-        columns = padding_row.column_names
-        fill = padding_row.take(np.zeros(pad_to - real, dtype=np.int64))  # one vectorized copy
-        table = pa.concat_tables([table.select(columns).cast(padding_row.schema), fill])
-    n = table.num_rows
-    weights = np.zeros(n, dtype=np.float32)
-    weights[:real] = 1.0
-    rb = _one_batch(table)
-    plan = _plan(schema)
-    ints = _int_block(rb, plan.int_columns)  # every single-valued int field in one Arrow call
-    values = []
-    lengths = np.ones(len(schema.sparse) * n, dtype=np.int64)  # single-valued: 1; lists below
-    at = 0  # this key's first row in lengths
-    for seg in plan.segments:
-        if seg[0] == "ints":
-            values.append(ints[seg[1]:seg[2]].reshape(-1))
-            at += (seg[2] - seg[1]) * n
-            continue
-        f = seg[1]
-        if f.multi_valued:
-            flat, lens = _list_parts(rb.column(f.name))
-            values.append(_ids(flat, f.raw_type))
-            lengths[at:at + n] = lens
-        else:
-            values.append(_ids(rb.column(f.name), f.raw_type))
-        at += n
-    fields = KeyedJaggedTensor(
-        keys=schema.field_names,
-        values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
-        lengths=torch.from_numpy(lengths),
-        stride=n,
-    )
-    sequences = None
-    if schema.sequences:
-        s_values, s_lengths = [], []
-        for q in schema.sequences:
-            _, lens = _list_parts(rb.column(q.columns[0]))
-            idx = None
-            if n and lens.max() > q.max_len:  # else every row is kept whole: no gather
-                idx, lens = keep_newest(lens, q.max_len)
-            for feat in q.features:
-                flat, _ = _list_parts(rb.column(q.column(feat)))
-                ids = _ids(flat, feat.raw_type)
-                s_values.append(ids if idx is None else ids[idx])
-                s_lengths.append(lens)
-        sequences = KeyedJaggedTensor(
-            keys=schema.sequence_columns,
-            values=torch.from_numpy(np.concatenate(s_values)),
-            lengths=torch.from_numpy(np.concatenate(s_lengths)),
-            stride=n,
-        )
-    return Batch(
-        dense=torch.from_numpy(_floats(rb, schema.dense_names, n)),
-        fields=fields,
-        sequences=sequences,
-        labels=torch.from_numpy(_floats(rb, list(schema.labels), n) if with_labels
-                                else np.zeros((n, len(schema.labels)), dtype=np.float32)),
-        user_ids=torch.from_numpy(np.array(_ids(rb.column(schema.user_id), schema.user_id_type))),
-        weights=torch.from_numpy(weights),
-    )
+    return Decoded(_padded(table, pad_to, padding_row), schema, with_labels).batch(real=real)
 
+
+def _padded(table: pa.Table, pad_to: int | None, padding_row: pa.Table | None) -> pa.Table:
+    """``table`` filled up to ``pad_to`` rows with copies of ``padding_row``."""
+    if pad_to is None or table.num_rows >= pad_to:
+        return table
+    if padding_row is None:
+        raise ValueError("collate: pad_to needs a padding_row")
+    fill = padding_row.take(np.zeros(pad_to - table.num_rows, dtype=np.int64))  # one vectorized copy
+    return pa.concat_tables([table.select(padding_row.column_names).cast(padding_row.schema), fill])
+
+
+def collate_blocks(blocks: Iterable[pa.Table], schema: FeatureSchema, size: int,
+                   padding_row: pa.Table | None = None) -> Iterator[tuple[Batch, int]]:
+    """``(batch, rows cut to max_len)`` for consecutive ``size``-row batches of a stream of
+    validated blocks: the same batches as ``collate`` over ``pipeline.source.rebatch``, in the
+    same order, but each block is decoded once (``Decoded``). Rows left at a block's end are
+    joined with the next block's first rows and collated on their own; with ``padding_row``,
+    a short last batch is padded to ``size`` (weight 0)."""
+    carry = None
+    for block in blocks:
+        lo = 0
+        if carry is not None:  # finish the batch the last block started
+            lo = min(size - carry.num_rows, block.num_rows)
+            carry = pa.concat_tables([carry, block.slice(0, lo)])
+            if carry.num_rows < size:
+                continue
+            d = Decoded(carry, schema)
+            yield d.batch(), int(d.overlong.sum())
+            carry = None
+        full = lo + (block.num_rows - lo) // size * size
+        if full > lo:
+            d = Decoded(block.slice(lo, full - lo), schema)
+            for a in range(0, full - lo, size):
+                yield d.batch(a, a + size), int(d.overlong[a:a + size].sum())
+        if full < block.num_rows:
+            carry = block.slice(full)
+    if carry is not None:
+        real = carry.num_rows
+        d = Decoded(_padded(carry, size if padding_row is not None else None, padding_row), schema)
+        yield d.batch(real=real), int(d.overlong[:real].sum())

@@ -45,7 +45,11 @@ def read_logs(files: list[Path], schema: FeatureSchema, quarantine_dir: str | Pa
     items = [{"path": str(f)} for f in files] or [{"path": ""}]  # "": no file (an empty shard)
     paths = ray.data.from_items(items, override_num_blocks=min(len(items), READ_TASKS))
     reader = ParquetReader(columns, rows_per_block, QuarantineWriter(schema, str(quarantine_dir)))
-    return paths.map_batches(reader, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+    ds = paths.map_batches(reader, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+    # No Ray Data progress bars: these streams run inside the training workers, whose step
+    # lines are the job's progress; the bars only interleave with them and cost the worker CPU.
+    ds.context.enable_progress_bars = False
+    return ds
 
 
 class ParquetReader:

@@ -8,7 +8,8 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embedding.schema import FeatureSchema
-from pipeline.collate import collate, hash_strings, keep_newest
+from pipeline.collate import collate, collate_blocks, hash_strings, keep_newest
+from pipeline.source import rebatch
 
 SCHEMA = FeatureSchema.from_dict({
     "user_id": "uid", "user_id_type": "string", "labels": ["click", "like"],
@@ -68,10 +69,12 @@ def test_padding_rows_have_zero_weight() -> None:
 
 def test_keep_newest() -> None:
     import numpy as np
-    idx, lens = keep_newest(np.array([3, 1, 0, 4]), 2)
-    assert lens.tolist() == [2, 1, 0, 2] and idx.tolist() == [1, 2, 3, 6, 7]
-    idx, lens = keep_newest(np.array([], dtype=np.int64), 2)  # an empty batch
-    assert idx.tolist() == [] and lens.tolist() == []
+    keep, lens = keep_newest(np.array([3, 1, 0, 4]), 2)
+    assert lens.tolist() == [2, 1, 0, 2] and np.flatnonzero(keep).tolist() == [1, 2, 3, 6, 7]
+    keep, lens = keep_newest(np.array([], dtype=np.int64), 2)  # an empty batch
+    assert keep.tolist() == [] and lens.tolist() == []
+    keep, lens = keep_newest(np.array([5, 2, 7]), 3)  # two cut rows, values 0..13
+    assert np.flatnonzero(keep).tolist() == [2, 3, 4, 5, 6, 11, 12, 13] and lens.tolist() == [3, 2, 3]
 
 
 def test_string_hash_is_stable_across_processes() -> None:
@@ -110,3 +113,46 @@ def test_int_fields_read_together_keep_key_order() -> None:
     assert f.keys() == ["a", "l", "b", "c"]
     assert f.values().tolist() == [1, 2, 5, 6, 7, 3, 4, 8, 9]
     assert f.lengths().tolist() == [1, 1, 1, 2, 1, 1, 1, 1]
+
+
+def _same(a, b) -> None:
+    for kjt in ("fields", "sequences"):
+        x, y = getattr(a, kjt), getattr(b, kjt)
+        assert x.keys() == y.keys() and x.stride() == y.stride()
+        assert torch.equal(x.values(), y.values()) and torch.equal(x.lengths(), y.lengths())
+    for t in ("dense", "labels", "user_ids", "weights"):
+        assert torch.equal(getattr(a, t), getattr(b, t)), t
+
+
+def test_collate_blocks_equals_collate_of_each_batch() -> None:
+    """A worker decodes each block once and cuts its batches from it: every batch, including
+    those joining two blocks' rows and the padded last one, must equal ``collate`` of the same
+    rows, and the count of rows cut to ``max_len`` must match the rows' sequence lengths."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    n = 61
+    lens = rng.integers(0, 5, n)  # max_len 2: some rows cut, some not
+    item = [list(rng.integers(0, 100, k)) for k in lens]
+    big = pa.table({
+        "uid": [f"u{i % 7}" for i in range(n)], "ts": list(range(n)),
+        "click": rng.integers(0, 2, n).astype(float), "like": rng.integers(0, 2, n).astype(float),
+        "a": pa.array(rng.integers(-2**40, 2**40, n), pa.int64()),
+        "tags": pa.array([list(rng.integers(0, 9, k)) for k in rng.integers(0, 4, n)], pa.list_(pa.int64())),
+        "s": [f"s{i % 5}" for i in range(n)],
+        "d0": pa.array(rng.random(n), pa.float32()), "d1": pa.array(rng.random(n), pa.float32()),
+        "h_item": pa.array(item, pa.list_(pa.int64())),
+        "h_cat": pa.array([[x + 1000 for x in row] for row in item], pa.list_(pa.int64())),
+    })
+    cuts = [0, 3, 4, 4, 20, 21, 50, n]  # blocks of 3, 1, 0, 16, 1, 29 and 11 rows
+    blocks = [big.slice(a, b - a) for a, b in zip(cuts, cuts[1:])]
+    pad = big.slice(0, 1)
+    for size in (1, 5, 8, 64):
+        got = list(collate_blocks(blocks, SCHEMA, size, padding_row=pad))
+        want = list(rebatch(blocks, size))
+        assert len(got) == len(want) == -(-n // size)
+        for (b, over), t in zip(got, want):
+            _same(b, collate(t, SCHEMA, pad_to=size, padding_row=pad))
+            t_lens = np.array([len(x) for x in t.column("h_item").to_pylist()])
+            assert over == int((t_lens > 2).sum())
+    last, _ = list(collate_blocks(blocks, SCHEMA, 8))[-1]  # no padding row: a short last batch
+    assert last.size == n % 8 and last.weights.tolist() == [1.0] * (n % 8)

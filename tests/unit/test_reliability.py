@@ -20,10 +20,18 @@ from mlflow.tracking import MlflowClient
 from embedding.schema import FeatureSchema, load_schema
 from jobs import checkpoint
 from jobs.tracking import RetryingClient, StepLogger, connect, log_metrics, with_retries
-from jobs.worker import overlong_rows
+from pipeline.collate import collate_blocks
 from pipeline.days import day_files, parse_days
 from pipeline.generator import GeneratorConfig, generate
-from pipeline.validate import REASON, DuplicateFinder, SchemaMismatchError, check_files, row_hashes, split_valid
+from pipeline.validate import (
+    REASON,
+    DuplicateFinder,
+    SchemaMismatchError,
+    check_files,
+    row_hashes,
+    split_valid,
+    to_canonical,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = load_schema(ROOT / "configs/tiny.toml")
@@ -101,8 +109,12 @@ def test_row_hashes_tell_values_nulls_and_columns_apart() -> None:
     assert row_hashes(floats, ["x"])[0] != row_hashes(floats, ["x"])[2]
 
 
+def overlong_rows(t: pa.Table, schema) -> int:
+    return sum(n for _, n in collate_blocks([t], schema, t.num_rows))
+
+
 def test_overlong_sequences_are_counted(logs: Path) -> None:
-    t = _table(logs)
+    t = to_canonical(_table(logs), SCHEMA)
     q = SCHEMA.sequences[0]
     lens = [len(x) for x in t.column(q.columns[0]).to_pylist()]
     assert overlong_rows(t, SCHEMA) == sum(n > q.max_len for n in lens)
