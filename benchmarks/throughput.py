@@ -107,12 +107,12 @@ def start_consumers(n: int) -> list:
             import pyarrow.parquet as pq
             import ray.data
 
-            from pipeline.source import READ_TASKS
+            from pipeline.source import READ_TASKS, chunk_rows
 
             def read(paths):
                 for path in paths.column("path").to_pylist():
                     with pq.ParquetFile(path) as f:
-                        for rb in f.iter_batches(batch_size=65536, columns=columns):
+                        for rb in f.iter_batches(batch_size=chunk_rows(len(columns)), columns=columns):
                             yield pa.Table.from_batches([rb])
 
             items = [{"path": str(f)} for f in mine]
@@ -156,21 +156,21 @@ def work_per_row(files: list[Path], cfg: JobConfig) -> dict:
     with no Ray: validation + duplicate check + quarantine (``ParquetReader``'s steps) and
     ``collate_blocks`` over the whole stream, as a worker runs it."""
     from pipeline.collate import collate_blocks
-    from pipeline.validate import SOURCE, DuplicateFinder, QuarantineWriter
+    from pipeline.source import ParquetReader, chunk_rows
+    from pipeline.validate import DuplicateFinder, QuarantineWriter
 
     columns = list(expected_kinds(cfg.schema))
     cost = {"validate": 0.0, "collate": 0.0}
     good = []
     with tempfile.TemporaryDirectory() as q:
-        writer = QuarantineWriter(cfg.schema, q)
+        reader = ParquetReader(columns, chunk_rows(len(columns)), QuarantineWriter(cfg.schema, q))
         for path in files:
             with pq.ParquetFile(path) as f:
-                chunks = [pa.Table.from_batches([rb]) for rb in f.iter_batches(batch_size=65536, columns=columns)]
+                chunks = [pa.Table.from_batches([rb]) for rb in f.iter_batches(batch_size=reader.rows_per_block,
+                                                                               columns=columns)]
             t = time.process_time()
             dup = DuplicateFinder()
-            for c in chunks:
-                c = c.append_column(SOURCE, pa.repeat(pa.scalar(str(path), pa.string()), c.num_rows))
-                good.append(writer(c, dup(c)))
+            good += [reader.checked(c, str(path), dup) for c in chunks]
             cost["validate"] += time.process_time() - t
     t = time.process_time()
     rows = sum(b.size for b, _ in collate_blocks(good, cfg.schema, cfg.train.batch_size))

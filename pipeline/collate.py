@@ -248,28 +248,15 @@ def collate_blocks(blocks: Iterable[pa.Table], schema: FeatureSchema, size: int,
                    padding_row: pa.Table | None = None) -> Iterator[tuple[Batch, int]]:
     """``(batch, rows cut to max_len)`` for consecutive ``size``-row batches of a stream of
     validated blocks: the same batches as ``collate`` over ``pipeline.source.rebatch``, in the
-    same order, but each block is decoded once (``Decoded``). Rows left at a block's end are
-    joined with the next block's first rows and collated on their own; with ``padding_row``,
-    a short last batch is padded to ``size`` (weight 0)."""
-    carry = None
-    for block in blocks:
-        lo = 0
-        if carry is not None:  # finish the batch the last block started
-            lo = min(size - carry.num_rows, block.num_rows)
-            carry = pa.concat_tables([carry, block.slice(0, lo)])
-            if carry.num_rows < size:
-                continue
-            d = Decoded(carry, schema)
-            yield d.batch(), int(d.overlong.sum())
-            carry = None
-        full = lo + (block.num_rows - lo) // size * size
-        if full > lo:
-            d = Decoded(block.slice(lo, full - lo), schema)
-            for a in range(0, full - lo, size):
-                yield d.batch(a, a + size), int(d.overlong[a:a + size].sum())
-        if full < block.num_rows:
-            carry = block.slice(full)
-    if carry is not None:
-        real = carry.num_rows
-        d = Decoded(_padded(carry, size if padding_row is not None else None, padding_row), schema)
-        yield d.batch(real=real), int(d.overlong[:real].sum())
+    same order, but each of ``batch_runs``' tables is decoded once (``Decoded``) and its batches
+    cut from it. With ``padding_row``, a short last batch is padded to ``size`` (weight 0)."""
+    from pipeline.source import batch_runs  # here, not at the top: serving imports collate without Ray
+
+    for run in batch_runs(blocks, size):
+        real = run.num_rows
+        if real < size and padding_row is not None:  # only the last run is short
+            run = _padded(run, size, padding_row)
+        d = Decoded(run, schema)
+        for lo in range(0, real, size):
+            hi = min(lo + size, real)
+            yield d.batch(lo, min(lo + size, d.n), real=hi - lo), int(d.overlong[lo:hi].sum())

@@ -40,8 +40,7 @@ def read_logs(files: list[Path], schema: FeatureSchema, quarantine_dir: str | Pa
     ``ray.data.read_parquet``, which on Ray 2.60 spent 14 s listing and planning 172 small day
     files before the first row came out (1.2 s this way; see docs/benchmarks.md)."""
     columns = list(expected_kinds(schema))
-    if rows_per_block is None:  # about 2 M values a chunk: 65,536 demo rows, 1,024 at 2,000+ fields
-        rows_per_block = min(65536, max(1024, (1 << 21) // len(columns)))
+    rows_per_block = rows_per_block or chunk_rows(len(columns))
     items = [{"path": str(f)} for f in files] or [{"path": ""}]  # "": no file (an empty shard)
     paths = ray.data.from_items(items, override_num_blocks=min(len(items), READ_TASKS))
     reader = ParquetReader(columns, rows_per_block, QuarantineWriter(schema, str(quarantine_dir)))
@@ -50,6 +49,11 @@ def read_logs(files: list[Path], schema: FeatureSchema, quarantine_dir: str | Pa
     # lines are the job's progress; the bars only interleave with them and cost the worker CPU.
     ds.context.enable_progress_bars = False
     return ds
+
+
+def chunk_rows(n_columns: int) -> int:
+    """Rows read at a time: about 2 M values, 65,536 demo rows, 1,024 at 2,000+ columns."""
+    return min(65536, max(1024, (1 << 21) // n_columns))
 
 
 class ParquetReader:
@@ -68,31 +72,48 @@ class ParquetReader:
             duplicates = DuplicateFinder()  # exact repeats of an earlier row of this file
             with pq.ParquetFile(where, filesystem=fs) as f:
                 for rb in f.iter_batches(batch_size=self.rows_per_block, columns=self.columns):
-                    table = pa.Table.from_batches([rb])
-                    table = table.append_column(SOURCE, pa.repeat(pa.scalar(path, pa.string()), table.num_rows))
-                    yield self.writer(table, duplicates(table))
+                    yield self.checked(pa.Table.from_batches([rb]), path, duplicates)
+
+    def checked(self, table: pa.Table, path: str, duplicates: DuplicateFinder) -> pa.Table:
+        """One chunk of ``path`` tagged with it, its bad rows quarantined, the rest canonical."""
+        table = table.append_column(SOURCE, pa.repeat(pa.scalar(path, pa.string()), table.num_rows))
+        return self.writer(table, duplicates(table))
+
+
+def batch_runs(blocks: Iterable[pa.Table], size: int) -> Iterator[pa.Table]:
+    """The rows of a stream of blocks, in order, as tables of whole ``size``-row batches: each
+    block's full batches as one zero-copy slice, and a batch that spans two blocks (a block's
+    leftover rows joined with the next block's first rows) as a table of its own. Only the last
+    table may be short. Cutting every table into ``size`` rows gives the batches
+    ``iter_batches(batch_size=size)`` yields (``rebatch``)."""
+    carry = None
+    for block in blocks:
+        lo = 0
+        if carry is not None:  # finish the batch the last block started
+            lo = min(size - carry.num_rows, block.num_rows)
+            carry = pa.concat_tables([carry, block.slice(0, lo)])
+            if carry.num_rows < size:
+                continue
+            yield carry
+            carry = None
+        full = lo + (block.num_rows - lo) // size * size
+        if full > lo:
+            yield block.slice(lo, full - lo)
+        if full < block.num_rows:
+            carry = block.slice(full)
+    if carry is not None:
+        yield carry
 
 
 def rebatch(blocks: Iterable[pa.Table], size: int) -> Iterator[pa.Table]:
     """Consecutive ``size``-row tables cut from a stream of blocks, the last one shorter if the
-    rows run out: the batches ``iter_batches(batch_size=size)`` yields, in the same order.
-
-    Workers iterate whole blocks (``iter_batches(batch_size=None)``) and cut them here with
-    zero-copy slices; Ray Data's own batcher cost about half of the pipeline's steady rate at
-    512-row batches (docs/benchmarks.md). Only a block's leftover rows are copied, once, into
-    the next batch."""
-    carry = None
-    for block in blocks:
-        if carry is not None:
-            block, carry = pa.concat_tables([carry, block]), None
-        n = block.num_rows
-        full = n - n % size
-        for lo in range(0, full, size):
-            yield block.slice(lo, size)
-        if full < n:
-            carry = block.slice(full)
-    if carry is not None:
-        yield carry
+    rows run out: the batches ``iter_batches(batch_size=size)`` yields, in the same order, as
+    zero-copy slices of ``batch_runs``. Ray Data's own batcher cost about half
+    of the pipeline's steady rate at 512-row batches (docs/benchmarks.md); workers go one step
+    further and decode each run once (``collate_blocks``)."""
+    for run in batch_runs(blocks, size):
+        for lo in range(0, run.num_rows, size):
+            yield run.slice(lo, size)
 
 
 def deal_files(files: list[Path], parts: int) -> list[list[Path]]:

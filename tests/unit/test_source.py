@@ -35,3 +35,13 @@ def test_deal_files_balances_rows_and_keeps_file_order(tmp_path: Path) -> None:
     assert rows == [140, 120] and max(rows) - min(rows) <= 100  # within one file's rows
     assert all(p == sorted(p, key=files.index) for p in parts)  # each in the original order
     assert deal_files(files[:1], 3)[1:] == [[], []]  # more workers than files: empty shares
+
+
+def test_read_tasks_do_not_import_torch() -> None:
+    """Ray Data read tasks unpickle ``ParquetReader`` from ``pipeline.source``; in a fresh
+    worker process an import of torch there cost the job's first batch about 4 s."""
+    import subprocess
+    import sys
+    code = "import sys, pipeline.source; print(sorted({'torch', 'torchrec'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
