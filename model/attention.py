@@ -1,19 +1,35 @@
-"""Causal attention kernels: full (SDPA), sliding-window (banded, O(L·w)), and the reference.
+"""Causal attention kernels: reference (masked SDPA), sdpa (fused causal), banded (O(L·W)), and
+``auto``, which picks one of them per call from the shapes (static under ``torch.export``).
 
-Shapes: B batch, H heads, L tokens, E head dim, W window, N number of W-blocks.
+Shapes: B batch, H heads, Q query rows, K keys, E head dim, W window, N number of W-blocks.
 
-Semantics shared by every kernel, so they are interchangeable and testable against each other:
-query ``i`` attends to keys ``j`` with ``i - window < j <= i`` (``window=None``: all ``j <= i``)
-whose ``key_valid[b, j]`` is true — and always to itself, so a padding query never sees an empty
-row (its output is ignored downstream, but a NaN would poison gradients).
+Semantics shared by every kernel, so they are interchangeable and testable against each other.
+The Q queries are the *last* Q of the K key positions (end-aligned, as receptive-field trimming
+needs; ``Q == K`` is ordinary self-attention): query ``i`` sits at key position
+``p = K - Q + i`` and attends to keys ``j`` with ``p - window < j <= p`` (``window=None``: all
+``j <= p``) whose ``key_valid[b, j]`` is true. ``key_valid=None`` means every key is valid.
 
-* ``reference``: builds the L×L boolean mask and calls ``scaled_dot_product_attention``. Plain,
-  obviously right, O(L²) for any window. The default on unknown devices.
-* ``sdpa``: full causal attention through SDPA (its fused kernels when there is no padding);
-  falls back to the reference mask for windows.
+Outputs at *padding* query rows (``key_valid[b, p]`` false) are unspecified but finite: no
+consumer reads them (a padding slot is masked as a key everywhere above). The reference lets a
+padding query see itself; the fused path gives it the valid keys it can see, or a uniform mix of
+padding when it sees none. Valid query rows — everything that reaches a logit — are equal across
+kernels in outputs and gradients (``tests/unit/test_attention.py``).
+
+* ``reference``: builds the [B, 1, Q, K] boolean mask and calls SDPA. Plain, obviously right,
+  O(Q·K) for any window.
+* ``sdpa``: full causal attention through SDPA's fused causal kernel. Key padding is folded into
+  one extra head dimension (``q' = [q, 1]``, ``k' = [k, −c·[j is padding]]``, the scale kept at
+  ``1/√E``): a padding key's score drops by ``c`` and its softmax weight is exactly 0 in fp32, so
+  no [B, Q, K] mask is built and the fused kernel still skips the upper triangle. ``Q < K`` runs
+  the fused kernel on all K rows when ``Q ≥ K/2`` (cheaper than a mask that cannot skip blocks),
+  else the reference. Windows that do not cover the keys go to the reference.
 * ``banded``: sliding windows as blocks of W queries against their 2W preceding keys, so work
-  and memory are O(L·W) instead of O(L²). Equal to the reference in outputs and gradients
-  (``tests/unit/test_attention.py``).
+  and memory are O(K·W) instead of O(K²).
+* ``auto`` (the model's default): full attention → ``sdpa`` from ``FUSED_MIN_KEYS`` keys on
+  (below it the masked reference measured as fast, and the fold costs a copy); a window that
+  covers the keys → full; a window with at least ``BANDED_MIN_BLOCKS`` windows of queries →
+  ``banded``; otherwise (few queries, or a window over most of the stream) → ``reference``.
+  Thresholds from ``benchmarks/attention.py`` on this CPU (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -24,46 +40,79 @@ import torch
 import torch.nn.functional as F
 
 KERNELS = ("reference", "sdpa", "banded")
+FUSED_MIN_KEYS = 256
+BANDED_MIN_BLOCKS = 4
 
 
-def causal_mask(key_valid_BL: torch.Tensor, window: int | None) -> torch.Tensor:
-    """[B, 1, L, L] boolean, True where query i may attend key j."""
-    L = key_valid_BL.shape[1]
-    i = torch.arange(L, device=key_valid_BL.device)
-    rel = i[:, None] - i[None, :]  # i - j
-    allowed_LL = rel >= 0
+def causal_mask(key_valid_BK: torch.Tensor, window: int | None, q_len: int | None = None) -> torch.Tensor:
+    """[B, 1, Q, K] boolean, True where query i (at key position K − Q + i) may attend key j;
+    a query always sees itself.
+
+    >>> causal_mask(torch.tensor([[False, True, True]]), None, q_len=2)[0, 0].tolist()
+    [[False, True, False], [False, True, True]]
+    """
+    K = key_valid_BK.shape[1]
+    Q = K if q_len is None else q_len
+    p = torch.arange(K - Q, K, device=key_valid_BK.device)
+    rel = p[:, None] - torch.arange(K, device=key_valid_BK.device)[None, :]  # p - j
+    allowed_QK = rel >= 0
     if window is not None:
-        allowed_LL = allowed_LL & (rel < window)
-    mask = allowed_LL[None] & key_valid_BL[:, None, :]
-    mask = mask | torch.eye(L, dtype=torch.bool, device=mask.device)[None]
-    return mask[:, None]
+        allowed_QK = allowed_QK & (rel < window)
+    return ((allowed_QK[None] & key_valid_BK[:, None, :]) | (rel == 0)[None])[:, None]
 
 
-def reference_attention(q_BHLE, k_BHLE, v_BHLE, key_valid_BL, window: int | None = None):
-    return F.scaled_dot_product_attention(q_BHLE, k_BHLE, v_BHLE,
-                                          attn_mask=causal_mask(key_valid_BL, window))
+def reference_attention(q_BHQE, k_BHKE, v_BHKE, key_valid_BK, window: int | None = None):
+    B, _, K, _ = k_BHKE.shape
+    if key_valid_BK is None:
+        key_valid_BK = torch.ones(B, K, dtype=torch.bool, device=k_BHKE.device)
+    return F.scaled_dot_product_attention(q_BHQE, k_BHKE, v_BHKE,
+                                          attn_mask=causal_mask(key_valid_BK, window, q_BHQE.shape[2]))
 
 
-def sdpa_attention(q_BHLE, k_BHLE, v_BHLE, key_valid_BL, window: int | None = None):
-    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()  # no data-dependent branch
-    if window is None and not tracing and bool(key_valid_BL.all()):
-        return F.scaled_dot_product_attention(q_BHLE, k_BHLE, v_BHLE, is_causal=True)
-    return reference_attention(q_BHLE, k_BHLE, v_BHLE, key_valid_BL, window)
+def sdpa_attention(q_BHQE, k_BHKE, v_BHKE, key_valid_BK, window: int | None = None):
+    Q, K, E = q_BHQE.shape[2], k_BHKE.shape[2], q_BHQE.shape[3]
+    if window is not None and window < K:
+        return reference_attention(q_BHQE, k_BHKE, v_BHKE, key_valid_BK, window)
+    if Q == 1:  # the last position sees every key: no causal structure left
+        return _fused(q_BHQE, k_BHKE, v_BHKE, key_valid_BK, causal=False)
+    if Q < K and 2 * Q < K:
+        return reference_attention(q_BHQE, k_BHKE, v_BHKE, key_valid_BK, None)
+    if Q < K:  # the fused causal kernel aligns top-left: run it on every row, keep the last Q
+        q_BHQE = torch.cat([q_BHQE.new_zeros(*q_BHQE.shape[:2], K - Q, E), q_BHQE], dim=2)
+    return _fused(q_BHQE, k_BHKE, v_BHKE, key_valid_BK, causal=True)[:, :, K - Q:]
 
 
-def banded_attention(q_BHLE, k_BHLE, v_BHLE, key_valid_BL, window: int | None = None):
-    """Sliding-window causal attention in O(L·W): query block n (W queries) reads the keys of
-    blocks n-1 and n (2W keys), which contain every key its window can reach."""
-    B, H, L, E = q_BHLE.shape
-    if window is None or window >= L:
-        return sdpa_attention(q_BHLE, k_BHLE, v_BHLE, key_valid_BL, None)
+def _fused(q, k, v, key_valid_BK, causal: bool):
+    """SDPA without a mask tensor; key padding folded into one extra head dimension."""
+    if key_valid_BK is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    B, H, K, E = k.shape
+    scale = 1.0 / math.sqrt(E)
+    c = min(1e4 / scale, torch.finfo(q.dtype).max / 8)  # score drop: exp(-1e4) == 0
+    drop = ((~key_valid_BK).to(q.dtype) * -c)[:, None, :, None].expand(B, H, K, 1)
+    q = torch.cat([q, q.new_ones(*q.shape[:3], 1)], dim=-1)
+    k = torch.cat([k, drop], dim=-1)
+    v = torch.cat([v, v.new_zeros(B, H, K, 1)], dim=-1)  # fused kernels want one head dim
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)[..., :E]
+
+
+def banded_attention(q_BHQE, k_BHKE, v_BHKE, key_valid_BK, window: int | None = None):
+    """Sliding-window causal attention in O(K·W): query block n (W queries) reads the keys of
+    blocks n-1 and n (2W keys), which contain every key its window can reach. ``Q < K``: the
+    queries are placed at the end of K rows (zero rows before them) and the last Q kept."""
+    B, H, K, E = k_BHKE.shape
+    Q = q_BHQE.shape[2]
+    if window is None or window >= K:
+        return sdpa_attention(q_BHQE, k_BHKE, v_BHKE, key_valid_BK, None)
+    if key_valid_BK is None:
+        key_valid_BK = torch.ones(B, K, dtype=torch.bool, device=k_BHKE.device)
     W = window
-    N = math.ceil(L / W)
-    pad = N * W - L
-    q = F.pad(q_BHLE, (0, 0, 0, pad)).view(B, H, N, W, E)
-    k = _with_previous_block(F.pad(k_BHLE, (0, 0, 0, pad)).view(B, H, N, W, E))  # B H N 2W E
-    v = _with_previous_block(F.pad(v_BHLE, (0, 0, 0, pad)).view(B, H, N, W, E))
-    kv_valid = F.pad(key_valid_BL, (0, pad), value=False).view(B, N, W)
+    N = math.ceil(K / W)
+    pad = N * W - K
+    q = F.pad(q_BHQE, (0, 0, K - Q, pad)).view(B, H, N, W, E)
+    k = _with_previous_block(F.pad(k_BHKE, (0, 0, 0, pad)).view(B, H, N, W, E))  # B H N 2W E
+    v = _with_previous_block(F.pad(v_BHKE, (0, 0, 0, pad)).view(B, H, N, W, E))
+    kv_valid = F.pad(key_valid_BK, (0, pad), value=False).view(B, N, W)
     valid = torch.cat([F.pad(kv_valid, (0, 0, 1, 0), value=False)[:, :N], kv_valid], dim=2)  # B N 2W
 
     r = torch.arange(W, device=q.device)
@@ -75,7 +124,7 @@ def banded_attention(q_BHLE, k_BHLE, v_BHLE, key_valid_BL, window: int | None = 
     scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(E))
     scores = scores.masked_fill(~mask[:, None], float("-inf"))
     out = scores.softmax(-1) @ v
-    return out.reshape(B, H, N * W, E)[:, :, :L]
+    return out.reshape(B, H, N * W, E)[:, :, K - Q:K]
 
 
 def _with_previous_block(x_BHNWE: torch.Tensor) -> torch.Tensor:
@@ -84,16 +133,31 @@ def _with_previous_block(x_BHNWE: torch.Tensor) -> torch.Tensor:
     return torch.cat([prev, x_BHNWE], dim=3)
 
 
-def attention(kernel: str, q, k, v, key_valid_BL, window: int | None = None):
+def choose_kernel(q_len: int, k_len: int, window: int | None) -> str:
+    """The cheapest exact kernel for these static shapes (see the module docstring)."""
+    if window is None or window >= k_len:
+        return "sdpa" if k_len >= FUSED_MIN_KEYS or q_len == 1 else "reference"
+    return "banded" if q_len >= BANDED_MIN_BLOCKS * window else "reference"
+
+
+def attention(kernel: str, q_BHQE, k_BHKE, v_BHKE, key_valid_BK, window: int | None = None):
+    """Causal (optionally sliding-window) attention of the last Q key positions.
+
+    q [B, H, Q, E], k and v [B, H, K, E] with Q <= K, key_valid [B, K] bool or None → [B, H, Q, E].
+    ``kernel``: ``auto`` or one of ``KERNELS``; raises ``ValueError`` for any other name.
+    """
+    if kernel == "auto":
+        kernel = choose_kernel(q_BHQE.shape[2], k_BHKE.shape[2], window)
     if kernel == "banded":
-        return banded_attention(q, k, v, key_valid_BL, window)
+        return banded_attention(q_BHQE, k_BHKE, v_BHKE, key_valid_BK, window)
     if kernel == "sdpa":
-        return sdpa_attention(q, k, v, key_valid_BL, window)
+        return sdpa_attention(q_BHQE, k_BHKE, v_BHKE, key_valid_BK, window)
     if kernel == "reference":
-        return reference_attention(q, k, v, key_valid_BL, window)
-    raise ValueError(f"unknown attention kernel '{kernel}'; choose one of {KERNELS}")
+        return reference_attention(q_BHQE, k_BHKE, v_BHKE, key_valid_BK, window)
+    raise ValueError(f"unknown attention kernel '{kernel}'; choose auto or one of {KERNELS}")
 
 
 def default_kernel(device: torch.device) -> str:
-    """The reference on devices this project has not measured; banded where it has (CPU, CUDA)."""
-    return "banded" if device.type in ("cpu", "cuda") else "reference"
+    """``auto`` (shape-based choice) on devices this project has measured (CPU, CUDA), else the
+    reference."""
+    return "auto" if device.type in ("cpu", "cuda") else "reference"

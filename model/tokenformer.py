@@ -66,6 +66,7 @@ class TokenFormerConfig:
     mode: str = "new_impression"  # user_centric: item tokens also predict the action that followed
     action_feature: str = "action"  # the sequence side feature holding the action (user_centric)
     action_loss_weight: float = 1.0
+    trim: bool = True  # new-impression: compute only the receptive field of the read-out (exact)
 
     def __post_init__(self) -> None:
         if self.schedule:
@@ -109,6 +110,33 @@ def naive_transformer(cfg: TokenFormerConfig) -> TokenFormerConfig:
     return replace(cfg, num_full_layers=cfg.num_layers, windows=(), nlir=False, drop_field_tokens=False)
 
 
+def receptive_field_plan(stream_len: int, windows: list[int | None], drop_at: int | None = None,
+                         num_dropped: int = 0, read_rows: int | None = 1) -> list[tuple[int, int]]:
+    """Per layer ``(keys, queries)``: how many trailing rows of its input a layer must read and
+    how many trailing rows it must produce so that the last ``read_rows`` rows of the top layer
+    are exact (``read_rows=None``: every layer produces every row, the untrimmed stack).
+
+    Walks back from the read-out: a layer with window w that must produce Q rows needs its last
+    ``Q + w − 1`` input rows as keys (all of them for a full layer); those are the rows the layer
+    below must produce. ``drop_at``: the layer before which the ``num_dropped`` leading rows
+    (field tokens and the first separator) are removed. Only static ints go in, so the plan is
+    static under ``torch.export``. The demo's 2F2S (32, 16) stream of 49 tokens, 15 dropped, one
+    target token::
+
+        >>> receptive_field_plan(49, [None, None, 32, 16], drop_at=2, num_dropped=15)
+        [(49, 49), (49, 34), (34, 16), (16, 1)]
+    """
+    inputs = [stream_len - (num_dropped if drop_at is not None and i >= drop_at else 0)
+              for i in range(len(windows))]
+    plan, need = [], read_rows
+    for w, n_in in zip(reversed(windows), reversed(inputs)):
+        q = n_in if need is None else min(need, n_in)
+        k = n_in if w is None or need is None else min(n_in, q + w - 1)
+        plan.append((k, q))
+        need = None if need is None else k  # untrimmed: every layer produces all its rows
+    return plan[::-1]
+
+
 class RMSNorm(nn.Module):
     def __init__(self, d: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -143,6 +171,10 @@ def rope(x_BHSE: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
 
 
 class UnifiedInteractionBlock(nn.Module):
+    """One UIB. ``forward(x [B, K, D], pos [B, K], key_valid [B, K], q_len=Q) → [B, Q, D]``: keys
+    and values from all K input rows; queries, gate, output projection and SwiGLU only on the
+    last Q rows (receptive-field trimming; ``q_len=None`` means Q = K)."""
+
     def __init__(self, cfg: TokenFormerConfig, window: int | None, kernel: str) -> None:
         super().__init__()
         d = cfg.d_model
@@ -159,31 +191,54 @@ class UnifiedInteractionBlock(nn.Module):
         self.ffn = SwiGLU(d, cfg.ffn_hidden or 8 * math.ceil(8 * d / 3 / 8))
         self.captured: dict[str, torch.Tensor] | None = None  # set to {} to keep q, k for diagnostics
 
-    def forward(self, x_BSD: torch.Tensor, pos_BS: torch.Tensor, key_valid_BS: torch.Tensor) -> torch.Tensor:
-        i_BSD = self.attend(x_BSD, pos_BS, key_valid_BS)
-        return i_BSD + self.ffn(self.norm_ffn(i_BSD))
+    def forward(self, x_BKD: torch.Tensor, pos_BK: torch.Tensor, key_valid_BK: torch.Tensor,
+                q_len: int | None = None) -> torch.Tensor:
+        return self.feed_forward(self.attend(x_BKD, pos_BK, key_valid_BK, q_len))
 
-    def attend(self, x_BSD: torch.Tensor, pos_BS: torch.Tensor, key_valid_BS: torch.Tensor) -> torch.Tensor:
-        """The attention sub-layer ``I = X + σ(X W_g + b) ⊙ Attn(RMSNorm(X))``: everything the
-        attention kernel and window change; the SwiGLU sub-layer after it is the same for all."""
-        B, S, D = x_BSD.shape
-        q, k, v = self.qkv(self.norm_attn(x_BSD)).view(B, S, 3, self.heads, D // self.heads).unbind(2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # B H S E
-        cos, sin = rope_tables(pos_BS, q.shape[-1], self.theta, q.dtype)
-        q, k = rope(q, cos, sin), rope(k, cos, sin)
-        if self.captured is not None:
-            self.captured.update(q=q.detach(), k=k.detach(), key_valid=key_valid_BS)
-        a_BSD = self.proj(attention(self.kernel, q, k, v, key_valid_BS, self.window)
-                          .transpose(1, 2).reshape(B, S, D))
+    def feed_forward(self, i_BQD: torch.Tensor) -> torch.Tensor:
+        return i_BQD + self.ffn(self.norm_ffn(i_BQD))
+
+    def keys_values(self, x_BKD: torch.Tensor, pos_BK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (after RoPE) and values [B, H, K, E] of every input row: what a cache keeps."""
+        B, K, D = x_BKD.shape
+        kv = F.linear(self.norm_attn(x_BKD), self.qkv.weight[D:]).view(B, K, 2, self.heads, D // self.heads)
+        k, v = (t.transpose(1, 2) for t in kv.unbind(2))
+        cos, sin = rope_tables(pos_BK, k.shape[-1], self.theta, k.dtype)
+        return rope(k, cos, sin), v
+
+    def queries(self, x_BQD: torch.Tensor, pos_BQ: torch.Tensor) -> torch.Tensor:
+        """Queries (after RoPE) [B, H, Q, E] of the given rows."""
+        B, Q, D = x_BQD.shape
+        q = F.linear(self.norm_attn(x_BQD), self.qkv.weight[:D]).view(B, Q, self.heads, D // self.heads)
+        cos, sin = rope_tables(pos_BQ, q.shape[-1], self.theta, q.dtype)
+        return rope(q.transpose(1, 2), cos, sin)
+
+    def mix(self, x_BQD: torch.Tensor, a_BHQE: torch.Tensor) -> torch.Tensor:
+        """``I = X + σ(X W_g + b) ⊙ (A W_o)`` on the query rows."""
+        B, Q, D = x_BQD.shape
+        a_BQD = self.proj(a_BHQE.transpose(1, 2).reshape(B, Q, D))
         if self.gate is not None:
-            a_BSD = torch.sigmoid(self.gate(x_BSD)) * a_BSD
-        return x_BSD + a_BSD
+            a_BQD = torch.sigmoid(self.gate(x_BQD)) * a_BQD
+        return x_BQD + a_BQD
+
+    def attend(self, x_BKD: torch.Tensor, pos_BK: torch.Tensor, key_valid_BK: torch.Tensor,
+               q_len: int | None = None) -> torch.Tensor:
+        """The attention sub-layer ``I = X + σ(X W_g + b) ⊙ Attn(RMSNorm(X))`` on the last
+        ``q_len`` rows: everything the attention kernel and window change."""
+        K = x_BKD.shape[1]
+        Q = K if q_len is None else q_len
+        k, v = self.keys_values(x_BKD, pos_BK)
+        q = self.queries(x_BKD[:, K - Q:], pos_BK[:, K - Q:])
+        if self.captured is not None:
+            self.captured.update(q=q.detach(), k=k.detach(), key_valid=key_valid_BK)
+        return self.mix(x_BKD[:, K - Q:], attention(self.kernel, q, k, v, key_valid_BK, self.window))
 
 
 class HSTUBlock(nn.Module):
     """HSTU layer (Zhai et al. 2024) on the same stream, as a baseline: pointwise SiLU-gated
     attention without softmax, ``Y = X + f2(Norm(φ(QKᵀ)/n · V) ⊙ U)``, ``U, V, Q, K = φ(f1(Norm X))``.
-    RoPE stands in for the paper's relative attention bias."""
+    RoPE stands in for the paper's relative attention bias. ``q_len`` trims like the UIB: U and Q
+    on the last Q rows, V and K on all of them."""
 
     def __init__(self, cfg: TokenFormerConfig, window: int | None, kernel: str) -> None:
         super().__init__()
@@ -195,17 +250,24 @@ class HSTUBlock(nn.Module):
         self.f2 = nn.Linear(d, d)
         self.captured = None  # softmax-attention diagnostics do not apply
 
-    def forward(self, x_BSD: torch.Tensor, pos_BS: torch.Tensor, key_valid_BS: torch.Tensor) -> torch.Tensor:
-        B, S, D = x_BSD.shape
-        u, v, q, k = F.silu(self.f1(self.norm_in(x_BSD))).chunk(4, dim=-1)
-        q, k, v = (t.view(B, S, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))
-        cos, sin = rope_tables(pos_BS, q.shape[-1], self.theta, q.dtype)
-        q, k = rope(q, cos, sin), rope(k, cos, sin)
-        mask = causal_mask(key_valid_BS, self.window)  # B 1 S S
-        w = F.silu(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])) * mask
-        w = w / mask.sum(-1, keepdim=True).clamp(min=1)  # mean over the keys a query may see
-        av = (w @ v).transpose(1, 2).reshape(B, S, D)
-        return x_BSD + self.f2(self.norm_av(av) * u)
+    def forward(self, x_BKD: torch.Tensor, pos_BK: torch.Tensor, key_valid_BK: torch.Tensor,
+                q_len: int | None = None) -> torch.Tensor:
+        B, K, D = x_BKD.shape
+        Q = K if q_len is None else q_len
+        h = self.norm_in(x_BKD)
+        w, b = self.f1.weight, self.f1.bias  # rows: U, V, Q, K
+        v, k = F.silu(F.linear(h, w[D:2 * D], b[D:2 * D])), F.silu(F.linear(h, w[3 * D:], b[3 * D:]))
+        u, q = F.silu(F.linear(h[:, K - Q:], w[:D], b[:D])), F.silu(F.linear(h[:, K - Q:], w[2 * D:3 * D],
+                                                                               b[2 * D:3 * D]))
+        q = q.view(B, Q, self.heads, D // self.heads).transpose(1, 2)
+        k, v = (t.view(B, K, self.heads, D // self.heads).transpose(1, 2) for t in (k, v))
+        cos, sin = rope_tables(pos_BK, q.shape[-1], self.theta, q.dtype)
+        q, k = rope(q, cos[:, :, K - Q:], sin[:, :, K - Q:]), rope(k, cos, sin)
+        mask = causal_mask(key_valid_BK, self.window, Q)  # B 1 Q K
+        a = F.silu(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])) * mask
+        a = a / mask.sum(-1, keepdim=True).clamp(min=1)  # mean over the keys a query may see
+        av = (a @ v).transpose(1, 2).reshape(B, Q, D)
+        return x_BKD[:, K - Q:] + self.f2(self.norm_av(av) * u)
 
 
 BLOCKS = {"uib": UnifiedInteractionBlock, "hstu": HSTUBlock}
@@ -332,26 +394,42 @@ class TokenFormer(nn.Module):
                            torch.ones(B, 1 + T, dtype=torch.bool, device=dev)], dim=1)
         return x, pos, valid, x.shape[1] - n_prefix - 2 - T
 
+    def plan(self, stream_len: int, trimmed: bool) -> list[tuple[int, int]]:
+        """Per layer (keys, queries) for a stream of ``stream_len`` tokens; ``trimmed``: only the
+        last token is read (new-impression), else every row (user-centric, diagnostics)."""
+        drop = self.cfg.drop_field_tokens and 0 < self.cfg.num_full_layers < len(self.layers)
+        return receptive_field_plan(stream_len, [layer.window for layer in self.layers],
+                                    self.cfg.num_full_layers if drop else None, self.num_prefix_tokens,
+                                    1 if trimmed else None)
+
     def forward(self, dense_BDd: torch.Tensor, sparse: SparseOutput, return_states: bool = False):
         logits, aux = self.forward_with_aux(dense_BDd, sparse, return_states)
         return (logits, aux["states"]) if return_states else logits
 
-    def forward_with_aux(self, dense_BDd: torch.Tensor, sparse: SparseOutput, return_states: bool = False):
-        """Logits plus ``aux``: per-layer behaviour states (``return_states``) and, in the
-        user-centric mode, ``action_logits_BL`` (left-aligned like the input sequence)."""
+    def forward_with_aux(self, dense_BDd: torch.Tensor, sparse: SparseOutput, return_states: bool = False,
+                         trim: bool | None = None):
+        """Logits [B, num_tasks] plus ``aux``: per-layer behaviour states (``return_states``) and,
+        in the user-centric mode, ``action_logits_BL`` (left-aligned like the input sequence).
+
+        ``trim`` (default: ``cfg.trim`` in new-impression mode without states or diagnostics):
+        run the receptive-field plan (``plan``), exact for the logits; else every row."""
         x, pos, valid, L = self.tokens(dense_BDd, sparse)
-        start = self.num_prefix_tokens  # behaviour slots are x[:, start:start+L] until dropped
+        diagnosing = return_states or any(getattr(layer, "captured", None) is not None for layer in self.layers)
+        if trim is None:
+            trim = self.cfg.trim and not diagnosing and not self.user_centric
+        if trim and (self.user_centric or diagnosing):
+            raise ValueError("tokenformer: trimming reads only the last token; the user-centric mode and "
+                             "diagnostics read every position")
+        tail = L + 1 + len(self.target_proj)  # behaviour slots, then <sep> and target tokens, at the end
         states = []
-        for i, layer in enumerate(self.layers):
-            if self.cfg.drop_field_tokens and i == self.cfg.num_full_layers and i > 0:
-                x, pos, valid = x[:, start:], pos[:, start:], valid[:, start:]
-                start = 0
-            x = layer(x, pos, valid)
+        for layer, (keys, queries) in zip(self.layers, self.plan(x.shape[1], trim)):
+            x, pos, valid = x[:, -keys:], pos[:, -keys:], valid[:, -keys:]  # also drops the field tokens
+            x = layer(x, pos, valid, queries)
             if return_states:
-                states.append((x[:, start:start + L], valid[:, start:start + L]))
+                states.append((x[:, -tail:x.shape[1] - tail + L], valid[:, -tail:valid.shape[1] - tail + L]))
         aux = {"states": states}
         if self.user_centric:  # item tokens (even slots) predict the action that follows them
-            items_BLD = self.final_norm(x[:, start:start + L:2])
+            items_BLD = self.final_norm(x[:, -tail:x.shape[1] - tail + L:2])
             aux["action_logits_BL"] = right_align(self.action_head(items_BLD), sparse.sequences[0][1],
                                                   inverse=True).squeeze(-1)
         return self.head(self.final_norm(x[:, -1])), aux
