@@ -89,6 +89,15 @@ def _sparse_dict(f: SparseField) -> dict[str, Any]:
 @dataclass(frozen=True, kw_only=True)
 class DenseField:
     name: str
+    # candidate-level: differs between the candidates of one request (the candidate's price, its
+    # predicted quality, …). Default request-level: shared by every candidate of a request, so it
+    # belongs to the user prefix that shared-prefix scoring computes once (docs/serving.md).
+    candidate: bool = False
+
+
+def _dense_dict(f: DenseField) -> dict[str, Any]:
+    """``asdict`` of a dense field, ``candidate`` left out when false (fingerprints unchanged)."""
+    return {"name": f.name} | ({"candidate": True} if f.candidate else {})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,6 +151,13 @@ class FeatureSchema:
     def dense_names(self) -> list[str]:
         return [f.name for f in self.dense]
 
+    def candidate_columns(self, target_groups: tuple[str, ...]) -> list[str]:
+        """Columns that differ between the candidates of one request: the sparse fields of the
+        target token groups and the candidate-level dense fields. Every other column (user and
+        context fields, request-level dense, sequences, the user id) is request-level."""
+        return ([f.name for f in self.sparse if f.group in target_groups]
+                + [f.name for f in self.dense if f.candidate])
+
     @property
     def sequence_columns(self) -> list[str]:
         return [c for s in self.sequences for c in s.columns]
@@ -161,6 +177,7 @@ class FeatureSchema:
         """A stable hash of the schema (used to cache sharding plans and tag runs)."""
         d = dataclasses.asdict(self)
         d["sparse"] = type(d["sparse"])(_sparse_dict(f) for f in self.sparse)  # unset id_range left out
+        d["dense"] = type(d["dense"])(_dense_dict(f) for f in self.dense)  # request-level left out
         return hashlib.sha256(repr(d).encode()).hexdigest()[:16]
 
     def without_sequences(self) -> FeatureSchema:
@@ -180,7 +197,7 @@ class FeatureSchema:
                            "eviction_interval": t.eviction_interval} if t.managed_collision else {})
                        for t in self.tables},
             "sparse": [_sparse_dict(f) for f in self.sparse],
-            "dense": [dataclasses.asdict(f) for f in self.dense],
+            "dense": [_dense_dict(f) for f in self.dense],
             "sequences": [{"name": q.name, "max_len": q.max_len,
                            "features": [dataclasses.asdict(f) for f in q.features]}
                           for q in self.sequences],
@@ -207,11 +224,12 @@ class FeatureSchema:
             new_tables, new_fields = _expand_sparse_group(f"schema.sparse_groups[{i}]", g)
             tables += new_tables
             sparse += new_fields
-        dense = [DenseField(**_only(f"schema.dense[{i}]", s, {"name"}))
+        dense = [DenseField(**_only(f"schema.dense[{i}]", s, {"name", "candidate"}))
                  for i, s in enumerate(d.get("dense", []))]
         for i, g in enumerate(d.get("dense_groups", [])):
-            g = _only(f"schema.dense_groups[{i}]", g, {"prefix", "count"})
-            dense += [DenseField(name=f"{g['prefix']}_{j}") for j in range(int(g["count"]))]
+            g = _only(f"schema.dense_groups[{i}]", g, {"prefix", "count", "candidate"})
+            dense += [DenseField(name=f"{g['prefix']}_{j}", candidate=bool(g.get("candidate", False)))
+                      for j in range(int(g["count"]))]
         sequences = []
         for i, s in enumerate(d.get("sequences", [])):
             s = _only(f"schema.sequences[{i}]", s, {"name", "max_len", "features"})

@@ -60,6 +60,29 @@ class RankingModel(nn.Module):
         return self.tower(batch.dense, sparse), {}
 
 
+    def score_candidates(self, prefix, candidates, counts_R: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+        """Logits [N, T] of N candidate rows grouped into R requests: ``prefix`` is a ``Batch`` of
+        R rows (one per request: its request-level columns — user and context fields,
+        request-level dense features, sequences), ``candidates`` a ``Batch`` of N rows (their
+        candidate-level columns — the fields of ``tokenformer.target_groups`` and candidate-level
+        dense features — are read; the sequences may be empty), ``counts_R`` [R] candidates per
+        request, in order. TokenFormer computes each request's prefix once; other towers score
+        the N full rows one by one. Equal to ``forward`` on the full rows."""
+        from model.candidates import expand_requests
+
+        sparse_R = self.sparse_arch(prefix.fields, prefix.sequences if self.schema.sequences else None)
+        fields_N = self.sparse_arch.pooled_fields(candidates.fields)
+        if hasattr(self.tower, "score_candidates"):
+            return self.tower.score_candidates(prefix.dense, sparse_R, fields_N, candidates.dense, counts_R,
+                                               chunk_size)
+        groups = self.cfg.tokenformer.target_groups
+        field_idx = torch.tensor([i for i, f in enumerate(self.schema.sparse) if f.group in groups], dtype=torch.long)
+        dense_idx = torch.tensor([i for i, f in enumerate(self.schema.dense) if f.candidate], dtype=torch.long)
+        dense_N, sparse_N = expand_requests(prefix.dense, sparse_R, fields_N, candidates.dense, counts_R,
+                                            field_idx, dense_idx)
+        return self.tower(dense_N, sparse_N)
+
+
 def build_tower(schema: FeatureSchema, cfg: ModelConfig) -> nn.Module:
     dim = common_dim(schema, f"the {cfg.tower} tower")
     num_tasks = len(schema.labels)

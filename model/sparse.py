@@ -129,12 +129,17 @@ class SparseArch(nn.Module):
             out[table] = torch.stack([used.cpu(), torch.tensor(m._mch_sorted_raw_ids.numel())])
         return out
 
-    def forward(self, fields: KeyedJaggedTensor, sequences: KeyedJaggedTensor | None) -> SparseOutput:
+    def pooled_fields(self, fields: KeyedJaggedTensor) -> torch.Tensor:
+        """Pooled field embeddings [B, F, D] in schema order (no sequences: candidate rows)."""
         values, keys = self._pooled(fields)
         fields_BFD = values.view(values.shape[0], len(self.schema.sparse), -1)
         order = self._field_order(keys)
         if order is not None:  # sharded EBCs may emit keys in another order: back to schema order
             fields_BFD = fields_BFD.index_select(1, order.to(fields_BFD.device))
+        return fields_BFD
+
+    def forward(self, fields: KeyedJaggedTensor, sequences: KeyedJaggedTensor | None) -> SparseOutput:
+        fields_BFD = self.pooled_fields(fields)
         seqs, feats = [], []
         if self.ec is not None:
             if sequences is None:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedding.schema import FeatureSchema
+from model import candidates
 from model.attention import KERNELS, attention, causal_mask, default_kernel
 
 if TYPE_CHECKING:  # the tower itself needs only torch: benchmarks run it where TorchRec is absent
@@ -315,7 +316,13 @@ class TokenFormer(nn.Module):
             k = self.fields_per_token * emb_dim
             self.field_w = nn.Parameter(torch.randn(n_tokens, k, d) / math.sqrt(k))
             self.field_b = nn.Parameter(torch.zeros(n_tokens, d))
-        self.dense_proj = nn.Linear(len(schema.dense), d) if schema.dense else None
+        request_dense = [i for i, f in enumerate(schema.dense) if not f.candidate]
+        candidate_dense = [i for i, f in enumerate(schema.dense) if f.candidate]
+        self.register_buffer("request_dense_idx", torch.tensor(request_dense, dtype=torch.long), persistent=False)
+        self.register_buffer("candidate_dense_idx", torch.tensor(candidate_dense, dtype=torch.long),
+                             persistent=False)
+        self.dense_proj = nn.Linear(len(request_dense), d) if request_dense else None  # a prefix token
+        self.candidate_dense_proj = nn.Linear(len(candidate_dense), d) if candidate_dense else None  # a target token
         # target tokens: one per target group
         tgroups = list(dict.fromkeys(groups[i] for i in target_idx))
         self.target_sets = [[i for i in target_idx if groups[i] == g] for g in tgroups]
@@ -341,24 +348,31 @@ class TokenFormer(nn.Module):
         self.layers = nn.ModuleList(BLOCKS[block](cfg, w, kernel) for w in windows)
         self.final_norm = RMSNorm(d)
         self.head = nn.Linear(d, num_tasks)
+        self.prefix_passes = 0  # requests whose prefix score_candidates computed (a counter, not state)
 
     @property
     def num_prefix_tokens(self) -> int:
         """Field tokens (+ the dense token) and the first separator: what BFTS drops."""
         return self.num_field_tokens + (1 if self.dense_proj is not None else 0) + 1
 
-    def tokens(self, dense_BDd: torch.Tensor, sparse: SparseOutput):
-        """(x_BSD, pos_BS, key_valid_BS, num_behaviour_slots)."""
+    @property
+    def num_target_tokens(self) -> int:
+        return len(self.target_proj) + (self.candidate_dense_proj is not None)
+
+    def prefix_tokens(self, dense_BDd: torch.Tensor, sparse: SparseOutput):
+        """The request-level part of the stream, ``[fields | dense | <sep> | behaviours | <sep>]``:
+        (x_BPD, pos_BP, key_valid_BP, newest_B1, num_behaviour_slots). Identical for every
+        candidate of a request, which is what shared-prefix scoring computes once."""
         fields = sparse.fields_BFD
-        B, _, De = fields.shape
-        parts, pos, valid = [], [], []
+        B = fields.shape[0]
+        parts = []
         if self.num_field_tokens:
             f = fields.index_select(1, self.field_idx)
             pad = self.num_field_tokens * self.fields_per_token - f.shape[1]
             f = F.pad(f, (0, 0, 0, pad)).reshape(B, self.num_field_tokens, -1)
             parts.append(torch.einsum("bnk,nkd->bnd", f, self.field_w) + self.field_b)
         if self.dense_proj is not None:
-            parts.append(self.dense_proj(dense_BDd)[:, None])
+            parts.append(self.dense_proj(dense_BDd.index_select(1, self.request_dense_idx))[:, None])
         n_prefix = sum(p.shape[1] for p in parts)
         parts.append(self.sep[0].expand(B, 1, -1))
         x_BLDe, lengths_B = sparse.sequences[0]
@@ -374,10 +388,6 @@ class TokenFormer(nn.Module):
         for proj, (x_s, len_s) in zip(self.other_behaviour_proj, sparse.sequences[1:]):
             parts.append(proj(right_align(x_s, len_s)))
         parts.append(self.sep[1].expand(B, 1, -1))
-        for j, proj in enumerate(self.target_proj):
-            idx = getattr(self, f"target_idx_{j}")
-            parts.append(proj(fields.index_select(1, idx).reshape(B, -1))[:, None])
-        T = len(self.target_proj)
         x = torch.cat(parts, dim=1)
         dev = x.device
         # time index per sequence: 1..n for its real behaviours (newest = n), <= 0 for padding
@@ -389,10 +399,29 @@ class TokenFormer(nn.Module):
             newest = torch.maximum(newest, n)
         time_idx = torch.cat(times, dim=1)
         pos = torch.cat([torch.zeros(B, n_prefix + 1, dtype=torch.long, device=dev), time_idx.clamp(min=0),
-                         (newest + 1).expand(B, 1 + T)], dim=1)
+                         newest + 1], dim=1)
         valid = torch.cat([torch.ones(B, n_prefix + 1, dtype=torch.bool, device=dev), time_idx > 0,
-                           torch.ones(B, 1 + T, dtype=torch.bool, device=dev)], dim=1)
-        return x, pos, valid, x.shape[1] - n_prefix - 2 - T
+                           torch.ones(B, 1, dtype=torch.bool, device=dev)], dim=1)
+        return x, pos, valid, newest, x.shape[1] - n_prefix - 2
+
+    def target_tokens(self, fields_BFD: torch.Tensor, dense_BDd: torch.Tensor) -> torch.Tensor:
+        """The candidate-level tokens [B, T, D]: one per target group, then one for the
+        candidate-level dense features (when the schema has any)."""
+        B = fields_BFD.shape[0]
+        parts = [proj(fields_BFD.index_select(1, getattr(self, f"target_idx_{j}")).reshape(B, -1))[:, None]
+                 for j, proj in enumerate(self.target_proj)]
+        if self.candidate_dense_proj is not None:
+            parts.append(self.candidate_dense_proj(dense_BDd.index_select(1, self.candidate_dense_idx))[:, None])
+        return torch.cat(parts, dim=1)
+
+    def tokens(self, dense_BDd: torch.Tensor, sparse: SparseOutput):
+        """The whole stream: (x_BSD, pos_BS, key_valid_BS, num_behaviour_slots); the target
+        tokens sit at the position after the newest behaviour."""
+        x, pos, valid, newest, L = self.prefix_tokens(dense_BDd, sparse)
+        targets = self.target_tokens(sparse.fields_BFD, dense_BDd)
+        T = targets.shape[1]
+        return (torch.cat([x, targets], dim=1), torch.cat([pos, (newest + 1).expand(-1, T)], dim=1),
+                F.pad(valid, (0, T), value=True), L)
 
     def plan(self, stream_len: int, trimmed: bool) -> list[tuple[int, int]]:
         """Per layer (keys, queries) for a stream of ``stream_len`` tokens; ``trimmed``: only the
@@ -401,6 +430,17 @@ class TokenFormer(nn.Module):
         return receptive_field_plan(stream_len, [layer.window for layer in self.layers],
                                     self.cfg.num_full_layers if drop else None, self.num_prefix_tokens,
                                     1 if trimmed else None)
+
+    def score_candidates(self, dense_RDd: torch.Tensor, sparse_R: SparseOutput, fields_NFD: torch.Tensor,
+                         dense_NDd: torch.Tensor, counts_R: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+        """Logits [N, num_tasks] of N candidates in R requests (``counts_R``), each request's prefix
+        computed once (``model.candidates``); equal to ``forward`` on each candidate's full row.
+        The HSTU block has no cached path: its rows are scored one by one."""
+        if isinstance(self.layers[0], HSTUBlock):
+            target_fields = torch.cat([getattr(self, f"target_idx_{j}") for j in range(len(self.target_proj))])
+            return self(*candidates.expand_requests(dense_RDd, sparse_R, fields_NFD, dense_NDd, counts_R,
+                                                    target_fields, self.candidate_dense_idx))
+        return candidates.score_candidates(self, dense_RDd, sparse_R, fields_NFD, dense_NDd, counts_R, chunk_size)
 
     def forward(self, dense_BDd: torch.Tensor, sparse: SparseOutput, return_states: bool = False):
         logits, aux = self.forward_with_aux(dense_BDd, sparse, return_states)
@@ -420,7 +460,7 @@ class TokenFormer(nn.Module):
         if trim and (self.user_centric or diagnosing):
             raise ValueError("tokenformer: trimming reads only the last token; the user-centric mode and "
                              "diagnostics read every position")
-        tail = L + 1 + len(self.target_proj)  # behaviour slots, then <sep> and target tokens, at the end
+        tail = L + 1 + self.num_target_tokens  # behaviour slots, then <sep> and target tokens, at the end
         states = []
         for layer, (keys, queries) in zip(self.layers, self.plan(x.shape[1], trim)):
             x, pos, valid = x[:, -keys:], pos[:, -keys:], valid[:, -keys:]  # also drops the field tokens
@@ -433,3 +473,4 @@ class TokenFormer(nn.Module):
             aux["action_logits_BL"] = right_align(self.action_head(items_BLD), sparse.sequences[0][1],
                                                   inverse=True).squeeze(-1)
         return self.head(self.final_norm(x[:, -1])), aux
+

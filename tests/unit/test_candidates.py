@@ -1,0 +1,123 @@
+"""Shared-prefix candidate scoring (issue 16): equal to scoring each candidate's full row, one
+prefix computation per request, candidates independent of each other."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from embedding.schema import DenseField, load_schema
+from model.candidates import expand_requests
+from model.sparse import SparseOutput
+from model.tokenformer import TokenFormer, TokenFormerConfig, naive_transformer
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = load_schema(ROOT / "configs/tiny.toml")
+# one request-level and two candidate-level dense features: a fourth kind of target token
+MIXED = dataclasses.replace(TINY, dense=(DenseField(name="dense_0"), DenseField(name="price", candidate=True),
+                                         DenseField(name="quality", candidate=True)))
+DE = 16
+
+
+def _requests(schema, lengths: list[int], counts: list[int], L: int = 20, seed: int = 0):
+    """R prefix rows (request-level inputs) and N candidate rows (every field and dense value
+    random, so request-level columns of candidate rows differ from their prefix: they must be
+    ignored)."""
+    g = torch.Generator().manual_seed(seed)
+    R, N = len(lengths), sum(counts)
+    x = torch.randn(R, L, DE, generator=g) * (torch.arange(L)[None, :, None] < torch.tensor(lengths)[:, None, None])
+    sparse_R = SparseOutput(fields_BFD=torch.randn(R, len(schema.sparse), DE, generator=g),
+                            sequences=[(x, torch.tensor(lengths))])
+    return (torch.randn(R, len(schema.dense), generator=g), sparse_R,
+            torch.randn(N, len(schema.sparse), DE, generator=g), torch.randn(N, len(schema.dense), generator=g),
+            torch.tensor(counts))
+
+
+def _tower(schema, cfg, block="uib") -> TokenFormer:
+    torch.manual_seed(0)
+    tower = TokenFormer(schema, cfg, emb_dim=DE, num_tasks=2, block=block).eval()
+    with torch.no_grad():
+        for layer in tower.layers:
+            if getattr(layer, "gate", None) is not None:
+                layer.gate.weight.normal_(0, 0.2)
+    return tower
+
+
+def _per_row(tower, dense_R, sparse_R, fields_N, dense_N, counts):
+    target_fields = torch.cat([getattr(tower, f"target_idx_{j}") for j in range(len(tower.target_proj))])
+    with torch.no_grad():
+        return tower(*expand_requests(dense_R, sparse_R, fields_N, dense_N, counts, target_fields,
+                                      tower.candidate_dense_idx))
+
+
+CASES = [([0, 3, 20, 7], [1, 5, 0, 3]), ([12], [1]), ([0], [4]), ([20], [9])]  # empty history, C = 1, C = 0
+
+
+@pytest.mark.parametrize("schedule", ["4F", "2F2S", "1F3S", "4S"])
+@pytest.mark.parametrize("kernel", ["reference", "auto"])
+@pytest.mark.parametrize("schema", [TINY, MIXED], ids=["request_dense", "candidate_dense"])
+@pytest.mark.parametrize("targets", [("item",), ("user", "item")])
+def test_shared_prefix_equals_per_row(schedule, kernel, schema, targets) -> None:
+    cfg = TokenFormerConfig(d_model=32, num_heads=4, schedule=schedule, first_window=8, attention_kernel=kernel,
+                            target_groups=targets)
+    tower = _tower(schema, cfg)
+    for lengths, counts in CASES:
+        inputs = _requests(schema, lengths, counts)
+        want = _per_row(tower, *inputs)
+        for chunk in (1024, 2):
+            got = tower.score_candidates(*inputs, chunk_size=chunk)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_naive_transformer_and_hstu_through_the_same_interface() -> None:
+    for tower in (_tower(TINY, naive_transformer(TokenFormerConfig(d_model=32, num_heads=4))),
+                  _tower(TINY, TokenFormerConfig(d_model=32, num_heads=4, windows=(8, 4)), block="hstu")):
+        inputs = _requests(TINY, [0, 5, 20], [2, 1, 4])
+        torch.testing.assert_close(tower.score_candidates(*inputs), _per_row(tower, *inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_changing_one_candidate_never_changes_another() -> None:
+    tower = _tower(MIXED, TokenFormerConfig(d_model=32, num_heads=4, windows=(8, 4), target_groups=("user", "item")))
+    dense_R, sparse_R, fields_N, dense_N, counts = _requests(MIXED, [6, 20], [4, 3])
+    base = tower.score_candidates(dense_R, sparse_R, fields_N, dense_N, counts)
+    for n in range(fields_N.shape[0]):
+        f2, d2 = fields_N.clone(), dense_N.clone()
+        f2[n] += 2.0
+        d2[n] -= 1.0
+        moved = tower.score_candidates(dense_R, sparse_R, f2, d2, counts)
+        others = torch.arange(fields_N.shape[0]) != n
+        assert torch.equal(moved[others], base[others])
+        assert not torch.allclose(moved[n], base[n])
+
+
+def test_the_prefix_is_computed_once_per_request(monkeypatch) -> None:
+    tower = _tower(TINY, TokenFormerConfig(d_model=32, num_heads=4))
+    rows_seen = []
+    real = tower.prefix_tokens
+
+    def counting(dense, sparse):
+        rows_seen.append(dense.shape[0])
+        return real(dense, sparse)
+
+    monkeypatch.setattr(tower, "prefix_tokens", counting)
+    inputs = _requests(TINY, [3, 20, 0], [100, 7, 1])
+    tower.score_candidates(*inputs, chunk_size=16)  # 8 chunks of candidates, one prefix pass
+    assert rows_seen == [3] and tower.prefix_passes == 3
+
+
+def test_counts_must_match_the_rows() -> None:
+    tower = _tower(TINY, TokenFormerConfig(d_model=32, num_heads=4))
+    dense_R, sparse_R, fields_N, dense_N, _ = _requests(TINY, [3, 4], [2, 2])
+    with pytest.raises(ValueError, match="summing to the 4 candidate rows"):
+        tower.score_candidates(dense_R, sparse_R, fields_N, dense_N, torch.tensor([2, 1]))
+
+
+def test_candidate_dense_adds_a_target_token_and_request_dense_keeps_the_stream() -> None:
+    plain, mixed = _tower(TINY, TokenFormerConfig()), _tower(MIXED, TokenFormerConfig())
+    assert (plain.num_target_tokens, mixed.num_target_tokens) == (1, 2)
+    assert plain.num_prefix_tokens == mixed.num_prefix_tokens  # one request-level dense token either way
+    assert MIXED.candidate_columns(("item",)) == ["item_id", "item_category", "item_tags", "price", "quality"]
+    assert MIXED.fingerprint() != TINY.fingerprint()
