@@ -90,9 +90,9 @@ def gemm_rate(n: int = 512, repeats: int = 20) -> float:
     return 2 * n ** 3 / best
 
 
-def _timed(fn) -> float:
+def _timed(fn, *args) -> float:
     t0 = time.perf_counter()
-    fn()
+    fn(*args)
     return time.perf_counter() - t0
 
 
@@ -129,7 +129,7 @@ def main() -> None:
             flops[f"{name}@{L}"] = fc.get_total_flops() / ROWS[L]
         for _ in range(rounds):
             for name, (tower, trim) in models.items():
-                times[name].append(_timed(lambda: step(tower, trim, dense, sparse)))
+                times[name].append(_timed(step, tower, trim, dense, sparse))
         for name in models:
             key = f"{name}@{L}"
             per_row[key] = statistics.median(times[name]) / ROWS[L]
