@@ -33,11 +33,20 @@ from torch import nn
 from torch.export import Dim
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from deploy.candidates import export_candidate_program, has_candidate_path, load_candidate_program, score_requests
 from embedding.schema import FeatureSchema
 from embedding.typed_config import from_dict
 from model.ranking import ModelConfig, RankingModel, RankingTrain
 from pipeline.collate import collate
-from pipeline.validate import REASON, _kind, canonical_schema, expected_kinds, split_valid, to_canonical
+from pipeline.validate import (
+    REASON,
+    REQUEST_ID,
+    _kind,
+    canonical_schema,
+    expected_kinds,
+    split_valid,
+    to_canonical,
+)
 
 PACKAGES = ("embedding", "model", "pipeline", "deploy")
 REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements" / "cpu.lock"  # a logged model's pins
@@ -137,6 +146,8 @@ def export_model(model: RankingModel, out_dir: str | Path, max_rows: int = MAX_R
     torch.save(model.state_dict(), out / "model.pt")
     if program:
         torch.export.save(export_program(model), out / "model.pt2")
+        if has_candidate_path(model):  # one request's prefix, many candidates (deploy.candidates)
+            torch.export.save(export_candidate_program(model), out / "candidates.pt2")
     (out / "config.json").write_text(json.dumps(servable_config(model.schema, model.cfg, max_rows), indent=1))
     return out
 
@@ -177,9 +188,12 @@ class RequestError(ValueError):
     """A request the model cannot answer; the message names what to fix."""
 
 
-def check_request(table: pa.Table, schema: FeatureSchema, max_rows: int) -> pa.Table:
-    """Rows of a request → the canonical table, or ``RequestError`` naming the problem: too many
-    rows, missing or unknown columns, a column of the wrong type, an invalid row."""
+def check_request(table: pa.Table, schema: FeatureSchema, max_rows: int,
+                  request_groups: tuple[str, ...] = ("item",)) -> pa.Table:
+    """Rows of a request → the canonical table (and its ``request_id`` column, if any), or
+    ``RequestError`` naming the problem: too many rows, missing or unknown columns, a column of
+    the wrong type, an invalid row, rows of one request id that disagree on a request-level
+    column (``pipeline.requests``)."""
     if table.num_rows == 0:
         raise RequestError("request has no rows")
     if table.num_rows > max_rows:
@@ -190,7 +204,7 @@ def check_request(table: pa.Table, schema: FeatureSchema, max_rows: int) -> pa.T
     missing = [c for c in needed if c not in table.column_names]
     if missing:
         raise RequestError(f"request lacks column(s) {missing}")
-    allowed = set(needed) | set(schema.labels)
+    allowed = set(needed) | set(schema.labels) | {REQUEST_ID}
     unknown = [c for c in table.column_names if c not in allowed]
     if unknown:
         raise RequestError(f"request has unknown column(s) {unknown}; the model reads {needed}")
@@ -201,23 +215,27 @@ def check_request(table: pa.Table, schema: FeatureSchema, max_rows: int) -> pa.T
         if got not in kinds[col] and not (got == "null" and table.column(col).null_count):
             raise RequestError(f"column '{col}' has type {table.schema.field(col).type} ({got}); "
                                f"the model expects {' or '.join(sorted(kinds[col]))}")
-    _, bad = split_valid(table, schema, check_labels=False)
+    _, bad = split_valid(table, schema, check_labels=False, request_groups=request_groups)
     if bad.num_rows:
         raise RequestError(f"{bad.num_rows} invalid request row(s), first: {bad.column(REASON)[0].as_py()}")
     try:
-        return to_canonical(table, schema, with_labels=False)
+        return to_canonical(table, schema, with_labels=False, keep=(REQUEST_ID,))
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
         raise RequestError(f"request columns do not convert to the model's types: {e}") from None
 
 
 class TokenrecPyfunc(mlflow.pyfunc.PythonModel):
     """MLflow pyfunc: a DataFrame of log rows → one probability column per task, computed by the
-    exported program (``model.pt2``). A bad request raises an ``MlflowException`` with
+    exported program (``model.pt2``); rows with a ``request_id`` column are grouped into requests
+    and each request's candidates scored against its prefix, computed once (``candidates.pt2``,
+    when the tower has one). A bad request raises an ``MlflowException`` with
     ``INVALID_PARAMETER_VALUE``, which ``mlflow models serve`` answers with HTTP 400 and the
     message; the server keeps serving."""
 
     def load_context(self, context) -> None:
-        self.program, self.schema, self.max_rows = load_program(Path(context.artifacts["export"]))
+        export = Path(context.artifacts["export"])
+        self.program, self.schema, self.max_rows = load_program(export)
+        self.candidates, self.candidate_groups = load_candidate_program(export)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         """Rows in the log format; label columns may be present and are ignored. A request is
@@ -229,10 +247,16 @@ class TokenrecPyfunc(mlflow.pyfunc.PythonModel):
                 table = pa.Table.from_pandas(model_input, preserve_index=False)
             except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
                 raise RequestError(f"request rows do not form typed columns: {e}") from None
-            table = check_request(table, self.schema, self.max_rows)
+            table = check_request(table, self.schema, self.max_rows, self.candidate_groups)
         except RequestError as e:
             raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
-        probs = score_table(self.program, table, self.schema)
+        if REQUEST_ID in table.column_names and self.candidates is not None:  # one prefix per request
+            ids = table.column(REQUEST_ID)
+            probs, _, _ = score_requests(self.candidates, table.drop_columns([REQUEST_ID]), self.schema,
+                                         self.candidate_groups, ids)
+        else:
+            probs = score_table(self.program, table.drop_columns([c for c in (REQUEST_ID,)
+                                                                  if c in table.column_names]), self.schema)
         return pd.DataFrame(probs.astype(np.float64), columns=list(self.schema.labels))
 
 

@@ -6,8 +6,14 @@ The model is the version's exported inference program (``deploy.export``: ``mode
 schema it was trained on). Rows go through the same reader and validation as training
 (``pipeline.source.read_logs``): bad rows are quarantined under the work folder with their
 reason, never scored and never dropped silently; ``rows_in = rows_scored + rows_quarantined`` is
-checked. Each output row carries the row's user id, timestamp, single-valued id fields and labels
-(when the logs have them) and one ``p_<task>`` probability per task.
+checked. Each output row carries the row's request id (when the logs have one), user id,
+timestamp, single-valued id fields and labels (when the logs have them) and one ``p_<task>``
+probability per task.
+
+Logs with a ``request_id`` column (several candidate rows per request) are scored with the
+export's shared-prefix program when it has one (``deploy.candidates``): each request's prefix is
+computed once per chunk read; a request whose rows disagree on a request-level column is
+quarantined with the reason (``pipeline.requests``), never scored from one row's prefix.
 """
 
 from __future__ import annotations
@@ -20,12 +26,13 @@ import mlflow
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from deploy.candidates import load_candidate_program, score_requests
 from deploy.export import load_program, score_table
 from embedding.schema import FeatureSchema
 from jobs.tracking import default_tracking_uri, redact
 from pipeline.days import day_files, parse_days
 from pipeline.source import read_logs
-from pipeline.validate import check_files, count_quarantined
+from pipeline.validate import REQUEST_ID, canonical_schema, check_files, count_quarantined
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,7 +58,7 @@ def find_export(model_dir: Path) -> Path:
 
 
 def output_columns(schema: FeatureSchema, present: list[str]) -> list[str]:
-    keep = [schema.user_id, schema.ts] + [f.name for f in schema.sparse if not f.multi_valued]
+    keep = [REQUEST_ID, schema.user_id, schema.ts] + [f.name for f in schema.sparse if not f.multi_valued]
     keep += [label for label in schema.labels if label in present]
     return list(dict.fromkeys(c for c in keep if c in present))
 
@@ -68,9 +75,14 @@ class Scorer:
             mlflow.set_tracking_uri(tracking_uri)
             path = find_export(Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri)))
         self.program, self.schema, _ = load_program(path)
+        self.candidates, self.groups = load_candidate_program(path)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        probs = score_table(self.program, table, self.schema)
+        if REQUEST_ID in table.column_names and self.candidates is not None:  # one prefix per request
+            probs, _, _ = score_requests(self.candidates, table.drop_columns([REQUEST_ID]), self.schema,
+                                         self.groups, table.column(REQUEST_ID))
+        else:
+            probs = score_table(self.program, table.select(canonical_schema(self.schema).names), self.schema)
         out = table.select(output_columns(self.schema, table.column_names))
         for i, label in enumerate(self.schema.labels):
             out = out.append_column(f"p_{label}", pa.array(probs[:, i].astype("float64")))
@@ -89,6 +101,7 @@ def run_score(req: ScoreRequest, log=print) -> dict:
         raise RuntimeError(f"cannot load {req.model_uri} from {redact(tracking_uri)}: {e}") from None
     export_dir = find_export(local)
     _, schema, _ = load_program(export_dir)
+    _, groups = load_candidate_program(export_dir)
     days = parse_days(req.days)
     files = day_files(req.data_root, days)
     rows_in = check_files(files, schema)  # schema problems stop here, naming the file and column
@@ -99,7 +112,7 @@ def run_score(req: ScoreRequest, log=print) -> dict:
 
     init_ray(req.address, req.num_actors)
     quarantine = (req.workdir / "score-quarantine" / time.strftime("%Y%m%dT%H%M%S")).resolve()
-    ds = read_logs(files, schema, quarantine).map_batches(
+    ds = read_logs(files, schema, quarantine, request_groups=groups).map_batches(
         Scorer, fn_constructor_args=(str(export_dir), req.model_uri, tracking_uri),
         batch_size=req.batch_size, batch_format="pyarrow", concurrency=req.num_actors, num_cpus=1)
     req.out.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from embedding.schema import FeatureSchema, SequenceSpec
 from pipeline.days import day_dir
+from pipeline.validate import REQUEST_ID
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +74,11 @@ class GeneratorConfig:
     # long-term preferred category; the click logit rises with its share of the target's category
     long_term_share: float = 0.6
     other_sequence_scale: float = 2.0
+    # requests: > 1 writes runs of this many candidate rows sharing a ``request_id``, the user,
+    # context fields, request-level dense features, history and timestamp, and differing in the
+    # candidate (the fields of ``candidate_groups`` and candidate-level dense features)
+    candidates_per_request: int = 1
+    candidate_groups: tuple[str, ...] = ("item",)
 
 
 def _raw_ids(index: np.ndarray, salt: int) -> np.ndarray:
@@ -131,11 +137,16 @@ class World:
         n_items = min(cfg.num_items + cfg.new_items_per_day * day_index, self.max_items)
         users = self._with_new_ids(rng, _zipf_sample(rng, n_users, n, cfg.zipf_a), n_users,
                                    cfg.new_users_per_day if day_index else 0)
+        # requests: row i takes its request-level draws from the request's first row src[i]
+        C = cfg.candidates_per_request
+        src = (np.arange(n) // C) * C if C > 1 else None
+        users = users if src is None else users[src]
         cols: dict[str, pa.Array] = {}
         logit = np.full(n, cfg.bias) + self.user_bias[users]
 
         # Sequence: a hidden session interest, history mostly from it, target sometimes.
         interest = rng.integers(0, cfg.num_categories, n)
+        interest = interest if src is None else interest[src]
         target = self._with_new_ids(rng, _zipf_sample(rng, n_items, n, cfg.zipf_a), n_items,
                                     cfg.new_items_per_day if day_index else 0)
         from_interest = rng.random(n) < cfg.target_interest_share
@@ -145,12 +156,12 @@ class World:
         for k, spec in enumerate(schema.sequences):
             if spec.name == cfg.sequence:
                 seq_cols, same_share = self._sequence_columns(rng, spec, interest, cfg.interest_share,
-                                                              tcat, n_items)
+                                                              tcat, n_items, src)
                 logit += cfg.sequence_scale * (same_share - 0.5)
             else:
                 srng = np.random.default_rng([cfg.seed, 3, day_index, k])
                 seq_cols, same_share = self._sequence_columns(srng, spec, self.user_pref[users],
-                                                              cfg.long_term_share, tcat, n_items)
+                                                              cfg.long_term_share, tcat, n_items, src)
                 logit += cfg.other_sequence_scale * (same_share - 0.5)
             cols.update(seq_cols)
 
@@ -158,14 +169,21 @@ class World:
         values = []
         for j, f in enumerate(self.context):
             v = _zipf_sample(rng, int(self.cardinality[j]), n, 1.2)
+            request_level = src is not None and f.group not in cfg.candidate_groups
+            v = v[src] if request_level else v
             values.append(v)
             if j < self.num_signal:
                 logit += self.effects[j][v] + cfg.drift * day_index * self.drift_dir[j][v]
             cols[f.name] = self._field_column(rng, f, v, salt=j + 7)
+            if request_level:  # multi-valued extras too
+                cols[f.name] = cols[f.name].take(pa.array(src))
         for a, b, table in self.pairs:
             logit += table[values[a], values[b]]
 
         dense = rng.normal(0, 1, (n, len(schema.dense))).astype(np.float32)
+        if src is not None:
+            request_dense = [k for k, f in enumerate(schema.dense) if not f.candidate]
+            dense[:, request_dense] = dense[src][:, request_dense]
         logit += dense @ self.dense_w
         for k, f in enumerate(schema.dense):
             cols[f.name] = pa.array(dense[:, k])
@@ -185,7 +203,10 @@ class World:
             labels[name] = (rng.random(n) < pk).astype(np.float32)
             cols[name] = pa.array(labels[name])
         start = int(dt.datetime.combine(self._date(day_index), dt.time(), dt.UTC).timestamp())
-        cols[schema.ts] = pa.array(start + np.sort(rng.integers(0, 86_400, n)))
+        ts = start + np.sort(rng.integers(0, 86_400, n))
+        cols[schema.ts] = pa.array(ts if src is None else ts[src])
+        if src is not None:
+            cols[REQUEST_ID] = pa.array(day_index * n + np.arange(n) // C, pa.int64())
         cols["p_true"] = pa.array(p.astype(np.float32))
         stats = {"rows": n, "ctr": float(labels[schema.labels[0]].mean()),
                  "oracle_auc": auc(labels[schema.labels[0]], p)}
@@ -212,10 +233,11 @@ class World:
             out[rows] = pool[rng.integers(0, len(pool), len(rows))]
         return out
 
-    def _sequence_columns(self, rng, spec: SequenceSpec, interest, share, tcat, n_items):
+    def _sequence_columns(self, rng, spec: SequenceSpec, interest, share, tcat, n_items, src=None):
         """One sequence's list columns: each behaviour's category is ``interest`` (per row) with
         probability ``share``, else random; returns the columns and, per row, the share of the
-        visible (newest ``max_len``) behaviours in the target's category."""
+        visible (newest ``max_len``) behaviours in the target's category. ``src``: row i shows
+        the history drawn for row ``src[i]`` (its request's first row)."""
         cfg = self.cfg
         n = len(interest)
         lengths = rng.integers(cfg.min_hist_len, cfg.max_hist_len + 1, n)
@@ -226,6 +248,16 @@ class World:
         items = self._item_of_category(rng, cats, n_items)
         actions = (rng.random(total) < 0.3).astype(np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        extra = {k: rng.integers(0, 100, total) for k, f in enumerate(spec.features)
+                 if f.name not in ("item_id", "category", "action")}
+        if src is not None:  # every row of a request shows its first row's history
+            new_lengths = lengths[src]
+            new_offsets = np.concatenate([[0], np.cumsum(new_lengths)]).astype(np.int32)
+            take = np.repeat(offsets[:-1][src] - new_offsets[:-1], new_lengths) + np.arange(int(new_offsets[-1]))
+            cats, items, actions = cats[take], items[take], actions[take]
+            extra = {k: v[take] for k, v in extra.items()}
+            lengths, offsets, total = new_lengths, new_offsets, int(new_offsets[-1])
+            row = np.repeat(np.arange(n), lengths)
         # The effect reads what the model sees: the newest max_len items.
         pos_from_end = np.arange(total) - np.repeat(offsets[1:], lengths)  # -len..-1
         visible = pos_from_end >= -spec.max_len
@@ -236,7 +268,7 @@ class World:
         for k, feat in enumerate(spec.features):
             vals = by_name.get(feat.name)
             if vals is None:
-                vals = _raw_ids(rng.integers(0, 100, total), 100 + k)
+                vals = _raw_ids(extra[k], 100 + k)
             if feat.raw_type == "string":
                 vals = vals.astype(str)
             cols[spec.column(feat)] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(vals))

@@ -20,14 +20,18 @@ import ray.data
 from ray.train import DataConfig
 
 from embedding.schema import FeatureSchema
-from pipeline.validate import SOURCE, DuplicateFinder, QuarantineWriter, expected_kinds
+from pipeline.validate import REQUEST_ID, SOURCE, DuplicateFinder, QuarantineWriter, expected_kinds
 
 READ_TASKS = 16  # many small files (a day each) are read a few per task: task start-up dominates otherwise
 
 
 def read_logs(files: list[Path], schema: FeatureSchema, quarantine_dir: str | Path,
-              rows_per_block: int | None = None) -> ray.data.Dataset:
+              rows_per_block: int | None = None, request_groups: tuple[str, ...] | None = None) -> ray.data.Dataset:
     """A dataset of the files' valid rows, schema columns only, in file order.
+
+    ``request_groups`` (the candidate token groups; scoring): files with a ``request_id`` column
+    keep it, and the rows of a request that disagree on a request-level column are quarantined
+    (``pipeline.requests``; checked within each chunk read, where a request's rows sit together).
 
     The file list is dealt into at most ``READ_TASKS`` blocks of paths; one ``map_batches`` task
     per block streams each file's row groups, ``rows_per_block`` rows at a time (by default
@@ -43,7 +47,8 @@ def read_logs(files: list[Path], schema: FeatureSchema, quarantine_dir: str | Pa
     rows_per_block = rows_per_block or chunk_rows(len(columns))
     items = [{"path": str(f)} for f in files] or [{"path": ""}]  # "": no file (an empty shard)
     paths = ray.data.from_items(items, override_num_blocks=min(len(items), READ_TASKS))
-    reader = ParquetReader(columns, rows_per_block, QuarantineWriter(schema, str(quarantine_dir)))
+    reader = ParquetReader(columns, rows_per_block, QuarantineWriter(schema, str(quarantine_dir), request_groups),
+                           optional=(REQUEST_ID,) if request_groups is not None else ())
     ds = paths.map_batches(reader, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
     # No Ray Data progress bars: these streams run inside the training workers, whose step
     # lines are the job's progress; the bars only interleave with them and cost the worker CPU.
@@ -61,8 +66,9 @@ class ParquetReader:
     Each row is tagged with its source file (``SOURCE``) so quarantined rows say where they came
     from; ``to_canonical`` drops the tag from the rows that go on."""
 
-    def __init__(self, columns: list[str], rows_per_block: int, writer: QuarantineWriter) -> None:
-        self.columns, self.rows_per_block, self.writer = columns, rows_per_block, writer
+    def __init__(self, columns: list[str], rows_per_block: int, writer: QuarantineWriter,
+                 optional: tuple[str, ...] = ()) -> None:
+        self.columns, self.rows_per_block, self.writer, self.optional = columns, rows_per_block, writer, optional
 
     def __call__(self, paths: pa.Table) -> Iterator[pa.Table]:
         for path in paths.column("path").to_pylist():
@@ -71,7 +77,8 @@ class ParquetReader:
             fs, where = pafs.FileSystem.from_uri(path) if "://" in path else (None, path)
             duplicates = DuplicateFinder()  # exact repeats of an earlier row of this file
             with pq.ParquetFile(where, filesystem=fs) as f:
-                for rb in f.iter_batches(batch_size=self.rows_per_block, columns=self.columns):
+                columns = self.columns + [c for c in self.optional if c in f.schema_arrow.names]
+                for rb in f.iter_batches(batch_size=self.rows_per_block, columns=columns):
                     yield self.checked(pa.Table.from_batches([rb]), path, duplicates)
 
     def checked(self, table: pa.Table, path: str, duplicates: DuplicateFinder) -> pa.Table:

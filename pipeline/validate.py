@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from embedding.schema import FeatureSchema
 
 REASON = "_reason"
+REQUEST_ID = "request_id"  # optional log column: rows that share it are the candidates of one request
 SOURCE = "path"  # the source file of each row (pipeline.source tags it)
 
 
@@ -76,9 +77,16 @@ def canonical_schema(schema: FeatureSchema, with_labels: bool = True) -> pa.Sche
     return pa.schema(fields)
 
 
-def to_canonical(table: pa.Table, schema: FeatureSchema, with_labels: bool = True) -> pa.Table:
+def to_canonical(table: pa.Table, schema: FeatureSchema, with_labels: bool = True,
+                 keep: tuple[str, ...] = ()) -> pa.Table:
+    """The schema's columns in the canonical layout, plus any of ``keep`` the table has (as
+    they are, e.g. ``request_id``)."""
     target = canonical_schema(schema, with_labels)
-    return table.select(target.names).cast(target)
+    out = table.select(target.names).cast(target)
+    for col in keep:
+        if col in table.column_names:
+            out = out.append_column(col, table.column(col))
+    return out
 
 
 UNKNOWN_COLUMNS = ("warn", "error", "ignore")
@@ -109,8 +117,11 @@ def check_files(files: list[Path], schema: FeatureSchema, unknown: str = "warn",
                     f"{path}: column '{col}' has type {arrow.field(idx).type} ({got}), "
                     f"schema expects {' or '.join(sorted(kinds))}"
                 )
+        if REQUEST_ID in arrow.names and _kind(arrow.field(REQUEST_ID).type) not in ("int", "string"):
+            raise SchemaMismatchError(f"{path}: column '{REQUEST_ID}' has type {arrow.field(REQUEST_ID).type}; "
+                                      f"request ids are int or string")
         for col in arrow.names:
-            if col not in exp:
+            if col not in exp and col != REQUEST_ID:
                 if unknown == "error":
                     raise SchemaMismatchError(f"{path}: column '{col}' is not in the schema "
                                               f"([train].unknown_columns = \"error\"; \"warn\" ignores it)")
@@ -137,10 +148,13 @@ def _np(mask: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 def split_valid(table: pa.Table, schema: FeatureSchema, check_labels: bool = True,
-                duplicate: np.ndarray | None = None) -> tuple[pa.Table, pa.Table]:
+                duplicate: np.ndarray | None = None,
+                request_groups: tuple[str, ...] | None = None) -> tuple[pa.Table, pa.Table]:
     """(good rows, bad rows + ``_reason``), columnar; each bad row carries its first failure.
     ``check_labels=False`` for serving requests, which carry no labels. ``duplicate``: rows
-    already seen (``DuplicateFinder``), quarantined as duplicates."""
+    already seen (``DuplicateFinder``), quarantined as duplicates. ``request_groups`` (the
+    candidate token groups) with a ``request_id`` column: every row of a request whose rows
+    disagree on a request-level column is bad (``pipeline.requests``)."""
     n = table.num_rows
     reason = np.full(n, "", dtype=object)
     bad = np.zeros(n, dtype=bool)  # rows with a reason already: the first failure is kept
@@ -187,6 +201,15 @@ def split_valid(table: pa.Table, schema: FeatureSchema, check_labels: bool = Tru
                                     f"'{q.columns[0]}'")
     if duplicate is not None:
         flag(duplicate, "duplicate row (the same values as an earlier row of this file)")
+    if request_groups is not None and REQUEST_ID in table.column_names and n:
+        from pipeline.requests import group_requests  # it hashes rows with this module's helpers
+
+        groups = group_requests(table, schema, request_groups)
+        if groups.bad.any():
+            ids = table.column(REQUEST_ID)
+            for rid, why in groups.reasons.items():
+                same = _np(pc.is_null(ids)) if rid is None else _np(pc.equal(ids, pa.scalar(rid, ids.type)))
+                flag(same, why)
     if not bad.any():
         return table, table.slice(0, 0).append_column(REASON, pa.array([], pa.string()))
     good_rows = table.filter(pa.array(~bad))
@@ -234,7 +257,21 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 def _column_words(arr: pa.Array) -> np.ndarray:
     """One uint64 word per row that is equal exactly when the values are equal (nulls apart:
-    ``row_hashes`` overwrites them)."""
+    ``row_hashes`` overwrites them); a list's word folds its length and each element's word
+    mixed with its position (equal lists, equal words; a reordered list, another word)."""
+    if _is_list(arr.type):
+        lens = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        flat = pc.list_flatten(arr)
+        flat = flat.chunk(0) if isinstance(flat, pa.ChunkedArray) and flat.num_chunks == 1 else flat
+        starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        with np.errstate(over="ignore"):
+            pos = (np.arange(int(lens.sum())) - np.repeat(starts, lens) + 1).astype(np.uint64)
+            elem = _mix(_column_words(flat if isinstance(flat, pa.Array) else flat.combine_chunks()) + pos * _M2)
+            out = lens.astype(np.uint64) * _M1
+            nonempty = lens > 0
+            if nonempty.any():
+                out[nonempty] += np.add.reduceat(elem, starts[nonempty])
+        return out
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
         return pd.util.hash_array(arr.fill_null("").to_numpy(zero_copy_only=False).astype(object))
     if arr.null_count:
@@ -302,11 +339,12 @@ def _list_has_null(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
 class QuarantineWriter:
     """Ray Data ``map_batches`` step (pyarrow batches): bad rows → quarantine Parquet, good rows on."""
 
-    def __init__(self, schema: FeatureSchema, quarantine_dir: str) -> None:
-        self.schema, self.dir = schema, Path(quarantine_dir)
+    def __init__(self, schema: FeatureSchema, quarantine_dir: str,
+                 request_groups: tuple[str, ...] | None = None) -> None:
+        self.schema, self.dir, self.request_groups = schema, Path(quarantine_dir), request_groups
 
     def __call__(self, table: pa.Table, duplicate: np.ndarray | None = None) -> pa.Table:
-        good, bad = split_valid(table, self.schema, duplicate=duplicate)
+        good, bad = split_valid(table, self.schema, duplicate=duplicate, request_groups=self.request_groups)
         if bad.num_rows:
             self.dir.mkdir(parents=True, exist_ok=True)
             # Named by the whole block's content (rows and their source path): a block re-read
@@ -319,7 +357,8 @@ class QuarantineWriter:
             tmp = self.dir / f".{name}.{uuid.uuid4().hex}.tmp"
             pq.write_table(bad, tmp)
             tmp.rename(self.dir / name)  # atomic publish
-        return to_canonical(good, self.schema)  # schema columns only, one type per column
+        keep = (REQUEST_ID,) if self.request_groups is not None else ()
+        return to_canonical(good, self.schema, keep=keep)  # schema columns only, one type per column
 
 
 def count_quarantined(quarantine_dir: str | Path) -> tuple[int, dict[str, int]]:
