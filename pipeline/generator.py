@@ -80,6 +80,10 @@ class GeneratorConfig:
     candidates_per_request: int = 1
     candidate_groups: tuple[str, ...] = ("item",)
 
+    def __post_init__(self) -> None:
+        if self.candidates_per_request < 1:
+            raise ValueError(f"generator.candidates_per_request: must be >= 1, got {self.candidates_per_request}")
+
 
 def _raw_ids(index: np.ndarray, salt: int) -> np.ndarray:
     """Dense indices → arbitrary 64-bit raw ids (a bijective mix), as int64."""
@@ -151,6 +155,15 @@ class World:
                                     cfg.new_items_per_day if day_index else 0)
         from_interest = rng.random(n) < cfg.target_interest_share
         target = np.where(from_interest, self._item_of_category(rng, interest, n_items), target)
+        if src is not None:  # distinct candidates within a request (a repeat would be a double-fire)
+            for _ in range(20):
+                key = src.astype(np.int64) * self.max_items + target
+                order = np.argsort(key, kind="stable")
+                repeat = np.zeros(n, dtype=bool)
+                repeat[order[1:]] = key[order[1:]] == key[order[:-1]]
+                if not repeat.any():
+                    break
+                target[repeat] = rng.integers(0, n_items, int(repeat.sum()))
         tcat = self.item_category[target]
         logit += self.item_bias[target] + self.category_effect[tcat]
         for k, spec in enumerate(schema.sequences):
