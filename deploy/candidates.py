@@ -113,18 +113,25 @@ def score_request(program: nn.Module, prefix: pa.Table, candidates: pa.Table, sc
     return np.concatenate(out)
 
 
-def score_requests(program: nn.Module, table: pa.Table, schema: FeatureSchema, target_groups: tuple[str, ...],
-                   request_ids: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Rows of several requests (``request_ids``, one per row of ``table``) → (probabilities
-    [rows, T] in table order, bad [rows] for requests whose rows disagree on a request-level
-    column, reasons by request id). Bad rows are not scored (their probabilities are NaN)."""
+def score_requests(program: nn.Module, row_program: nn.Module, table: pa.Table, schema: FeatureSchema,
+                   target_groups: tuple[str, ...], request_ids: pa.ChunkedArray | pa.Array
+                   ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Rows of several requests (``request_ids``, one per row of ``table``; null: a row alone) →
+    (probabilities [rows, T] in table order, bad [rows] for requests whose rows disagree on a
+    request-level column, reasons by request id). Requests of two or more rows go through the
+    shared-prefix ``program``, one call each; single rows all together through the per-row
+    ``row_program`` (``deploy.export.score_table``). Bad rows are not scored (NaN)."""
+    from deploy.export import score_table  # deploy.export imports this module
+
     groups = group_requests(table.append_column("request_id", request_ids), schema, target_groups)
     probs = np.full((table.num_rows, len(schema.labels)), np.nan, dtype=np.float32)
-    start = 0
-    for count, first in zip(groups.counts, groups.first):
-        rows = groups.order[start:start + count]
-        start += count
-        if groups.bad[first]:
+    starts = np.concatenate([[0], np.cumsum(groups.counts)[:-1]]).astype(np.int64)
+    singles = groups.order[starts[(groups.counts == 1) & ~groups.bad[groups.first]]]
+    if len(singles):
+        probs[singles] = score_table(row_program, table.take(pa.array(singles)), schema)
+    for start, count, first in zip(starts, groups.counts, groups.first):
+        if count < 2 or groups.bad[first]:
             continue
+        rows = groups.order[start:start + count]
         probs[rows] = score_request(program, table.slice(int(first), 1), table.take(pa.array(rows)), schema)
     return probs, groups.bad, groups.reasons

@@ -252,8 +252,8 @@ class TokenrecPyfunc(mlflow.pyfunc.PythonModel):
             raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
         if REQUEST_ID in table.column_names and self.candidates is not None:  # one prefix per request
             ids = table.column(REQUEST_ID)
-            probs, _, _ = score_requests(self.candidates, table.drop_columns([REQUEST_ID]), self.schema,
-                                         self.candidate_groups, ids)
+            probs, _, _ = score_requests(self.candidates, self.program, table.drop_columns([REQUEST_ID]),
+                                         self.schema, self.candidate_groups, ids)
         else:
             probs = score_table(self.program, table.drop_columns([c for c in (REQUEST_ID,)
                                                                   if c in table.column_names]), self.schema)

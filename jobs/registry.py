@@ -37,7 +37,7 @@ from deploy.export import load_servable
 from jobs.metrics import evaluate
 from pipeline.collate import collate
 from pipeline.days import day_files, parse_days
-from pipeline.validate import DuplicateFinder, expected_kinds, split_valid, to_canonical
+from pipeline.validate import REQUEST_ID, DuplicateFinder, expected_kinds, split_valid, to_canonical
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY = "tokenrec.champion_history"
@@ -51,13 +51,16 @@ def evaluate_export(export_dir: str | Path, data_root: str | Path, day: str,
     export_dir = Path(export_dir)
     model, schema = load_servable(export_dir / "model.pt", export_dir / "config.json")
     columns = list(expected_kinds(schema))
+    # as in training's evaluation: TokenFormer scores rows sharing a request_id against one prefix
+    requests = model.cfg.tokenformer.target_groups if model.cfg.tower == "tokenformer" else None
     labels, probs, users, invalid = [], [], [], 0
     with torch.no_grad():
         for path in day_files(data_root, parse_days(day)):
-            table = pq.read_table(path, columns=columns)
-            good, bad = split_valid(table, schema, duplicate=DuplicateFinder()(table))
+            keep = (REQUEST_ID,) if requests is not None and REQUEST_ID in pq.read_schema(path).names else ()
+            table = pq.read_table(path, columns=columns + list(keep))
+            good, bad = split_valid(table, schema, duplicate=DuplicateFinder()(table), request_groups=requests)
             invalid += bad.num_rows
-            good = to_canonical(good, schema)
+            good = to_canonical(good, schema, keep=keep)
             for start in range(0, good.num_rows, batch_rows):
                 batch = collate(good.slice(start, batch_rows), schema)
                 probs.append(torch.sigmoid(model(batch)).numpy())

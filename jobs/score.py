@@ -79,8 +79,8 @@ class Scorer:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         if REQUEST_ID in table.column_names and self.candidates is not None:  # one prefix per request
-            probs, _, _ = score_requests(self.candidates, table.drop_columns([REQUEST_ID]), self.schema,
-                                         self.groups, table.column(REQUEST_ID))
+            probs, _, _ = score_requests(self.candidates, self.program, table.drop_columns([REQUEST_ID]),
+                                         self.schema, self.groups, table.column(REQUEST_ID))
         else:
             probs = score_table(self.program, table.select(canonical_schema(self.schema).names), self.schema)
         out = table.select(output_columns(self.schema, table.column_names))

@@ -130,8 +130,10 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
     ray.data.DataContext.get_current().enable_progress_bars = False  # workers print progress
     run_dir = (req.workdir / "runs" / run_id).resolve()
     quarantine = run_dir / "quarantine"
+    # TokenFormer evaluates rows that share a request_id against one prefix per request (exact)
+    requests = cfg.model.tokenformer.target_groups if cfg.model.tower == "tokenformer" else None
     datasets = {"train": read_logs(train_files, cfg.schema, quarantine / "train"),
-                "eval": read_logs(eval_files, cfg.schema, quarantine / "eval")}
+                "eval": read_logs(eval_files, cfg.schema, quarantine / "eval", request_groups=requests)}
     for path in (req.init_from, req.resume_from):
         if path and not (Path(path) / "meta.json").exists():
             raise FileNotFoundError(f"checkpoint {path} does not exist or was never published "
@@ -155,7 +157,7 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
         datasets=datasets, dataset_config=UnequalSplit(deterministic=cfg.train.deterministic, sources={
             "train": (train_files, cfg.schema, quarantine / "train"),
-            "eval": (eval_files, cfg.schema, quarantine / "eval")}),
+            "eval": (eval_files, cfg.schema, quarantine / "eval", requests)}),
         run_config=RunConfig(name=f"train-{run_id}", storage_path=str(req.workdir.resolve() / "ray_results"),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )

@@ -262,10 +262,15 @@ def train_loop(args: WorkerArgs) -> None:
     metrics = managed_collision_metrics(sparse_arch, "train")
     if args.has_eval and not stopped:
         t_eval = time.perf_counter()
+        tower = model.model.tower
+        prefixes = getattr(tower, "prefix_passes", 0)
         metrics |= evaluate_shard(dmp, stream("eval", tc.eval_batch_size), padding(tc.eval_batch_size))
         metrics |= managed_collision_metrics(sparse_arch, "eval")
         if rank == 0:
-            print(f"evaluated {int(metrics['eval_rows']):,} rows in {time.perf_counter() - t_eval:.1f}s", flush=True)
+            shared = getattr(tower, "prefix_passes", 0) - prefixes  # rows sharing a request_id
+            print(f"evaluated {int(metrics['eval_rows']):,} rows in {time.perf_counter() - t_eval:.1f}s"
+                  + (f" ({shared:,} request prefixes on this worker, each computed once)" if shared else ""),
+                  flush=True)
     if rank == 0:
         slots = (step - start_step) * tc.batch_size * dist.get_world_size()
         new_samples = int(totals[0]) - pos.rows

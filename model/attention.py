@@ -83,8 +83,10 @@ def sdpa_attention(q_BHQE, k_BHKE, v_BHKE, key_valid_BK, window: int | None = No
 
 
 def _fused(q, k, v, key_valid_BK, causal: bool):
-    """SDPA without a mask tensor; key padding folded into one extra head dimension."""
-    if key_valid_BK is None:
+    """SDPA without a mask tensor; key padding folded into one extra head dimension (eager runs
+    skip the fold when no key is padding; a traced program always folds: no data-dependent branch)."""
+    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    if key_valid_BK is None or (not tracing and bool(key_valid_BK.all())):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     B, H, K, E = k.shape
     scale = 1.0 / math.sqrt(E)

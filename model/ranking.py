@@ -55,10 +55,35 @@ class RankingModel(nn.Module):
     def forward_with_aux(self, batch) -> tuple[torch.Tensor, dict]:
         """Logits and the tower's auxiliary outputs (e.g. user-centric action logits)."""
         sparse = self.sparse_arch(batch.fields, batch.sequences if self.schema.sequences else None)
+        if not self.training and getattr(batch, "request_ids", None) is not None \
+                and hasattr(self.tower, "score_candidates"):
+            return self._score_grouped(batch, sparse), {}
         if hasattr(self.tower, "forward_with_aux"):
             return self.tower.forward_with_aux(batch.dense, sparse)
         return self.tower(batch.dense, sparse), {}
 
+
+    def _score_grouped(self, batch, sparse) -> torch.Tensor:
+        """Evaluation of a batch whose rows carry request ids: rows of one request are scored
+        against their first row's prefix, computed once (``score_candidates``); a row with id −1
+        is a request of its own. Logits in the batch's row order, equal to row-by-row ones (the
+        reader quarantined requests whose rows disagree)."""
+        from model.sparse import SparseOutput
+
+        ids = batch.request_ids
+        alone = ids == -1
+        _, inverse = torch.unique(ids, return_inverse=True)
+        group = torch.where(alone, inverse.max() + 1 + torch.cumsum(alone.long(), 0), inverse)
+        order = torch.argsort(group, stable=True)
+        counts = torch.bincount(group)
+        counts = counts[counts > 0]
+        first = order[torch.cumsum(counts, 0) - counts]
+        prefix = SparseOutput(fields_BFD=sparse.fields_BFD[first],
+                              sequences=[(x[first], n[first]) for x, n in sparse.sequences],
+                              sequence_features=[{k: v[first] for k, v in f.items()} for f in sparse.sequence_features])
+        logits_sorted = self.tower.score_candidates(batch.dense[first], prefix, sparse.fields_BFD[order],
+                                                    batch.dense[order], counts)
+        return torch.empty_like(logits_sorted).index_copy_(0, order, logits_sorted)
 
     def score_candidates(self, prefix, candidates, counts_R: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
         """Logits [N, T] of N candidate rows grouped into R requests: ``prefix`` is a ``Batch`` of

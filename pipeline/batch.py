@@ -6,6 +6,9 @@
     labels     Tensor[B, T] float32         one column per task, schema order
     user_ids   Tensor[B] int64              raw user ids (strings hashed), for GAUC
     weights    Tensor[B] float32            1 for real rows, 0 for padding rows
+    request_ids Tensor[B] int64 | None      rows that share one are candidates of one request
+                                            (``request_id`` column kept by the reader; strings
+                                            hashed; -1 for a row of its own); None without one
 
 Ids stay raw 64-bit values here; mapping into table rows is the embedding layer's job.
 """
@@ -27,6 +30,7 @@ class Batch(Pipelineable):
     labels: torch.Tensor
     user_ids: torch.Tensor
     weights: torch.Tensor
+    request_ids: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -41,6 +45,8 @@ class Batch(Pipelineable):
             labels=self.labels.to(device, non_blocking=non_blocking),
             user_ids=self.user_ids.to(device, non_blocking=non_blocking),
             weights=self.weights.to(device, non_blocking=non_blocking),
+            request_ids=None if self.request_ids is None
+            else self.request_ids.to(device, non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -51,6 +57,8 @@ class Batch(Pipelineable):
         self.labels.record_stream(stream)
         self.user_ids.record_stream(stream)
         self.weights.record_stream(stream)
+        if self.request_ids is not None:
+            self.request_ids.record_stream(stream)
 
     def pin_memory(self) -> Batch:
         return Batch(
@@ -58,4 +66,5 @@ class Batch(Pipelineable):
             sequences=None if self.sequences is None else self.sequences.pin_memory(),
             labels=self.labels.pin_memory(), user_ids=self.user_ids.pin_memory(),
             weights=self.weights.pin_memory(),
+            request_ids=None if self.request_ids is None else self.request_ids.pin_memory(),
         )

@@ -26,6 +26,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embedding.schema import FeatureSchema
 from pipeline.batch import Batch
+from pipeline.validate import REQUEST_ID
 
 
 def hash_strings(arr: pa.Array | np.ndarray) -> np.ndarray:
@@ -177,6 +178,12 @@ class Decoded:
         self.labels = (_floats(rb, list(schema.labels), n) if with_labels
                        else np.zeros((n, len(schema.labels)), dtype=np.float32))
         self.user_ids = np.array(_ids(rb.column(schema.user_id), schema.user_id_type))  # writable
+        self.request_ids = None
+        if REQUEST_ID in rb.schema.names:  # a null id: a row of its own (-1)
+            col = rb.column(REQUEST_ID)
+            ids = _ids(col.fill_null("" if pa.types.is_string(col.type) else 0),
+                       "string" if pa.types.is_string(col.type) else "int64")
+            self.request_ids = np.where(col.is_null().to_numpy(zero_copy_only=False), -1, ids).astype(np.int64)
 
     def batch(self, lo: int = 0, hi: int | None = None, real: int | None = None) -> Batch:
         """Rows ``[lo, hi)`` as a ``Batch``; the first ``real`` of them weigh 1, the rest 0."""
@@ -213,6 +220,7 @@ class Decoded:
             labels=torch.from_numpy(self.labels[lo:hi]),
             user_ids=torch.from_numpy(self.user_ids[lo:hi]),
             weights=torch.from_numpy(weights),
+            request_ids=None if self.request_ids is None else torch.from_numpy(self.request_ids[lo:hi]),
         )
 
 

@@ -51,13 +51,15 @@ def group_requests(table: pa.Table, schema: FeatureSchema, target_groups: tuple[
                    column: str = REQUEST_ID) -> Requests:
     """Group ``table``'s rows by ``column`` and check each request's request-level columns.
 
-    Raises ``KeyError`` if ``column`` is missing. A request whose rows disagree (or whose id is
-    null) has every row flagged in ``bad`` with a reason naming the differing columns; it still
-    appears in ``order``/``counts`` (callers drop it)."""
+    Raises ``KeyError`` if ``column`` is missing. A row with a null id is a request of its own.
+    A request whose rows disagree has every row flagged in ``bad`` with a reason naming the
+    differing columns; it still appears in ``order``/``counts`` (callers drop it)."""
     ids = table.column(column)
     ids = ids.chunk(0) if ids.num_chunks == 1 else ids.combine_chunks()
-    words = _column_words(ids)
-    _, first_idx, inverse = np.unique(words, return_index=True, return_inverse=True)
+    null = ids.is_null().to_numpy(zero_copy_only=False) if ids.null_count else np.zeros(len(ids), dtype=bool)
+    key = np.empty(len(ids), dtype=[("null", "u1"), ("word", "u8")])
+    key["null"], key["word"] = null, np.where(null, np.arange(len(ids)), _column_words(ids))  # null: alone
+    _, first_idx, inverse = np.unique(key, return_index=True, return_inverse=True)
     rank = np.argsort(np.argsort(first_idx, kind="stable"), kind="stable")  # group → order of appearance
     group = rank[inverse]
     order = np.argsort(group, kind="stable")
@@ -66,8 +68,6 @@ def group_requests(table: pa.Table, schema: FeatureSchema, target_groups: tuple[
     cols = request_level_columns(schema, target_groups)
     h = row_hashes(table, cols)
     differs = h != h[first[group]]
-    if ids.null_count:
-        differs |= ids.is_null().to_numpy(zero_copy_only=False)
     bad_group = np.zeros(len(counts), dtype=bool)
     bad_group[group[differs]] = True
     reasons = {}
@@ -77,6 +77,6 @@ def group_requests(table: pa.Table, schema: FeatureSchema, target_groups: tuple[
         names = [c for c in cols if len(np.unique(row_hashes(sub, [c]))) > 1]
         rid = ids[int(first[g])].as_py()
         reasons[rid] = (f"request '{column}'={rid}: its {len(rows)} rows disagree on request-level column(s) "
-                        f"{names or [column + ' (null)']}; every candidate row of a request must carry the "
+                        f"{names}; every candidate row of a request must carry the "
                         f"same user, context, request-level dense and history values")
     return Requests(order=order, counts=counts, first=first, bad=bad_group[group], reasons=reasons)

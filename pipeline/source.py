@@ -20,7 +20,14 @@ import ray.data
 from ray.train import DataConfig
 
 from embedding.schema import FeatureSchema
-from pipeline.validate import REQUEST_ID, SOURCE, DuplicateFinder, QuarantineWriter, expected_kinds
+from pipeline.validate import (
+    REQUEST_ID,
+    SOURCE,
+    DuplicateFinder,
+    QuarantineWriter,
+    expected_kinds,
+    request_id_type,
+)
 
 READ_TASKS = 16  # many small files (a day each) are read a few per task: task start-up dominates otherwise
 
@@ -47,8 +54,9 @@ def read_logs(files: list[Path], schema: FeatureSchema, quarantine_dir: str | Pa
     rows_per_block = rows_per_block or chunk_rows(len(columns))
     items = [{"path": str(f)} for f in files] or [{"path": ""}]  # "": no file (an empty shard)
     paths = ray.data.from_items(items, override_num_blocks=min(len(items), READ_TASKS))
-    reader = ParquetReader(columns, rows_per_block, QuarantineWriter(schema, str(quarantine_dir), request_groups),
-                           optional=(REQUEST_ID,) if request_groups is not None else ())
+    request_type = request_id_type(files) if request_groups is not None else None
+    writer = QuarantineWriter(schema, str(quarantine_dir), request_groups, request_type)
+    reader = ParquetReader(columns, rows_per_block, writer, optional=(REQUEST_ID,) if request_type else ())
     ds = paths.map_batches(reader, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
     # No Ray Data progress bars: these streams run inside the training workers, whose step
     # lines are the job's progress; the bars only interleave with them and cost the worker CPU.
@@ -165,9 +173,9 @@ class UnequalSplit(DataConfig):
             if self.deterministic:
                 options.preserve_order = True
             if name in self.sources:
-                files, schema, quarantine = self.sources[name]
+                files, schema, quarantine, *request_groups = self.sources[name]
                 for i, mine in enumerate(deal_files(files, world_size)):
-                    own = read_logs(mine, schema, quarantine)
+                    own = read_logs(mine, schema, quarantine, request_groups=(request_groups or [None])[0])
                     own.context.execution_options = options
                     output[i][name] = own.iterator()
                 continue

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from embedding.schema import FeatureSchema
@@ -133,6 +134,23 @@ def check_files(files: list[Path], schema: FeatureSchema, unknown: str = "warn",
     return rows
 
 
+def request_id_type(files: list[Path]) -> pa.DataType | None:
+    """The one type the ``request_id`` column takes over ``files`` (int64 or string; None when no
+    file has one), read from the footers. Files without the column get nulls of that type.
+
+    Raises ``SchemaMismatchError`` naming two files when one has int ids and another strings."""
+    seen: dict[str, Path] = {}
+    for path in files:
+        fs, where = pafs.FileSystem.from_uri(str(path)) if "://" in str(path) else (None, str(path))
+        arrow = pq.read_schema(where, filesystem=fs)
+        if REQUEST_ID in arrow.names:
+            seen.setdefault(_kind(arrow.field(REQUEST_ID).type), path)
+    if len(seen) > 1:
+        raise SchemaMismatchError(f"column '{REQUEST_ID}' is int in {seen.get('int')} but string in "
+                                  f"{seen.get('string')}; use one type for request ids")
+    return {"int": pa.int64(), "string": pa.string()}[next(iter(seen))] if seen else None
+
+
 def first_valid_row(files: list[Path], schema: FeatureSchema) -> pa.Table:
     """One valid row (schema columns only): the shape template for a worker's padding steps."""
     columns = list(expected_kinds(schema))
@@ -208,8 +226,7 @@ def split_valid(table: pa.Table, schema: FeatureSchema, check_labels: bool = Tru
         if groups.bad.any():
             ids = table.column(REQUEST_ID)
             for rid, why in groups.reasons.items():
-                same = _np(pc.is_null(ids)) if rid is None else _np(pc.equal(ids, pa.scalar(rid, ids.type)))
-                flag(same, why)
+                flag(_np(pc.equal(ids, pa.scalar(rid, ids.type)).fill_null(False)), why)
     if not bad.any():
         return table, table.slice(0, 0).append_column(REASON, pa.array([], pa.string()))
     good_rows = table.filter(pa.array(~bad))
@@ -340,8 +357,11 @@ class QuarantineWriter:
     """Ray Data ``map_batches`` step (pyarrow batches): bad rows → quarantine Parquet, good rows on."""
 
     def __init__(self, schema: FeatureSchema, quarantine_dir: str,
-                 request_groups: tuple[str, ...] | None = None) -> None:
+                 request_groups: tuple[str, ...] | None = None, request_type: pa.DataType | None = None) -> None:
+        """``request_groups``: check requests (``split_valid``) and keep ``request_id``, cast to
+        ``request_type`` (nulls for a file without the column, so blocks concatenate)."""
         self.schema, self.dir, self.request_groups = schema, Path(quarantine_dir), request_groups
+        self.request_type = request_type
 
     def __call__(self, table: pa.Table, duplicate: np.ndarray | None = None) -> pa.Table:
         good, bad = split_valid(table, self.schema, duplicate=duplicate, request_groups=self.request_groups)
@@ -357,8 +377,12 @@ class QuarantineWriter:
             tmp = self.dir / f".{name}.{uuid.uuid4().hex}.tmp"
             pq.write_table(bad, tmp)
             tmp.rename(self.dir / name)  # atomic publish
-        keep = (REQUEST_ID,) if self.request_groups is not None else ()
-        return to_canonical(good, self.schema, keep=keep)  # schema columns only, one type per column
+        out = to_canonical(good, self.schema)  # schema columns only, one type per column
+        if self.request_groups is not None and self.request_type is not None:
+            ids = (good.column(REQUEST_ID).cast(self.request_type) if REQUEST_ID in good.column_names
+                   else pa.nulls(good.num_rows, self.request_type))
+            out = out.append_column(REQUEST_ID, ids)
+        return out
 
 
 def count_quarantined(quarantine_dir: str | Path) -> tuple[int, dict[str, int]]:

@@ -23,7 +23,15 @@ from model.ranking import ModelConfig, RankingModel
 from model.tokenformer import TokenFormerConfig
 from pipeline.generator import GeneratorConfig, World
 from pipeline.requests import group_requests, request_level_columns
-from pipeline.validate import REASON, REQUEST_ID, QuarantineWriter, _column_words, to_canonical
+from pipeline.validate import (
+    REASON,
+    REQUEST_ID,
+    QuarantineWriter,
+    SchemaMismatchError,
+    _column_words,
+    request_id_type,
+    to_canonical,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = load_schema(ROOT / "configs/tiny.toml")
@@ -76,13 +84,28 @@ def test_list_words_are_equal_exactly_for_equal_lists(lists) -> None:
             assert (words[i] == words[j]) == (lists[i] == lists[j])
 
 
-def test_unordered_ids_group_by_first_appearance_and_nulls_are_flagged() -> None:
-    t = _logs(rows=12, per_request=12)  # one request's values for every row
-    ids = pa.array(["b", "a", "b", None, "a", "c", "b", "a", "c", "c", "b", "a"])
-    g = group_requests(t.set_column(t.column_names.index(REQUEST_ID), REQUEST_ID, ids), SCHEMA, GROUPS)
-    assert g.counts.tolist() == [4, 4, 1, 3] and g.first.tolist() == [0, 1, 3, 5]
-    assert g.order.tolist() == [0, 2, 6, 10, 1, 4, 7, 11, 3, 5, 8, 9]
-    assert np.flatnonzero(g.bad).tolist() == [3] and None in g.reasons
+def test_unordered_ids_group_by_first_appearance_and_a_null_id_is_a_request_alone() -> None:
+    t = _logs(rows=12, per_request=1)  # every row a different user: only the grouping can flag
+    ids = pa.array(["b", "a", "b", None, "a", "c", "b", "a", "c", "c", "b", None])
+    t = t.set_column(t.column_names.index(REQUEST_ID), REQUEST_ID, ids) if REQUEST_ID in t.column_names \
+        else t.append_column(REQUEST_ID, ids)
+    g = group_requests(t, SCHEMA, GROUPS)
+    assert g.counts.tolist() == [4, 3, 1, 3, 1] and g.first.tolist() == [0, 1, 3, 5, 11]
+    assert g.order.tolist() == [0, 2, 6, 10, 1, 4, 7, 3, 5, 8, 9, 11]
+    assert np.flatnonzero(g.bad).tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9, 10]  # nulls never disagree
+    assert sorted(g.reasons) == ["a", "b", "c"]
+
+
+def test_request_id_type_must_agree_across_files(tmp_path) -> None:
+    t = _logs(rows=8, per_request=2)
+    pq.write_table(t, tmp_path / "a.parquet")
+    pq.write_table(t.drop_columns([REQUEST_ID]), tmp_path / "b.parquet")
+    assert request_id_type([tmp_path / "a.parquet", tmp_path / "b.parquet"]) == pa.int64()
+    assert request_id_type([tmp_path / "b.parquet"]) is None
+    pq.write_table(t.set_column(t.column_names.index(REQUEST_ID), REQUEST_ID,
+                                t.column(REQUEST_ID).cast(pa.string())), tmp_path / "c.parquet")
+    with pytest.raises(SchemaMismatchError, match="is int in .*a.parquet but string in .*c.parquet"):
+        request_id_type([tmp_path / "a.parquet", tmp_path / "c.parquet"])
 
 
 def test_quarantine_takes_disagreeing_requests_with_their_reason(tmp_path) -> None:
@@ -90,8 +113,11 @@ def test_quarantine_takes_disagreeing_requests_with_their_reason(tmp_path) -> No
     ctx = t.column("ctx_1").to_pylist()
     ctx[5] += 1  # request 1 (rows 4..7)
     t = t.set_column(t.column_names.index("ctx_1"), "ctx_1", pa.array(ctx))
-    good = QuarantineWriter(SCHEMA, str(tmp_path), request_groups=GROUPS)(t)
-    assert good.num_rows == 44 and REQUEST_ID in good.column_names
+    writer = QuarantineWriter(SCHEMA, str(tmp_path), request_groups=GROUPS, request_type=pa.int64())
+    good = writer(t)
+    assert good.num_rows == 44 and good.column(REQUEST_ID).to_pylist() == [i // 4 for i in range(48) if i // 4 != 1]
+    plain = writer(_logs(rows=8, per_request=1))  # a file without the column: a null id, each row alone
+    assert plain.num_rows == 8 and plain.column(REQUEST_ID).null_count == 8
     bad = pa.concat_tables([pq.read_table(p) for p in tmp_path.glob("*.parquet")])
     assert sorted(bad.column(REQUEST_ID).to_pylist()) == [1] * 4
     assert "disagree on request-level column(s) ['ctx_1']" in bad.column(REASON)[0].as_py()
@@ -113,9 +139,9 @@ def test_candidate_program_equals_the_per_row_program(exported) -> None:
     candidates, groups = load_candidate_program(exported.out)
     assert candidates is not None and groups == GROUPS
     t = _logs(rows=60, per_request=12)
-    ids = pa.array([0] * 1 + [1] * 11 + [2] * 12 + [3] * 2 + [4] * 10 + [5] * 12 + [6] * 12)  # C = 1 .. 12
+    ids = pa.array([0] * 1 + [1] * 11 + [2] * 12 + [3] * 2 + [4] * 10 + [5] * 11 + [None] + [6] * 12)  # C = 1..12
     canon = to_canonical(t, SCHEMA, with_labels=False)
-    got, bad, _ = score_requests(candidates, canon, SCHEMA, GROUPS, ids)
+    got, bad, _ = score_requests(candidates, program, canon, SCHEMA, GROUPS, ids)
     want = score_table(program, canon, SCHEMA)
     assert not bad.any()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -132,3 +158,39 @@ def test_pyfunc_groups_requests_and_answers_400_for_a_disagreeing_one(exported) 
     frame.loc[9, "dense_1"] += 1.0
     with pytest.raises(MlflowException, match=r"request_id'=1: its 8 rows disagree on .*'dense_1'"):
         exported.pyfunc.predict(None, frame)
+
+
+def test_evaluation_scores_request_rows_against_one_prefix(exported) -> None:
+    """A batch that carries request ids (the eval reader keeps them) is scored per request in
+    eval mode — each request's prefix once — with the logits of row-by-row scoring."""
+    from pipeline.collate import collate
+
+    model = exported.model
+    t = _logs(rows=40, per_request=8)
+    ids = t.column(REQUEST_ID).to_pylist()
+    ids[5], ids[17] = None, None  # rows of their own
+    t = t.set_column(t.column_names.index(REQUEST_ID), REQUEST_ID, pa.array(ids, pa.int64()))
+    canon = to_canonical(t, SCHEMA, keep=(REQUEST_ID,))
+    batch = collate(canon, SCHEMA)
+    assert batch.request_ids is not None and batch.request_ids[5] == -1
+    before = model.tower.prefix_passes
+    with torch.no_grad():
+        grouped = model(batch)
+        batch.request_ids = None
+        rows = model(batch)
+    torch.testing.assert_close(grouped, rows, rtol=1e-5, atol=1e-6)
+    assert model.tower.prefix_passes - before == 5 + 2  # 5 requests, 2 rows alone
+
+
+def test_gate_evaluation_reads_requests_with_the_same_metrics(exported, tmp_path) -> None:
+    from jobs.registry import evaluate_export
+
+    t = _logs(rows=64, per_request=8)
+    for name, table in (("with", t), ("without", t.drop_columns([REQUEST_ID]))):
+        (tmp_path / name / "day=2026-01-01").mkdir(parents=True)
+        pq.write_table(table, tmp_path / name / "day=2026-01-01" / "part-0.parquet")
+    grouped = evaluate_export(exported.out, tmp_path / "with", "2026-01-01")
+    rows = evaluate_export(exported.out, tmp_path / "without", "2026-01-01")
+    assert grouped["eval_rows"] == rows["eval_rows"] == 64
+    assert grouped["eval_auc"] == pytest.approx(rows["eval_auc"], abs=1e-9)
+    assert grouped["eval_logloss"] == pytest.approx(rows["eval_logloss"], rel=1e-6)
