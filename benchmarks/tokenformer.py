@@ -18,6 +18,10 @@
     (one thread, 512×512 @ 512×512). Where TokenFormer's share is below the naive Transformer's,
     the op profile of both (torch.profiler, self CPU time) is saved beside it.
 
+(c) The kernel-choice table behind ``model.attention.choose_kernel``: one attention op per
+    kernel at demo and long-stream shapes (padded full layer: padding fold vs mask; window 32:
+    banded vs mask).
+
 Targets (checks): 2F2S trimmed ≤ 0.5× naive 4F at 1,024 and 4,096 behaviours and ≤ 0.8× on the
 demo stream; trimming ≥ 1.5× faster than untrimmed at 1,024 behaviours.
 """
@@ -40,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from embedding.schema import load_schema  # noqa: E402
+from model.attention import attention  # noqa: E402
 from model.sparse import SparseOutput  # noqa: E402
 from model.tokenformer import TokenFormer, TokenFormerConfig, naive_transformer  # noqa: E402
 
@@ -105,6 +110,32 @@ def profile(tower, trim, dense, sparse, top: int = 12) -> list[dict]:
              "calls": e.count} for e in events]
 
 
+def _op(kernel, q, k, v, valid, window) -> None:
+    attention(kernel, q, k, v, valid, window).sum().backward()
+
+
+def kernel_choice(repeats: int = 7) -> dict[str, float]:
+    """The measurements behind ``model.attention.choose_kernel``'s thresholds: one attention op
+    (forward + backward, one thread) per kernel at the shapes the demo and long streams give —
+    a padded full layer (the padding-fold fused path against the masked reference) and a sliding
+    layer (banded against the masked reference)."""
+    out = {}
+    for B, H, K, E in ((512, 4, 49, 16), (64, 4, 273, 16), (16, 4, 1041, 16)):
+        g = torch.Generator().manual_seed(K)
+        q, k, v = (torch.randn(B, H, K, E, generator=g, requires_grad=True) for _ in range(3))
+        valid = torch.ones(B, K, dtype=torch.bool)
+        valid[:, 15:15 + K // 4] = False  # padding behind the field tokens, as in the stream
+        for name, kernel, window in (("full, padding fold (sdpa)", "sdpa", None),
+                                     ("full, masked (reference)", "reference", None),
+                                     ("window 32, banded", "banded", 32), ("window 32, masked (reference)",
+                                                                           "reference", 32)):
+            args = (kernel, q, k, v, valid, window)
+            _op(*args)
+            out[f"{name}@K{K}"] = statistics.median(_timed(_op, *args) for _ in range(repeats))
+            print(f"kernel choice: {name:<32} K={K:>5} B={B:>4} {out[f'{name}@K{K}'] * 1e3:8.2f} ms")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/tokenformer.json")
@@ -116,6 +147,7 @@ def main() -> None:
     lengths = [32, 256, 1024] if a.quick else [32, 256, 1024, 4096]
     models = variants()
     gemm = gemm_rate()
+    kernels = kernel_choice()
     print(f"fp32 GEMM rate, one thread: {gemm / 1e9:.1f} GFLOP/s")
     per_row, flops, share, profiles = {}, {}, {}, {}
     print(f"{'variant':<16} {'L':>5} {'ms/row':>9} {'MFLOP/row':>10} {'% GEMM':>7}")
@@ -161,6 +193,7 @@ def main() -> None:
     result = {"benchmark": "tokenformer", "rows_per_step": {str(k): v for k, v in ROWS.items() if k in lengths},
               "rounds": rounds, "threads": 1, "gemm_flops_per_s": gemm, "seconds_per_row": per_row,
               "train_flops_per_row": flops, "gemm_share": share, "profiles": profiles, "checks": checks,
+              "kernel_choice_seconds": kernels,
               "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
               "date": time.strftime("%Y-%m-%d")}
     a.out.parent.mkdir(parents=True, exist_ok=True)
