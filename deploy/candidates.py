@@ -97,9 +97,19 @@ def load_candidate_program(export_dir: str | Path) -> tuple[nn.Module | None, tu
 
 
 def score_request(program: nn.Module, prefix: pa.Table, candidates: pa.Table, schema: FeatureSchema,
-                  chunk: int = CANDIDATE_CHUNK) -> np.ndarray:
-    """One request: its prefix row and C candidate rows (canonical layout) → probabilities [C, T]."""
+                  chunk: int = CANDIDATE_CHUNK, row_program: nn.Module | None = None) -> np.ndarray:
+    """One request: its prefix row and C candidate rows (canonical layout) → probabilities [C, T].
+
+    The program is traced with a history; a prefix with fewer than 2 history ids in all (a
+    cold-start user: ``torch.export`` specializes sizes 0 and 1) is scored row by row with
+    ``row_program`` (``model.pt2``), or raises ``ValueError`` without one."""
     p = collate(prefix, schema, with_labels=False)
+    if p.sequences.values().numel() < 2:
+        if row_program is None:
+            raise ValueError("score_request: a prefix with an empty history needs the per-row program")
+        from deploy.export import score_table  # deploy.export imports this module
+
+        return score_table(row_program, candidates, schema)
     head = (p.dense, p.fields.values(), p.fields.lengths(), p.sequences.values(), p.sequences.lengths())
     out = []
     for lo in range(0, candidates.num_rows, chunk):
@@ -133,5 +143,6 @@ def score_requests(program: nn.Module, row_program: nn.Module, table: pa.Table, 
         if count < 2 or groups.bad[first]:
             continue
         rows = groups.order[start:start + count]
-        probs[rows] = score_request(program, table.slice(int(first), 1), table.take(pa.array(rows)), schema)
+        probs[rows] = score_request(program, table.slice(int(first), 1), table.take(pa.array(rows)), schema,
+                                    row_program=row_program)
     return probs, groups.bad, groups.reasons

@@ -25,6 +25,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import torch
 import torch.distributed.checkpoint as dcp
 from mlflow.exceptions import MlflowException
@@ -115,11 +116,22 @@ def export_program(model: RankingModel) -> torch.export.ExportedProgram:
 
 def score_table(program: nn.Module, table: pa.Table, schema: FeatureSchema) -> np.ndarray:
     """Valid rows in the canonical layout → probabilities [rows, tasks] from an exported program
-    (``torch.export.load(...).module()``). The program is traced for >= 2 rows; a single row is
-    scored twice and one copy kept."""
+    (``torch.export.load(...).module()``). The program is traced for >= 2 rows and >= 2 history
+    ids (``torch.export`` specializes sizes 0 and 1): a single row is scored twice, and rows with
+    fewer than 2 history ids in all (cold-start users) get a filler row with a 2-id history;
+    only the given rows' probabilities are returned."""
     n = table.num_rows
     if n == 1:
         table = pa.concat_tables([table, table])
+    columns = schema.sequence_columns
+    if columns and sum(pa.compute.sum(pa.compute.list_value_length(table.column(c))).as_py() or 0
+                       for c in columns) < 2:
+        filler = table.slice(0, 1)
+        for c in columns:
+            typ = filler.schema.field(c).type
+            filler = filler.set_column(filler.column_names.index(c), c,
+                                       pa.array([["0", "0"] if pa.types.is_string(typ.value_type) else [0, 0]], typ))
+        table = pa.concat_tables([table, filler])
     batch = collate(table, schema, with_labels=False)
     with torch.no_grad():
         probs = program(*inference_inputs(batch, schema))
@@ -189,11 +201,12 @@ class RequestError(ValueError):
 
 
 def check_request(table: pa.Table, schema: FeatureSchema, max_rows: int,
-                  request_groups: tuple[str, ...] = ("item",)) -> pa.Table:
+                  request_groups: tuple[str, ...] | None = None) -> pa.Table:
     """Rows of a request → the canonical table (and its ``request_id`` column, if any), or
     ``RequestError`` naming the problem: too many rows, missing or unknown columns, a column of
-    the wrong type, an invalid row, rows of one request id that disagree on a request-level
-    column (``pipeline.requests``)."""
+    the wrong type, an invalid row, and — with ``request_groups`` (a model that scores a request
+    against one prefix) — rows of one request id that disagree on a request-level column
+    (``pipeline.requests``)."""
     if table.num_rows == 0:
         raise RequestError("request has no rows")
     if table.num_rows > max_rows:
@@ -215,6 +228,8 @@ def check_request(table: pa.Table, schema: FeatureSchema, max_rows: int,
         if got not in kinds[col] and not (got == "null" and table.column(col).null_count):
             raise RequestError(f"column '{col}' has type {table.schema.field(col).type} ({got}); "
                                f"the model expects {' or '.join(sorted(kinds[col]))}")
+    if REQUEST_ID in table.column_names:
+        table = _request_ids(table)
     _, bad = split_valid(table, schema, check_labels=False, request_groups=request_groups)
     if bad.num_rows:
         raise RequestError(f"{bad.num_rows} invalid request row(s), first: {bad.column(REASON)[0].as_py()}")
@@ -222,6 +237,23 @@ def check_request(table: pa.Table, schema: FeatureSchema, max_rows: int,
         return to_canonical(table, schema, with_labels=False, keep=(REQUEST_ID,))
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
         raise RequestError(f"request columns do not convert to the model's types: {e}") from None
+
+
+def _request_ids(table: pa.Table) -> pa.Table:
+    """A request's ``request_id`` column as int64 or string: JSON nulls only → dropped (every row
+    on its own), whole floats (pandas turns ints with a null into floats) → int64."""
+    ids = table.column(REQUEST_ID)
+    if pa.types.is_null(ids.type):
+        return table.drop_columns([REQUEST_ID])
+    kind = _kind(ids.type)
+    if kind == "float":
+        values = ids.to_numpy(zero_copy_only=False)
+        if not np.all(np.isnan(values) | (values == np.round(values))):
+            raise RequestError(f"column '{REQUEST_ID}' has fractional values; request ids are int or string")
+        ids, kind = ids.cast(pa.int64(), safe=False), "int"  # NaN stays null
+    if kind not in ("int", "string"):
+        raise RequestError(f"column '{REQUEST_ID}' has type {ids.type}; request ids are int or string")
+    return table.set_column(table.column_names.index(REQUEST_ID), REQUEST_ID, ids)
 
 
 class TokenrecPyfunc(mlflow.pyfunc.PythonModel):
@@ -247,7 +279,8 @@ class TokenrecPyfunc(mlflow.pyfunc.PythonModel):
                 table = pa.Table.from_pandas(model_input, preserve_index=False)
             except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
                 raise RequestError(f"request rows do not form typed columns: {e}") from None
-            table = check_request(table, self.schema, self.max_rows, self.candidate_groups)
+            groups = self.candidate_groups if self.candidates is not None else None  # row by row: no prefix
+            table = check_request(table, self.schema, self.max_rows, groups)
         except RequestError as e:
             raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
         if REQUEST_ID in table.column_names and self.candidates is not None:  # one prefix per request

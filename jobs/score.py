@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -32,7 +33,7 @@ from embedding.schema import FeatureSchema
 from jobs.tracking import default_tracking_uri, redact
 from pipeline.days import day_files, parse_days
 from pipeline.source import read_logs
-from pipeline.validate import REQUEST_ID, canonical_schema, check_files, count_quarantined
+from pipeline.validate import REASON, REQUEST_ID, QuarantineWriter, canonical_schema, check_files, count_quarantined
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,7 +67,7 @@ def output_columns(schema: FeatureSchema, present: list[str]) -> list[str]:
 class Scorer:
     """Ray Data actor: loads the program once, scores canonical row blocks."""
 
-    def __init__(self, export_dir: str, model_uri: str, tracking_uri: str) -> None:
+    def __init__(self, export_dir: str, model_uri: str, tracking_uri: str, quarantine_dir: str) -> None:
         import torch
 
         torch.set_num_threads(1)
@@ -76,11 +77,17 @@ class Scorer:
             path = find_export(Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri)))
         self.program, self.schema, _ = load_program(path)
         self.candidates, self.groups = load_candidate_program(path)
+        self.quarantine = QuarantineWriter(self.schema, quarantine_dir)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         if REQUEST_ID in table.column_names and self.candidates is not None:  # one prefix per request
-            probs, _, _ = score_requests(self.candidates, self.program, table.drop_columns([REQUEST_ID]),
-                                         self.schema, self.groups, table.column(REQUEST_ID))
+            probs, bad, reasons = score_requests(self.candidates, self.program, table.drop_columns([REQUEST_ID]),
+                                                 self.schema, self.groups, table.column(REQUEST_ID))
+            if bad.any():  # a request whose rows reached this block from two files: never one row's prefix
+                ids = table.column(REQUEST_ID).to_pylist()
+                self.quarantine.write(table.filter(pa.array(bad)).append_column(
+                    REASON, pa.array([reasons[ids[i]] for i in np.flatnonzero(bad)])), table)
+                table, probs = table.filter(pa.array(~bad)), probs[~bad]
         else:
             probs = score_table(self.program, table.select(canonical_schema(self.schema).names), self.schema)
         out = table.select(output_columns(self.schema, table.column_names))
@@ -102,6 +109,8 @@ def run_score(req: ScoreRequest, log=print) -> dict:
     export_dir = find_export(local)
     _, schema, _ = load_program(export_dir)
     _, groups = load_candidate_program(export_dir)
+    if not (export_dir / "candidates.pt2").exists():
+        groups = None  # this tower scores rows one by one: request ids change nothing
     days = parse_days(req.days)
     files = day_files(req.data_root, days)
     rows_in = check_files(files, schema)  # schema problems stop here, naming the file and column
@@ -113,7 +122,7 @@ def run_score(req: ScoreRequest, log=print) -> dict:
     init_ray(req.address, req.num_actors)
     quarantine = (req.workdir / "score-quarantine" / time.strftime("%Y%m%dT%H%M%S")).resolve()
     ds = read_logs(files, schema, quarantine, request_groups=groups).map_batches(
-        Scorer, fn_constructor_args=(str(export_dir), req.model_uri, tracking_uri),
+        Scorer, fn_constructor_args=(str(export_dir), req.model_uri, tracking_uri, str(quarantine)),
         batch_size=req.batch_size, batch_format="pyarrow", concurrency=req.num_actors, num_cpus=1)
     req.out.mkdir(parents=True, exist_ok=True)
     ds.write_parquet(str(req.out.resolve()))

@@ -19,7 +19,7 @@ kernels in outputs and gradients (``tests/unit/test_attention.py``).
   O(Q·K) for any window.
 * ``sdpa``: full causal attention through SDPA's fused causal kernel. Key padding is folded into
   one extra head dimension (``q' = [q, 1]``, ``k' = [k, −c·[j is padding]]``, the scale kept at
-  ``1/√E``): a padding key's score drops by ``c`` and its softmax weight is exactly 0 in fp32, so
+  ``1/√E``): a padding key's score drops by ``c/√E`` (1e4) and its softmax weight is exactly 0, so
   no [B, Q, K] mask is built and the fused kernel still skips the upper triangle. ``Q < K`` runs
   the fused kernel on all K rows when ``Q ≥ K/2`` (cheaper than a mask that cannot skip blocks),
   else the reference. Windows that do not cover the keys go to the reference.
@@ -90,7 +90,9 @@ def _fused(q, k, v, key_valid_BK, causal: bool):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     B, H, K, E = k.shape
     scale = 1.0 / math.sqrt(E)
-    c = min(1e4 / scale, torch.finfo(q.dtype).max / 8)  # score drop: exp(-1e4) == 0
+    # score drop c·scale: 1e4 in fp32/bf16 (exp(-1e4) == 0), ≥ ~1,000 in fp16 (max/8 caps c):
+    # either underflows to exactly 0 against the query's own (valid) key
+    c = min(1e4 / scale, torch.finfo(q.dtype).max / 8)
     drop = ((~key_valid_BK).to(q.dtype) * -c)[:, None, :, None].expand(B, H, K, 1)
     q = torch.cat([q, q.new_ones(*q.shape[:3], 1)], dim=-1)
     k = torch.cat([k, drop], dim=-1)

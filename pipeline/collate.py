@@ -181,8 +181,9 @@ class Decoded:
         self.request_ids = None
         if REQUEST_ID in rb.schema.names:  # a null id: a row of its own (-1)
             col = rb.column(REQUEST_ID)
-            ids = _ids(col.fill_null("" if pa.types.is_string(col.type) else 0),
-                       "string" if pa.types.is_string(col.type) else "int64")
+            text = pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
+            col = col.cast(pa.string() if text else pa.int64())
+            ids = _ids(col.fill_null("" if text else 0), "string" if text else "int64")
             self.request_ids = np.where(col.is_null().to_numpy(zero_copy_only=False), -1, ids).astype(np.int64)
 
     def batch(self, lo: int = 0, hi: int | None = None, real: int | None = None) -> Batch:

@@ -22,11 +22,12 @@ from pipeline.validate import REQUEST_ID, _column_words, row_hashes
 
 
 def request_level_columns(schema: FeatureSchema, target_groups: tuple[str, ...]) -> list[str]:
-    """The model inputs every row of a request must share: non-candidate sparse fields,
+    """What every row of a request must share: the user id, the non-candidate sparse fields, the
     request-level dense features, the sequence columns."""
     candidate = set(schema.candidate_columns(target_groups))
-    return ([f.name for f in schema.sparse if f.name not in candidate]
+    cols = ([schema.user_id] + [f.name for f in schema.sparse if f.name not in candidate]
             + [f.name for f in schema.dense if f.name not in candidate] + schema.sequence_columns)
+    return list(dict.fromkeys(cols))
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,13 @@ def group_requests(table: pa.Table, schema: FeatureSchema, target_groups: tuple[
     differing columns; it still appears in ``order``/``counts`` (callers drop it)."""
     ids = table.column(column)
     ids = ids.chunk(0) if ids.num_chunks == 1 else ids.combine_chunks()
-    null = ids.is_null().to_numpy(zero_copy_only=False) if ids.null_count else np.zeros(len(ids), dtype=bool)
+    if pa.types.is_null(ids.type):  # e.g. JSON nulls only: every row a request of its own
+        null, words = np.ones(len(ids), dtype=bool), np.zeros(len(ids), dtype=np.uint64)
+    else:
+        null = ids.is_null().to_numpy(zero_copy_only=False) if ids.null_count else np.zeros(len(ids), dtype=bool)
+        words = _column_words(ids)
     key = np.empty(len(ids), dtype=[("null", "u1"), ("word", "u8")])
-    key["null"], key["word"] = null, np.where(null, np.arange(len(ids)), _column_words(ids))  # null: alone
+    key["null"], key["word"] = null, np.where(null, np.arange(len(ids)), words)  # null: alone
     _, first_idx, inverse = np.unique(key, return_index=True, return_inverse=True)
     rank = np.argsort(np.argsort(first_idx, kind="stable"), kind="stable")  # group → order of appearance
     group = rank[inverse]

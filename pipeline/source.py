@@ -12,7 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
@@ -86,13 +88,42 @@ class ParquetReader:
             duplicates = DuplicateFinder()  # exact repeats of an earlier row of this file
             with pq.ParquetFile(where, filesystem=fs) as f:
                 columns = self.columns + [c for c in self.optional if c in f.schema_arrow.names]
-                for rb in f.iter_batches(batch_size=self.rows_per_block, columns=columns):
-                    yield self.checked(pa.Table.from_batches([rb]), path, duplicates)
+                chunks = (pa.Table.from_batches([rb]) for rb in
+                          f.iter_batches(batch_size=self.rows_per_block, columns=columns))
+                if REQUEST_ID in columns:
+                    chunks = whole_requests(chunks)
+                for chunk in chunks:
+                    yield self.checked(chunk, path, duplicates)
 
     def checked(self, table: pa.Table, path: str, duplicates: DuplicateFinder) -> pa.Table:
         """One chunk of ``path`` tagged with it, its bad rows quarantined, the rest canonical."""
         table = table.append_column(SOURCE, pa.repeat(pa.scalar(path, pa.string()), table.num_rows))
         return self.writer(table, duplicates(table))
+
+
+def whole_requests(chunks: Iterable[pa.Table]) -> Iterator[pa.Table]:
+    """Chunks of one file re-cut so that a request's consecutive rows (one ``request_id``) never
+    straddle two chunks: each chunk's trailing run of one id is carried into the next. The rows of
+    a request are then checked together (``pipeline.requests``) and scored from one block."""
+    carry = None
+    for chunk in chunks:
+        if carry is not None:
+            chunk = pa.concat_tables([carry, chunk])
+        ids = chunk.column(REQUEST_ID)
+        if chunk.num_rows == 0 or ids.null_count == chunk.num_rows:
+            carry = None
+            yield chunk
+            continue
+        last = ids[chunk.num_rows - 1]
+        same = pc.equal(ids, last).fill_null(False).to_numpy(zero_copy_only=False)
+        cut = int(np.flatnonzero(~same)[-1]) + 1 if (~same).any() else 0
+        carry = chunk.slice(cut) if last.is_valid else None
+        if carry is None:
+            cut = chunk.num_rows
+        if cut:
+            yield chunk.slice(0, cut)
+    if carry is not None and carry.num_rows:
+        yield carry
 
 
 def batch_runs(blocks: Iterable[pa.Table], size: int) -> Iterator[pa.Table]:

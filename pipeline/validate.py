@@ -329,7 +329,8 @@ class DuplicateFinder:
         self.seen = np.empty(0, dtype=np.uint64)  # row hashes of the file so far, sorted
 
     def __call__(self, table: pa.Table) -> np.ndarray:
-        cols = [c for c in table.column_names if c != SOURCE and not _is_list(table.schema.field(c).type)]
+        cols = [c for c in table.column_names  # request ids aside: the same rule with and without them
+                if c not in (SOURCE, REQUEST_ID) and not _is_list(table.schema.field(c).type)]
         if not cols or table.num_rows == 0:
             return np.zeros(table.num_rows, dtype=bool)
         h = row_hashes(table, cols)
@@ -366,23 +367,30 @@ class QuarantineWriter:
     def __call__(self, table: pa.Table, duplicate: np.ndarray | None = None) -> pa.Table:
         good, bad = split_valid(table, self.schema, duplicate=duplicate, request_groups=self.request_groups)
         if bad.num_rows:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            # Named by the whole block's content (rows and their source path): a block re-read
-            # (next epoch, retried task) rewrites the same file; two different blocks never share
-            # a name, even when their bad rows are identical.
-            sink = pa.BufferOutputStream()
-            with pa.ipc.new_stream(sink, table.schema) as w:
-                w.write_table(table)
-            name = f"part-{hashlib.sha256(sink.getvalue()).hexdigest()[:24]}.parquet"
-            tmp = self.dir / f".{name}.{uuid.uuid4().hex}.tmp"
-            pq.write_table(bad, tmp)
-            tmp.rename(self.dir / name)  # atomic publish
+            self.write(bad, table)
         out = to_canonical(good, self.schema)  # schema columns only, one type per column
         if self.request_groups is not None and self.request_type is not None:
             ids = (good.column(REQUEST_ID).cast(self.request_type) if REQUEST_ID in good.column_names
                    else pa.nulls(good.num_rows, self.request_type))
             out = out.append_column(REQUEST_ID, ids)
         return out
+
+    def write(self, bad: pa.Table, block: pa.Table) -> None:
+        """Publish ``bad`` rows (with ``REASON``) atomically, named by the whole ``block``'s content
+        (rows and their source path): a block re-read (next epoch, retried task) rewrites the same
+        file; two different blocks never share a name, even when their bad rows are identical."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = _block_name(block)
+        tmp = self.dir / f".{name}.{uuid.uuid4().hex}.tmp"
+        pq.write_table(bad, tmp)
+        tmp.rename(self.dir / name)  # atomic publish
+
+
+def _block_name(table: pa.Table) -> str:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return f"part-{hashlib.sha256(sink.getvalue()).hexdigest()[:24]}.parquet"
 
 
 def count_quarantined(quarantine_dir: str | Path) -> tuple[int, dict[str, int]]:

@@ -121,3 +121,48 @@ def test_candidate_dense_adds_a_target_token_and_request_dense_keeps_the_stream(
     assert plain.num_prefix_tokens == mixed.num_prefix_tokens  # one request-level dense token either way
     assert MIXED.candidate_columns(("item",)) == ["item_id", "item_category", "item_tags", "price", "quality"]
     assert MIXED.fingerprint() != TINY.fingerprint()
+
+
+TWO = load_schema(ROOT / "configs/two_sequences.toml")  # two behaviour sequences
+DEMO = load_schema(ROOT / "configs/demo.toml")  # hist has an action feature: user-centric mode
+
+
+def _two_sequence_requests(lengths: list[tuple[int, int]], counts: list[int], seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    R, N = len(lengths), sum(counts)
+    seqs = []
+    for k, q in enumerate(TWO.sequences):
+        n = torch.tensor([lens[k] for lens in lengths])
+        x = torch.randn(R, q.max_len, DE, generator=g) * (torch.arange(q.max_len)[None, :, None] < n[:, None, None])
+        seqs.append((x, n))
+    sparse_R = SparseOutput(fields_BFD=torch.randn(R, len(TWO.sparse), DE, generator=g), sequences=seqs)
+    return (torch.randn(R, len(TWO.dense), generator=g), sparse_R, torch.randn(N, len(TWO.sparse), DE, generator=g),
+            torch.randn(N, len(TWO.dense), generator=g), torch.tensor(counts))
+
+
+@pytest.mark.parametrize("schedule", ["4F", "2F2S", "4S"])
+def test_two_sequences_shared_prefix_and_trimming_are_exact(schedule) -> None:
+    tower = _tower(TWO, TokenFormerConfig(d_model=32, num_heads=4, schedule=schedule, first_window=8))
+    inputs = _two_sequence_requests([(0, 16), (32, 0), (5, 3)], [3, 1, 4])
+    torch.testing.assert_close(tower.score_candidates(*inputs), _per_row(tower, *inputs), rtol=1e-5, atol=1e-6)
+    dense_N, sparse_N = expand_requests(*inputs, tower.target_idx_0, tower.candidate_dense_idx)
+    with torch.no_grad():
+        torch.testing.assert_close(tower.forward_with_aux(dense_N, sparse_N, trim=True)[0],
+                                   tower.forward_with_aux(dense_N, sparse_N, trim=False)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_user_centric_target_scores_share_the_prefix_too() -> None:
+    """The user-centric stream (interleaved item/action tokens) is still causal: its target
+    logit — what evaluation reads — is equal through the cached prefix."""
+    cfg = TokenFormerConfig(d_model=32, num_heads=4, windows=(12, 6), mode="user_centric")
+    tower = _tower(DEMO, cfg)
+    g = torch.Generator().manual_seed(1)
+    L, R, counts = DEMO.sequences[0].max_len, 3, torch.tensor([2, 5, 1])
+    lengths = torch.tensor([0, 7, L])
+    mask = (torch.arange(L)[None, :, None] < lengths[:, None, None]).float()
+    feats = {f.name: torch.randn(R, L, DE, generator=g) * mask for f in DEMO.sequences[0].features}
+    sparse_R = SparseOutput(fields_BFD=torch.randn(R, len(DEMO.sparse), DE, generator=g),
+                            sequences=[(sum(feats.values()), lengths)], sequence_features=[feats])
+    inputs = (torch.randn(R, len(DEMO.dense), generator=g), sparse_R,
+              torch.randn(8, len(DEMO.sparse), DE, generator=g), torch.randn(8, len(DEMO.dense), generator=g), counts)
+    torch.testing.assert_close(tower.score_candidates(*inputs), _per_row(tower, *inputs), rtol=1e-5, atol=1e-6)

@@ -194,3 +194,67 @@ def test_gate_evaluation_reads_requests_with_the_same_metrics(exported, tmp_path
     assert grouped["eval_rows"] == rows["eval_rows"] == 64
     assert grouped["eval_auc"] == pytest.approx(rows["eval_auc"], abs=1e-9)
     assert grouped["eval_logloss"] == pytest.approx(rows["eval_logloss"], rel=1e-6)
+
+
+def test_reader_chunks_never_split_a_request() -> None:
+    from pipeline.source import whole_requests
+
+    t = _logs(rows=48, per_request=6)
+    ids = t.column(REQUEST_ID).to_pylist()
+    ids[46:] = [None, None]  # the last two rows have no request
+    t = t.set_column(t.column_names.index(REQUEST_ID), REQUEST_ID, pa.array(ids, pa.int64()))
+    for size in (1, 5, 7, 13, 48, 100):
+        chunks = list(whole_requests(t.slice(lo, size) for lo in range(0, 48, size)))
+        assert sum(c.num_rows for c in chunks) == 48
+        assert pa.concat_tables(chunks).equals(t)
+        seen = [set(c.column(REQUEST_ID).drop_null().to_pylist()) for c in chunks]
+        for a in range(len(seen)):
+            for b in range(a + 1, len(seen)):
+                assert not seen[a] & seen[b], f"chunk size {size}: a request split over two chunks"
+
+
+def test_serving_request_ids_as_json_gives_them(exported) -> None:
+    """JSON nulls only (Arrow null type) → every row alone; ints with a null (pandas floats) → ints;
+    a fractional id → 400. Scores stay the per-row ones."""
+    t = _logs(rows=16, per_request=4)
+    frame = t.drop_columns(["click", "p_true"]).to_pandas()
+    want = exported.pyfunc.predict(None, frame.drop(columns=[REQUEST_ID]))["click"].to_numpy()
+    nulls = frame.assign(request_id=[None] * 16)
+    np.testing.assert_allclose(exported.pyfunc.predict(None, nulls)["click"].to_numpy(), want, rtol=1e-5, atol=1e-6)
+    floats = frame.assign(request_id=[float(i // 4) if i != 3 else None for i in range(16)])
+    np.testing.assert_allclose(exported.pyfunc.predict(None, floats)["click"].to_numpy(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(MlflowException, match="fractional"):
+        exported.pyfunc.predict(None, frame.assign(request_id=[0.5] * 16))
+
+
+def test_large_string_request_ids_and_empty_histories_through_the_programs(exported) -> None:
+    from pipeline.collate import collate
+
+    program, _, _ = load_program(exported.out)
+    candidates, _ = load_candidate_program(exported.out)
+    t = _logs(rows=24, per_request=8)
+    hist = [[] if i < 8 else v for i, v in enumerate(t.column("hist_item_id").to_pylist())]
+    cats = [[] if i < 8 else v for i, v in enumerate(t.column("hist_category").to_pylist())]
+    t = t.set_column(t.column_names.index("hist_item_id"), "hist_item_id", pa.array(hist, pa.list_(pa.int64())))
+    t = t.set_column(t.column_names.index("hist_category"), "hist_category", pa.array(cats, pa.list_(pa.int64())))
+    canon = to_canonical(t, SCHEMA, with_labels=False)
+    ids = t.column(REQUEST_ID).cast(pa.large_string())
+    got, bad, _ = score_requests(candidates, program, canon, SCHEMA, GROUPS, ids)
+    assert not bad.any()
+    np.testing.assert_allclose(got, score_table(program, canon, SCHEMA), rtol=1e-5, atol=1e-6)
+    batch = collate(canon.append_column(REQUEST_ID, ids), SCHEMA, with_labels=False)
+    assert batch.request_ids.unique().numel() == 3
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_cold_start_rows_with_no_history_score_like_the_eager_model(exported, rows) -> None:
+    from pipeline.collate import collate
+
+    t = _logs(rows=8, per_request=1).slice(0, rows)
+    for c in ("hist_item_id", "hist_category"):
+        t = t.set_column(t.column_names.index(c), c, pa.array([[]] * rows, pa.list_(pa.int64())))
+    canon = to_canonical(t, SCHEMA, with_labels=False)
+    program, _, _ = load_program(exported.out)
+    with torch.no_grad():
+        want = torch.sigmoid(exported.model(collate(canon, SCHEMA, with_labels=False))).numpy()
+    np.testing.assert_allclose(score_table(program, canon, SCHEMA), want, rtol=1e-5, atol=1e-6)
