@@ -26,10 +26,12 @@ kernels in outputs and gradients (``tests/unit/test_attention.py``).
 * ``banded``: sliding windows as blocks of W queries against their 2W preceding keys, so work
   and memory are O(K·W) instead of O(K²).
 * ``auto`` (the model's default): full attention → ``sdpa`` from ``FUSED_MIN_KEYS`` keys on
-  (below it the masked reference measured as fast, and the fold costs a copy); a window that
-  covers the keys → full; a window with at least ``BANDED_MIN_BLOCKS`` windows of queries →
-  ``banded``; otherwise (few queries, or a window over most of the stream) → ``reference``.
-  Thresholds from ``benchmarks/attention.py`` on this CPU (docs/benchmarks.md).
+  (below it the masked reference measured faster on CPU, the fold costing copies: equal at 529
+  keys, the fold 17% faster at 700 and 25% at 1,041) or with one query; a window that covers
+  the keys → full; a window with at least ``BANDED_MIN_BLOCKS`` windows of queries → ``banded``
+  (10% faster than the mask at 273 keys, 6× at 1,041; 5× slower at 49); otherwise (few
+  queries, or a window over most of the stream) → ``reference``. Measured by
+  ``benchmarks/tokenformer.py``'s kernel table (docs/benchmarks.md, docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 KERNELS = ("reference", "sdpa", "banded")
-FUSED_MIN_KEYS = 256
+FUSED_MIN_KEYS = 512
 BANDED_MIN_BLOCKS = 4
 
 
