@@ -129,6 +129,12 @@ def build_tower(schema: FeatureSchema, cfg: ModelConfig) -> nn.Module:
     return TokenFormer(schema, tf_cfg, emb_dim=dim, num_tasks=num_tasks, block=block)
 
 
+def positive_actions(raw_BL: torch.Tensor, positive_min: int) -> torch.Tensor:
+    """User-centric action labels [B, L] float: 1 where the raw action id is >= ``positive_min``
+    (``[model.tokenformer].action_positive_min``; e.g. MovieLens ratings 1–5 with 4: 0,0,0,1,1)."""
+    return (raw_BL >= positive_min).float()
+
+
 class RankingTrain(nn.Module):
     """Adds the loss: BCE averaged over tasks, summed over real rows (``batch.weights``) and
     divided by the batch size *including* padding — the same on every worker — so after DDP's
@@ -148,11 +154,13 @@ class RankingTrain(nn.Module):
         return loss, logits.detach()
 
     def _action_loss(self, batch, aux) -> torch.Tensor:
-        """User-centric mode: BCE of each real behaviour's "positive action" (raw action id > 0),
-        padding and padding rows masked."""
+        """User-centric mode: BCE of each real behaviour's "positive action" (raw action id >=
+        ``tokenformer.action_positive_min``: 1 for 0/1 feedback, 4 for 1–5 ratings), padding and
+        padding rows masked."""
         q = self.model.schema.sequences[0]
-        jt = batch.sequences[f"{q.name}_{self.model.cfg.tokenformer.action_feature}"]
-        actions_BL = (jt.to_padded_dense(desired_length=q.max_len) > 0).float()
+        tf = self.model.cfg.tokenformer
+        jt = batch.sequences[f"{q.name}_{tf.action_feature}"]
+        actions_BL = positive_actions(jt.to_padded_dense(desired_length=q.max_len), tf.action_positive_min)
         valid_BL = torch.arange(q.max_len, device=actions_BL.device)[None] < jt.lengths()[:, None]
         w_BL = valid_BL * batch.weights[:, None]
         bce = F.binary_cross_entropy_with_logits(aux["action_logits_BL"], actions_BL, reduction="none")

@@ -67,6 +67,7 @@ class TokenFormerConfig:
     mode: str = "new_impression"  # user_centric: item tokens also predict the action that followed
     action_feature: str = "action"  # the sequence side feature holding the action (user_centric)
     action_loss_weight: float = 1.0
+    action_positive_min: int = 1  # user_centric: an action is positive when its raw id >= this (ratings: 4)
     trim: bool = True  # new-impression: compute only the receptive field of the read-out (exact)
 
     def __post_init__(self) -> None:
@@ -108,7 +109,9 @@ def parse_schedule(schedule: str, first_window: int) -> tuple[int, tuple[int, ..
 def naive_transformer(cfg: TokenFormerConfig) -> TokenFormerConfig:
     """The baseline TokenFormer is measured against: same stream and depth, full attention
     everywhere, no gate, no field-token dropping."""
-    return replace(cfg, num_full_layers=cfg.num_layers, windows=(), nlir=False, drop_field_tokens=False)
+    # schedule="" as well: replace() re-runs __post_init__, which would re-apply a BFTS schedule
+    return replace(cfg, schedule="", num_full_layers=cfg.num_layers, windows=(), nlir=False,
+                   drop_field_tokens=False)
 
 
 def receptive_field_plan(stream_len: int, windows: list[int | None], drop_at: int | None = None,

@@ -192,3 +192,24 @@ def test_schedule_shorthand(schedule, full, windows) -> None:
 def test_bad_schedule_is_named() -> None:
     with pytest.raises(ValueError, match="expected like '2F2S'"):
         TokenFormerConfig(schedule="2X2S")
+
+
+@pytest.mark.parametrize("schedule", ["4F", "3F1S", "2F2S", "1F3S", "4S"])
+def test_the_naive_baseline_stays_all_full_under_any_schedule(schedule) -> None:
+    from model.tokenformer import naive_transformer
+
+    naive = naive_transformer(TokenFormerConfig(schedule=schedule))
+    assert (naive.num_full_layers, naive.windows, naive.nlir, naive.drop_field_tokens) == (4, (), False, False)
+    for tower in ("naive_transformer", "hstu"):
+        m = RankingModel(SCHEMA, ModelConfig(tower=tower, tokenformer=TokenFormerConfig(schedule=schedule)))
+        assert [layer.window for layer in m.tower.layers] == [None] * 4
+
+
+def test_movielens_action_label_is_a_rating_of_4_or_more() -> None:
+    from jobs.config import load_config
+    from model.ranking import positive_actions
+
+    cfg = load_config(ROOT / "configs/movielens.toml", [])
+    ratings = torch.tensor([[1, 2, 3, 4, 5]])
+    assert positive_actions(ratings, cfg.model.tokenformer.action_positive_min).tolist() == [[0, 0, 0, 1, 1]]
+    assert positive_actions(torch.tensor([[0, 1]]), TokenFormerConfig().action_positive_min).tolist() == [[0, 1]]
