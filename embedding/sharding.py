@@ -37,7 +37,7 @@ from embedding.modules import zero_unsharded_miss_rows
 
 SHARDING_TYPES = tuple(t.value for t in ShardingType)
 SPARSE_OPTIMIZERS = ("rowwise_adagrad", "sgd")
-DENSE_OPTIMIZERS = ("adam", "sgd")
+DENSE_OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -207,11 +207,22 @@ def shard(model: nn.Module, cfg: ShardingConfig, device: torch.device,
     return dmp
 
 
-def dense_optimizer(model: nn.Module, cfg: ShardingConfig) -> CombinedOptimizer:
-    """One optimizer for the step: the dense one plus the tables' fused one (for state_dict)."""
+def dense_optimizer(model: nn.Module, cfg: ShardingConfig, weight_decay: float = 0.0,
+                    decays=None) -> CombinedOptimizer:
+    """One optimizer for the step: the dense one plus the tables' fused one (for state_dict).
+    ``adamw``: decoupled ``weight_decay`` on the parameters for which ``decays(name, param)`` is
+    true (``jobs.optim.decays``), none on the rest (two parameter groups)."""
     params = dict(in_backward_optimizer_filter(model.named_parameters()))
     if cfg.dense_optimizer == "adam":
         dense = KeyedOptimizerWrapper(params, lambda ps: torch.optim.Adam(ps, lr=cfg.dense_lr))
+    elif cfg.dense_optimizer == "adamw":
+        decayed = {id(p) for n, p in params.items() if decays is None or decays(n, p)}
+
+        def adamw(ps):
+            groups = [{"params": [p for p in ps if id(p) in decayed], "weight_decay": weight_decay},
+                      {"params": [p for p in ps if id(p) not in decayed], "weight_decay": 0.0}]
+            return torch.optim.AdamW(groups, lr=cfg.dense_lr)
+        dense = KeyedOptimizerWrapper(params, adamw)
     else:
         dense = KeyedOptimizerWrapper(params, lambda ps: torch.optim.SGD(ps, lr=cfg.dense_lr))
     parts = [("dense", dense)]

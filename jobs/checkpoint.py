@@ -59,7 +59,8 @@ def normalize_key(key: str) -> str:
 @dataclass(frozen=True)
 class Position:
     """Where training stands: ``step`` steps done (over all epochs), in ``epoch``; row counters
-    summed over all workers (``rows``: real rows trained, ``first_epoch_rows``: of epoch 0)."""
+    summed over all workers (``rows``: real rows trained, ``first_epoch_rows``: of epoch 0);
+    ``total_steps`` with ``step`` is the learning-rate schedule's state (a resumed run keeps it)."""
 
     step: int = 0
     epoch: int = 0
@@ -67,6 +68,7 @@ class Position:
     first_epoch_rows: int = 0
     world_size: int = 1
     final: bool = False
+    total_steps: int = 0  # the run's planned steps: the learning-rate schedule's length (jobs.optim)
 
 
 def _normalized(d: dict) -> tuple[dict, dict[str, str]]:

@@ -3,7 +3,8 @@
     [schema]     embedding.schema.FeatureSchema
     [generator]  pipeline.generator.GeneratorConfig
     [model]      model.ranking.ModelConfig
-    [train]      TrainConfig below (with [train.sharding] → embedding.sharding.ShardingConfig)
+    [train]      TrainConfig below (with [train.sharding] → embedding.sharding.ShardingConfig,
+                 [train.optim] → jobs.optim.OptimConfig)
     [tracking]   TrackingConfig below
     [gate]       GateConfig below (promotion to champion)
 
@@ -22,6 +23,7 @@ from typing import Any
 from embedding.schema import FeatureSchema
 from embedding.sharding import ShardingConfig
 from embedding.typed_config import from_dict
+from jobs.optim import OptimConfig
 from model.ranking import ModelConfig
 from pipeline.generator import GeneratorConfig
 
@@ -48,6 +50,7 @@ class TrainConfig:
     max_failures: int = 2
     unknown_columns: str = "warn"  # columns in the logs the schema does not read: warn | error | ignore
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # [train.optim]: the dense recipe
 
     def __post_init__(self) -> None:
         for key in ("num_workers", "batch_size", "eval_batch_size", "epochs", "log_every",

@@ -9,12 +9,14 @@ carrying its metrics.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import pyarrow.parquet as pq
 import ray
 import ray.data
 from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -26,7 +28,7 @@ from jobs.config import JobConfig
 from jobs.tracking import connect, default_tracking_uri, flatten, log_metrics, redact, with_retries
 from jobs.worker import WorkerArgs, train_loop
 from pipeline.days import day_files, next_day, parse_days
-from pipeline.source import UnequalSplit, read_logs
+from pipeline.source import UnequalSplit, deal_files, read_logs
 from pipeline.validate import check_files, count_quarantined, first_valid_row
 
 
@@ -41,6 +43,15 @@ class TrainRequest:
     resume_from: str | None = None  # continue a stopped run of the same job from this checkpoint
     tags: dict[str, str] | None = None  # extra MLflow run tags
     register: bool = True  # register the exported model as a new version
+
+
+def planned_steps(files: list[Path], tc) -> int:
+    """Optimizer steps of a run, for the learning-rate schedule: per epoch, the largest worker
+    share of rows (files dealt by row count, ``pipeline.source.deal_files``) in batches; an
+    upper bound when rows are quarantined (the schedule then ends a little above its floor)."""
+    shares = [sum(pq.read_metadata(f).num_rows for f in mine) for mine in deal_files(files, tc.num_workers)]
+    per_epoch = max((math.ceil(n / tc.batch_size) for n in shares), default=0)
+    return per_epoch * tc.epochs  # not cut by max_steps: a run stopped early resumes the same schedule
 
 
 def _worker_entry(config: dict) -> None:
@@ -150,7 +161,8 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
     args = WorkerArgs(cfg=cfg, run_id=run_id, tracking_uri=tracking_uri,
                       checkpoint_root=str(run_dir / "checkpoints"), has_eval=True,
                       template=first_valid_row(train_files, cfg.schema),
-                      init_from=req.init_from, resume_from=req.resume_from)
+                      init_from=req.init_from, resume_from=req.resume_from,
+                      total_steps=planned_steps(train_files, cfg.train))
     trainer = TorchTrainer(
         _worker_entry, train_loop_config={"args": args},
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),

@@ -32,6 +32,7 @@ from embedding.sharding import dense_optimizer, shard, zero_miss_rows
 from jobs import checkpoint
 from jobs.config import JobConfig
 from jobs.metrics import evaluate
+from jobs.optim import clip, decays, lr_factor, set_lr
 from jobs.tracking import StepLogger
 from model.ranking import RankingModel, RankingTrain
 from model.sparse import SparseArch
@@ -48,6 +49,7 @@ class WorkerArgs:
     template: object  # a one-row pyarrow.Table: a worker whose stream is empty pads with it
     init_from: str | None = None  # warm start: weights + optimizer state, not the position
     resume_from: str | None = None  # exact resume: weights, optimizer, position, RNG
+    total_steps: int = 0  # the run's optimizer steps, for the learning-rate schedule (jobs.optim)
 
 
 def strip_prefixes(name: str) -> str:
@@ -159,8 +161,9 @@ def train_loop(args: WorkerArgs) -> None:
     model = RankingTrain(RankingModel(cfg.schema, cfg.model, sparse_device=torch.device("meta"),
                                       num_shards=dist.get_world_size()))
     dmp = shard(model, tc.sharding, device)
-    opt = dense_optimizer(dmp, tc.sharding)
+    opt = dense_optimizer(dmp, tc.sharding, tc.optim.weight_decay, decays)
     dense_opt = opt._optims[0][1]  # the lazily initialized part, see checkpoint.load
+    dense_params = [p for group in dense_opt.param_groups for p in group["params"]]
     if rank == 0:
         print(f"model built and sharded over {dist.get_world_size()} workers in "
               f"{time.perf_counter() - t_enter:.1f}s", flush=True)
@@ -173,8 +176,10 @@ def train_loop(args: WorkerArgs) -> None:
         checkpoint.load(args.init_from, dmp, opt, dense_opt)
         if rank == 0:
             print(f"warm start from {args.init_from}", flush=True)
+    total_steps = args.total_steps
     if resume_from:
         pos = checkpoint.load(resume_from, dmp, opt, dense_opt, restore_rng=True)
+        total_steps = pos.total_steps or total_steps  # the schedule the checkpoint was written under
         if rank == 0:
             print(f"resuming at step {pos.step} (epoch {pos.epoch}) from {resume_from}", flush=True)
     start_step = pos.step
@@ -198,7 +203,7 @@ def train_loop(args: WorkerArgs) -> None:
         dist.all_reduce(totals)
         p = checkpoint.Position(step=step, epoch=epoch, rows=int(totals[0]),
                                 first_epoch_rows=int(totals[1]), world_size=dist.get_world_size(),
-                                final=final)
+                                final=final, total_steps=total_steps)
         path = checkpoint.save(args.checkpoint_root, dmp, opt, p, keep=tc.keep_checkpoints)
         if rank == 0:
             print(f"checkpoint {path}", flush=True)
@@ -221,6 +226,8 @@ def train_loop(args: WorkerArgs) -> None:
             loss, _ = dmp(batch)
             opt.zero_grad()
             loss.backward()
+            set_lr(dense_opt, tc.sharding.dense_lr, lr_factor(step, total_steps, tc.optim))
+            clip(dense_params, tc.optim.clip_grad_norm)
             opt.step()
             zero_miss_rows(dmp)  # unknown ids read zeros, on any number of shards
             step += 1

@@ -69,6 +69,7 @@ class TokenFormerConfig:
     action_loss_weight: float = 1.0
     action_positive_min: int = 1  # user_centric: an action is positive when its raw id >= this (ratings: 4)
     trim: bool = True  # new-impression: compute only the receptive field of the read-out (exact)
+    dropout: float = 0.0  # on the attention and FFN residual branches (training only)
 
     def __post_init__(self) -> None:
         if self.schedule:
@@ -87,6 +88,8 @@ class TokenFormerConfig:
             raise ValueError(f"tokenformer.attention_kernel: choose auto or one of {KERNELS}")
         if self.mode not in MODES:
             raise ValueError(f"tokenformer.mode: choose one of {MODES}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"tokenformer.dropout: must be in [0, 1), got {self.dropout}")
 
     @property
     def num_layers(self) -> int:
@@ -193,6 +196,7 @@ class UnifiedInteractionBlock(nn.Module):
             nn.init.constant_(self.gate.bias, cfg.gate_bias)
         self.norm_ffn = RMSNorm(d)
         self.ffn = SwiGLU(d, cfg.ffn_hidden or 8 * math.ceil(8 * d / 3 / 8))
+        self.drop = nn.Dropout(cfg.dropout)
         self.captured: dict[str, torch.Tensor] | None = None  # set to {} to keep q, k for diagnostics
 
     def forward(self, x_BKD: torch.Tensor, pos_BK: torch.Tensor, key_valid_BK: torch.Tensor,
@@ -200,7 +204,7 @@ class UnifiedInteractionBlock(nn.Module):
         return self.feed_forward(self.attend(x_BKD, pos_BK, key_valid_BK, q_len))
 
     def feed_forward(self, i_BQD: torch.Tensor) -> torch.Tensor:
-        return i_BQD + self.ffn(self.norm_ffn(i_BQD))
+        return i_BQD + self.drop(self.ffn(self.norm_ffn(i_BQD)))
 
     def keys_values(self, x_BKD: torch.Tensor, pos_BK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (after RoPE) and values [B, H, K, E] of every input row: what a cache keeps."""
@@ -223,7 +227,7 @@ class UnifiedInteractionBlock(nn.Module):
         a_BQD = self.proj(a_BHQE.transpose(1, 2).reshape(B, Q, D))
         if self.gate is not None:
             a_BQD = torch.sigmoid(self.gate(x_BQD)) * a_BQD
-        return x_BQD + a_BQD
+        return x_BQD + self.drop(a_BQD)
 
     def attend(self, x_BKD: torch.Tensor, pos_BK: torch.Tensor, key_valid_BK: torch.Tensor,
                q_len: int | None = None) -> torch.Tensor:
@@ -252,6 +256,7 @@ class HSTUBlock(nn.Module):
         self.f1 = nn.Linear(d, 4 * d)
         self.norm_av = RMSNorm(d)
         self.f2 = nn.Linear(d, d)
+        self.drop = nn.Dropout(cfg.dropout)
         self.captured = None  # softmax-attention diagnostics do not apply
 
     def forward(self, x_BKD: torch.Tensor, pos_BK: torch.Tensor, key_valid_BK: torch.Tensor,
@@ -271,7 +276,7 @@ class HSTUBlock(nn.Module):
         a = F.silu(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])) * mask
         a = a / mask.sum(-1, keepdim=True).clamp(min=1)  # mean over the keys a query may see
         av = (a @ v).transpose(1, 2).reshape(B, Q, D)
-        return x_BKD[:, K - Q:] + self.f2(self.norm_av(av) * u)
+        return x_BKD[:, K - Q:] + self.drop(self.f2(self.norm_av(av) * u))
 
 
 BLOCKS = {"uib": UnifiedInteractionBlock, "hstu": HSTUBlock}

@@ -1,0 +1,73 @@
+"""The dense training recipe (issue 17): schedule values, what decays, clipping, AdamW groups."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from embedding.schema import load_schema
+from embedding.sharding import ShardingConfig, dense_optimizer
+from jobs.config import load_config
+from jobs.optim import OptimConfig, clip, decays, lr_factor
+from model.ranking import ModelConfig, RankingModel
+from model.tokenformer import TokenFormerConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_warmup_then_cosine_to_the_floor() -> None:
+    cfg = OptimConfig(warmup_steps=10, decay="cosine", min_lr_ratio=0.1)
+    assert [lr_factor(s, 110, cfg) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert lr_factor(10, 110, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, 110, cfg) == pytest.approx(0.55)  # halfway: 0.1 + 0.9 * 0.5
+    assert lr_factor(110, 110, cfg) == pytest.approx(0.1) == lr_factor(500, 110, cfg)  # flat after the end
+
+
+def test_linear_decay_constant_and_warmup_share() -> None:
+    lin = OptimConfig(warmup_share=0.1, decay="linear", min_lr_ratio=0.0)
+    assert lin.warmup(200) == 20
+    assert lr_factor(19, 200, lin) == pytest.approx(1.0)
+    assert lr_factor(110, 200, lin) == pytest.approx(0.5)
+    assert lr_factor(5, 200, OptimConfig()) == 1.0  # today's recipe: constant, no warmup
+    with pytest.raises(ValueError, match="decay: choose one of"):
+        OptimConfig(decay="step")
+    with pytest.raises(ValueError, match="warmup_share"):
+        OptimConfig(warmup_share=1.5)
+
+
+def test_weight_decay_on_matrices_only() -> None:
+    schema = load_schema(ROOT / "configs/tiny.toml")
+    model = RankingModel(schema, ModelConfig(tower="tokenformer", tokenformer=TokenFormerConfig(d_model=32)))
+    names = {n for n, p in model.named_parameters() if decays(n, p)}
+    assert "tower.layers.0.qkv.weight" in names and "tower.layers.0.gate.weight" in names
+    assert "tower.field_w" in names and "tower.head.weight" in names
+    for kept in ("tower.layers.0.gate.bias", "tower.layers.0.norm_attn.weight", "tower.final_norm.weight",
+                 "tower.sep", "tower.field_b", "tower.head.bias"):
+        assert kept not in names, kept
+    assert not any(n.startswith("sparse_arch.") for n in names)  # embedding tables never decay
+    opt = dense_optimizer(model, ShardingConfig(dense_optimizer="adamw"), weight_decay=0.05, decays=decays)
+    dense = opt._optims[0][1]
+    groups = {id(p): g["weight_decay"] for g in dense.param_groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert groups[id(params["tower.layers.0.qkv.weight"])] == 0.05
+    assert groups[id(params["tower.layers.0.gate.bias"])] == 0.0
+    assert isinstance(dense._optimizer, torch.optim.AdamW)
+
+
+def test_clipping_bounds_the_global_norm() -> None:
+    a, b = torch.zeros(3, requires_grad=True), torch.zeros(4, requires_grad=True)
+    a.grad, b.grad = torch.full((3,), 3.0), torch.full((4,), 4.0)  # norm sqrt(27 + 64)
+    before = clip([a, b], 1.0)
+    assert before == pytest.approx(91 ** 0.5)
+    assert torch.cat([a.grad, b.grad]).norm() == pytest.approx(1.0, rel=1e-5)
+    assert clip([a, b], 0.0) is None  # off
+
+
+def test_optim_section_parses_and_rejects_unknown_keys() -> None:
+    cfg = load_config(ROOT / "configs/tiny.toml", ["train.optim.warmup_steps=5", "train.optim.decay=cosine",
+                                                   "train.sharding.dense_optimizer=adamw"])
+    assert cfg.train.optim.warmup_steps == 5 and cfg.train.optim.decay == "cosine"
+    with pytest.raises(ValueError, match="warmup"):
+        load_config(ROOT / "configs/tiny.toml", ["train.optim.warmup=5"])
