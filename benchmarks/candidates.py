@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/candidates.py [--out benchmarks/results/candidates.json] [--repeats 15]
 
 The demo layout (``configs/demo.toml`` schema: 13 field tokens + a dense token, 32 behaviour
-slots, one target token — the ``item`` group — so 49 tokens a row) with the TokenFormer tower of
-the demo's ``[model.tokenformer]`` defaults (d 64, 4 heads, 2F2S windows (32, 16)), weights as
+slots, one target token per ``item`` field — item_id, item_category, item_tags — so 51 tokens a
+row) with the TokenFormer tower of the demo's ``[model.tokenformer]`` defaults (d 64, 4 heads,
+2F2S windows (32, 16)), weights as
 initialised (time does not depend on them). One generated request of 1,000 candidates (one user,
 one context, one history; ``generator.candidates_per_request``); its first C rows for
 C = 1, 16, 128, 1,000:

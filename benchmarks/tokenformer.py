@@ -6,11 +6,12 @@
     embeddings; the sparse side is the same for every variant), one thread, all variants timed
     in interleaved rounds in one run (median of the rounds):
       * ``2F2S trimmed``    the demo config's tower (``configs/demo.toml`` schema, d 64, 4 heads,
-                            2F2S windows (32, 16), one target token), receptive-field plan;
+                            2F2S windows (32, 16), the default layout: one target token per
+                            item field — 3 — and concatenated event tokens), receptive-field plan;
       * ``2F2S untrimmed``  the same weights, every row of every layer;
       * ``naive 4F``        the naive Transformer (full attention, no gate, no drop), trimmed in
                             its last layer (the only layer a full stack can trim);
-    at the demo stream (32 behaviours, 49 tokens) and at 256 / 1,024 / 4,096 behaviours.
+    at the demo stream (32 behaviours, 51 tokens) and at 256 / 1,024 / 4,096 behaviours.
     Behaviour counts per row are uniform in [L/2, L] (padding in every batch).
 (b) FLOPs of one training step (``FlopCounterMode`` in train mode; the CPU fused-attention op,
     which PyTorch's counter misses, is counted with PyTorch's own SDPA formula: full Q×K, causal
@@ -68,9 +69,10 @@ ROWS = {32: 512, 256: 64, 1024: 16, 4096: 4}  # rows per step: ~25-60k tokens
 def inputs(L: int, rows: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(L // 2, L + 1, (rows,), generator=g)
-    x = torch.randn(rows, L, DE, generator=g) * (torch.arange(L)[None, :, None] < lengths[:, None, None])
+    mask = (torch.arange(L)[None, :, None] < lengths[:, None, None]).float()
+    feats = {f.name: torch.randn(rows, L, DE, generator=g) * mask for f in SCHEMA.sequences[0].features}
     sparse = SparseOutput(fields_BFD=torch.randn(rows, len(SCHEMA.sparse), DE, generator=g),
-                          sequences=[(x, lengths)])
+                          sequences=[(sum(feats.values()), lengths)], sequence_features=[feats])
     return torch.randn(rows, len(SCHEMA.dense), generator=g), sparse
 
 

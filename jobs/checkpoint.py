@@ -173,6 +173,32 @@ def verify_metadata(ckpt: str | Path) -> None:
                                     f"refusing to load it (was the file written by tokenrec?)") from None
 
 
+def check_layout(ckpt: str | Path, model, prefix: str = "model.tower.", flag: str = "--init-from") -> None:
+    """Before a warm start (or resume) reaches the workers: the checkpoint's dense tower must be
+    ``model``'s — the same parameter names and shapes, read from the DCP metadata (no tensor is
+    loaded). Raises ``ValueError`` naming what differs and how to go on. ``model`` is the
+    training wrapper (``RankingTrain``), e.g. built on the meta device."""
+    verify_metadata(ckpt)
+    meta = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    saved = {k[len("model."):]: tuple(v.size) for k, v in meta.items()
+             if k.startswith("model." + prefix) and hasattr(v, "size")}
+    want = {k: tuple(v.shape) for k, v in _normalized(model.state_dict())[0].items() if k.startswith(prefix)}
+    short = {k: k.removeprefix("model.") for k in want.keys() | saved.keys()}  # tower.x, as in [model]
+    missing = sorted(short[k] for k in want.keys() - saved.keys())
+    extra = sorted(short[k] for k in saved.keys() - want.keys())
+    shapes = [f"{short[k]}: {saved[k]} in the checkpoint, {want[k]} now" for k in sorted(want.keys() & saved.keys())
+              if saved[k] != want[k]]
+    if not (missing or extra or shapes):
+        return
+    parts = [f"{what} ({len(names)}): {', '.join(names[:4])}{', …' if len(names) > 4 else ''}"
+             for what, names in (("not in the checkpoint", missing), ("only in the checkpoint", extra),
+                                 ("other shapes", shapes)) if names]
+    raise ValueError(f"{flag} {ckpt}: the checkpoint's dense tower has another layout than this [model] config — "
+                     + "; ".join(parts) + ". Set the layout it was trained with (a wave-1 TokenFormer: "
+                     "[model.tokenformer] target_tokens = \"group\", event_tokens = \"sum\") or train from "
+                     "scratch (`tokenrec daily --cold-start`, or no --init-from).")
+
+
 def load(ckpt: str | Path, model, opt=None, dense_opt=None, restore_rng: bool = False) -> Position:
     """Load weights (and, given ``opt``, optimizer state) in place; any world size. ``dense_opt``
     (the lazily initialized dense part of ``opt``) gets its state created first so that it can

@@ -19,14 +19,16 @@ import mlflow
 import pyarrow.parquet as pq
 import ray
 import ray.data
+import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from deploy.export import export_checkpoint, log_pyfunc
-from jobs.checkpoint import read_position
+from jobs.checkpoint import check_layout, read_position
 from jobs.config import JobConfig
 from jobs.tracking import connect, default_tracking_uri, flatten, log_metrics, redact, with_retries
 from jobs.worker import WorkerArgs, train_loop
+from model.ranking import RankingModel, RankingTrain
 from pipeline.days import day_files, next_day, parse_days
 from pipeline.source import UnequalSplit, deal_files, read_logs
 from pipeline.validate import check_files, count_quarantined, first_valid_row
@@ -145,10 +147,14 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
     requests = cfg.model.tokenformer.target_groups if cfg.model.tower == "tokenformer" else None
     datasets = {"train": read_logs(train_files, cfg.schema, quarantine / "train"),
                 "eval": read_logs(eval_files, cfg.schema, quarantine / "eval", request_groups=requests)}
-    for path in (req.init_from, req.resume_from):
+    for path, flag in ((req.init_from, "--init-from"), (req.resume_from, "--resume")):
         if path and not (Path(path) / "meta.json").exists():
             raise FileNotFoundError(f"checkpoint {path} does not exist or was never published "
                                     f"(no meta.json)")
+        if path:  # another tower layout stops here, naming the difference, not inside the workers
+            with torch.device("meta"):
+                template = RankingTrain(RankingModel(cfg.schema, cfg.model, sparse_device=torch.device("meta")))
+            check_layout(path, template, flag=flag)
     if req.resume_from:
         pos = read_position(req.resume_from)
         if pos.world_size != cfg.train.num_workers:

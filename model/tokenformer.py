@@ -17,6 +17,10 @@ pre-RMSNorm::
 After the full layers the field tokens and the first separator are dropped (the behaviour and
 target tokens have read them). Readout: final RMSNorm on the last target token → per-task heads.
 
+Layout (the paper's by default): one target token per target field (``target_tokens =
+"feature"``; ``"group"``: one per token group), and event tokens that project the concatenation
+of a behaviour's side-feature embeddings (``event_tokens = "concat"``; ``"sum"``: their sum).
+
 Several behaviour sequences: their behaviour tokens follow one another between the separators,
 each sequence right-aligned with its own projection and its own time indices 1..n_s; the targets
 sit at max_s(n_s) + 1. The sliding windows count stream positions, so in the sliding layers the
@@ -61,6 +65,8 @@ class TokenFormerConfig:
     drop_field_tokens: bool = True  # drop field tokens + first <sep> after the full layers
     num_field_tokens: int = 0  # 0: one per field up to 32 fields, else 32 tokens of grouped fields
     target_groups: tuple[str, ...] = ("item",)  # schema token groups that describe the target
+    target_tokens: str = "feature"  # feature: one token per target field (the paper) | group: one per group
+    event_tokens: str = "concat"  # concat: Linear(side features concatenated) (the paper) | sum: Linear(sum)
     ffn_hidden: int = 0  # SwiGLU hidden size; 0: 8/3 · d_model rounded up to a multiple of 8
     attention_kernel: str = "auto"  # auto | reference | sdpa | banded
     rope_theta: float = 10_000.0
@@ -82,8 +88,13 @@ class TokenFormerConfig:
             raise ValueError("tokenformer: need at least one layer and num_full_layers >= 0")
         if any(w < 1 for w in self.windows):
             raise ValueError(f"tokenformer.windows: every window must be >= 1, got {list(self.windows)}")
-        if any(b >= a for a, b in zip(self.windows, self.windows[1:])):
-            raise ValueError(f"tokenformer.windows: must strictly shrink layer by layer, got {list(self.windows)}")
+        if any(b > a for a, b in zip(self.windows, self.windows[1:])):
+            raise ValueError(f"tokenformer.windows: must not grow layer by layer (shrinking is the paper's "
+                             f"choice, uniform its ablation), got {list(self.windows)}")
+        if self.target_tokens not in ("feature", "group"):
+            raise ValueError(f"tokenformer.target_tokens: choose feature or group, got '{self.target_tokens}'")
+        if self.event_tokens not in ("concat", "sum"):
+            raise ValueError(f"tokenformer.event_tokens: choose concat or sum, got '{self.event_tokens}'")
         if self.attention_kernel not in ("auto", *KERNELS):
             raise ValueError(f"tokenformer.attention_kernel: choose auto or one of {KERNELS}")
         if self.mode not in MODES:
@@ -331,16 +342,27 @@ class TokenFormer(nn.Module):
                              persistent=False)
         self.dense_proj = nn.Linear(len(request_dense), d) if request_dense else None  # a prefix token
         self.candidate_dense_proj = nn.Linear(len(candidate_dense), d) if candidate_dense else None  # a target token
-        # target tokens: one per target group
-        tgroups = list(dict.fromkeys(groups[i] for i in target_idx))
-        self.target_sets = [[i for i in target_idx if groups[i] == g] for g in tgroups]
-        for j, idx in enumerate(self.target_sets):
-            self.register_buffer(f"target_idx_{j}", torch.tensor(idx, dtype=torch.long), persistent=False)
-        self.target_proj = nn.ModuleList(nn.Linear(len(idx) * emb_dim, d) for idx in self.target_sets)
-        self.behaviour_proj = nn.Linear(emb_dim, d)
-        # several sequences: each its own projection, behaviours of all of them side by side
-        self.other_behaviour_proj = nn.ModuleList(nn.Linear(emb_dim, d) for _ in schema.sequences[1:])
+        # target tokens: one per target field (batched like the field tokens), or one per group
+        self.register_buffer("target_field_idx", torch.tensor(target_idx, dtype=torch.long), persistent=False)
+        self.target_proj = None
+        if cfg.target_tokens == "feature":
+            self.target_w = nn.Parameter(torch.randn(len(target_idx), emb_dim, d) / math.sqrt(emb_dim))
+            self.target_b = nn.Parameter(torch.zeros(len(target_idx), d))
+        else:
+            tgroups = list(dict.fromkeys(groups[i] for i in target_idx))
+            self.target_sets = [[i for i in target_idx if groups[i] == g] for g in tgroups]
+            for j, idx in enumerate(self.target_sets):
+                self.register_buffer(f"target_idx_{j}", torch.tensor(idx, dtype=torch.long), persistent=False)
+            self.target_proj = nn.ModuleList(nn.Linear(len(idx) * emb_dim, d) for idx in self.target_sets)
+        # behaviour (event) tokens: per sequence, the side features' embeddings concatenated (or
+        # summed) through one projection; several sequences side by side, each its own projection
         self.user_centric = cfg.mode == "user_centric"
+        self.event_features = [[f.name for f in q.features
+                                if not (self.user_centric and k == 0 and f.name == cfg.action_feature)]
+                               for k, q in enumerate(schema.sequences)]
+        width = [len(names) * emb_dim if cfg.event_tokens == "concat" else emb_dim for names in self.event_features]
+        self.behaviour_proj = nn.Linear(width[0], d)
+        self.other_behaviour_proj = nn.ModuleList(nn.Linear(w, d) for w in width[1:])
         if self.user_centric:
             names = [f.name for f in schema.sequences[0].features]
             if cfg.action_feature not in names or len(names) < 2:
@@ -365,7 +387,23 @@ class TokenFormer(nn.Module):
 
     @property
     def num_target_tokens(self) -> int:
-        return len(self.target_proj) + (self.candidate_dense_proj is not None)
+        per_field = self.target_proj is None
+        return (len(self.target_field_idx) if per_field else len(self.target_proj)) + (
+            self.candidate_dense_proj is not None)
+
+    def _events(self, sparse: SparseOutput, k: int) -> torch.Tensor:
+        """Sequence k's event inputs [B, L, n·De] (concat) or [B, L, De] (sum), left-aligned."""
+        x_BLDe = sparse.sequences[k][0]
+        names = self.event_features[k]
+        feats = sparse.sequence_features[k] if sparse.sequence_features else None
+        if self.cfg.event_tokens == "concat":
+            if feats is None:
+                raise ValueError("tokenformer.event_tokens = 'concat' reads each side feature's embedding "
+                                 "(SparseOutput.sequence_features); this input has only their sum")
+            return torch.cat([feats[n] for n in names], dim=-1)
+        if self.user_centric and k == 0:
+            return x_BLDe - feats[self.cfg.action_feature]
+        return x_BLDe
 
     def prefix_tokens(self, dense_BDd: torch.Tensor, sparse: SparseOutput):
         """The request-level part of the stream, ``[fields | dense | <sep> | behaviours | <sep>]``:
@@ -386,15 +424,14 @@ class TokenFormer(nn.Module):
         x_BLDe, lengths_B = sparse.sequences[0]
         L = x_BLDe.shape[1]
         if self.user_centric:  # [item_1, action_1, item_2, action_2, …], each pair at time t
-            feats = sparse.sequence_features[0]
-            action = feats[self.cfg.action_feature]
-            items = self.behaviour_proj(right_align(x_BLDe - action, lengths_B))
+            action = sparse.sequence_features[0][self.cfg.action_feature]
+            items = self.behaviour_proj(right_align(self._events(sparse, 0), lengths_B))
             actions = self.action_proj(right_align(action, lengths_B))
             parts.append(torch.stack([items, actions], dim=2).reshape(B, 2 * L, -1))
         else:
-            parts.append(self.behaviour_proj(right_align(x_BLDe, lengths_B)))
-        for proj, (x_s, len_s) in zip(self.other_behaviour_proj, sparse.sequences[1:]):
-            parts.append(proj(right_align(x_s, len_s)))
+            parts.append(self.behaviour_proj(right_align(self._events(sparse, 0), lengths_B)))
+        for k, (proj, (_, len_s)) in enumerate(zip(self.other_behaviour_proj, sparse.sequences[1:]), start=1):
+            parts.append(proj(right_align(self._events(sparse, k), len_s)))
         parts.append(self.sep[1].expand(B, 1, -1))
         x = torch.cat(parts, dim=1)
         dev = x.device
@@ -413,11 +450,16 @@ class TokenFormer(nn.Module):
         return x, pos, valid, newest, x.shape[1] - n_prefix - 2
 
     def target_tokens(self, fields_BFD: torch.Tensor, dense_BDd: torch.Tensor) -> torch.Tensor:
-        """The candidate-level tokens [B, T, D]: one per target group, then one for the
-        candidate-level dense features (when the schema has any)."""
+        """The candidate-level tokens [B, T, D]: one per target field (``target_tokens =
+        "feature"``) or per target group, then one for the candidate-level dense features (when
+        the schema has any)."""
         B = fields_BFD.shape[0]
-        parts = [proj(fields_BFD.index_select(1, getattr(self, f"target_idx_{j}")).reshape(B, -1))[:, None]
-                 for j, proj in enumerate(self.target_proj)]
+        if self.target_proj is None:  # one token per target field
+            parts = [torch.einsum("bnk,nkd->bnd", fields_BFD.index_select(1, self.target_field_idx),
+                                  self.target_w) + self.target_b]
+        else:
+            parts = [proj(fields_BFD.index_select(1, getattr(self, f"target_idx_{j}")).reshape(B, -1))[:, None]
+                     for j, proj in enumerate(self.target_proj)]
         if self.candidate_dense_proj is not None:
             parts.append(self.candidate_dense_proj(dense_BDd.index_select(1, self.candidate_dense_idx))[:, None])
         return torch.cat(parts, dim=1)
@@ -445,9 +487,8 @@ class TokenFormer(nn.Module):
         computed once (``model.candidates``); equal to ``forward`` on each candidate's full row.
         The HSTU block has no cached path: its rows are scored one by one."""
         if isinstance(self.layers[0], HSTUBlock):
-            target_fields = torch.cat([getattr(self, f"target_idx_{j}") for j in range(len(self.target_proj))])
             return self(*candidates.expand_requests(dense_RDd, sparse_R, fields_NFD, dense_NDd, counts_R,
-                                                    target_fields, self.candidate_dense_idx))
+                                                    self.target_field_idx, self.candidate_dense_idx))
         return candidates.score_candidates(self, dense_RDd, sparse_R, fields_NFD, dense_NDd, counts_R, chunk_size)
 
     def forward(self, dense_BDd: torch.Tensor, sparse: SparseOutput, return_states: bool = False):

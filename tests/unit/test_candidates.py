@@ -28,9 +28,10 @@ def _requests(schema, lengths: list[int], counts: list[int], L: int = 20, seed: 
     ignored)."""
     g = torch.Generator().manual_seed(seed)
     R, N = len(lengths), sum(counts)
-    x = torch.randn(R, L, DE, generator=g) * (torch.arange(L)[None, :, None] < torch.tensor(lengths)[:, None, None])
+    mask = (torch.arange(L)[None, :, None] < torch.tensor(lengths)[:, None, None]).float()
+    feats = {f.name: torch.randn(R, L, DE, generator=g) * mask for f in schema.sequences[0].features}
     sparse_R = SparseOutput(fields_BFD=torch.randn(R, len(schema.sparse), DE, generator=g),
-                            sequences=[(x, torch.tensor(lengths))])
+                            sequences=[(sum(feats.values()), torch.tensor(lengths))], sequence_features=[feats])
     return (torch.randn(R, len(schema.dense), generator=g), sparse_R,
             torch.randn(N, len(schema.sparse), DE, generator=g), torch.randn(N, len(schema.dense), generator=g),
             torch.tensor(counts))
@@ -47,9 +48,8 @@ def _tower(schema, cfg, block="uib") -> TokenFormer:
 
 
 def _per_row(tower, dense_R, sparse_R, fields_N, dense_N, counts):
-    target_fields = torch.cat([getattr(tower, f"target_idx_{j}") for j in range(len(tower.target_proj))])
     with torch.no_grad():
-        return tower(*expand_requests(dense_R, sparse_R, fields_N, dense_N, counts, target_fields,
+        return tower(*expand_requests(dense_R, sparse_R, fields_N, dense_N, counts, tower.target_field_idx,
                                       tower.candidate_dense_idx))
 
 
@@ -60,9 +60,10 @@ CASES = [([0, 3, 20, 7], [1, 5, 0, 3]), ([12], [1]), ([0], [4]), ([20], [9])]  #
 @pytest.mark.parametrize("kernel", ["reference", "auto"])
 @pytest.mark.parametrize("schema", [TINY, MIXED], ids=["request_dense", "candidate_dense"])
 @pytest.mark.parametrize("targets", [("item",), ("user", "item")])
-def test_shared_prefix_equals_per_row(schedule, kernel, schema, targets) -> None:
+@pytest.mark.parametrize("layout", [("feature", "concat"), ("group", "sum")])  # the paper's; wave 1's
+def test_shared_prefix_equals_per_row(schedule, kernel, schema, targets, layout) -> None:
     cfg = TokenFormerConfig(d_model=32, num_heads=4, schedule=schedule, first_window=8, attention_kernel=kernel,
-                            target_groups=targets)
+                            target_groups=targets, target_tokens=layout[0], event_tokens=layout[1])
     tower = _tower(schema, cfg)
     for lengths, counts in CASES:
         inputs = _requests(schema, lengths, counts)
@@ -117,7 +118,9 @@ def test_counts_must_match_the_rows() -> None:
 
 def test_candidate_dense_adds_a_target_token_and_request_dense_keeps_the_stream() -> None:
     plain, mixed = _tower(TINY, TokenFormerConfig()), _tower(MIXED, TokenFormerConfig())
-    assert (plain.num_target_tokens, mixed.num_target_tokens) == (1, 2)
+    assert (plain.num_target_tokens, mixed.num_target_tokens) == (3, 4)  # item_id, item_category, item_tags
+    by_group = _tower(MIXED, TokenFormerConfig(target_tokens="group"))
+    assert by_group.num_target_tokens == 2
     assert plain.num_prefix_tokens == mixed.num_prefix_tokens  # one request-level dense token either way
     assert MIXED.candidate_columns(("item",)) == ["item_id", "item_category", "item_tags", "price", "quality"]
     assert MIXED.fingerprint() != TINY.fingerprint()
@@ -130,12 +133,15 @@ DEMO = load_schema(ROOT / "configs/demo.toml")  # hist has an action feature: us
 def _two_sequence_requests(lengths: list[tuple[int, int]], counts: list[int], seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     R, N = len(lengths), sum(counts)
-    seqs = []
+    seqs, feats = [], []
     for k, q in enumerate(TWO.sequences):
         n = torch.tensor([lens[k] for lens in lengths])
-        x = torch.randn(R, q.max_len, DE, generator=g) * (torch.arange(q.max_len)[None, :, None] < n[:, None, None])
-        seqs.append((x, n))
-    sparse_R = SparseOutput(fields_BFD=torch.randn(R, len(TWO.sparse), DE, generator=g), sequences=seqs)
+        mask = (torch.arange(q.max_len)[None, :, None] < n[:, None, None]).float()
+        f = {feat.name: torch.randn(R, q.max_len, DE, generator=g) * mask for feat in q.features}
+        seqs.append((sum(f.values()), n))
+        feats.append(f)
+    sparse_R = SparseOutput(fields_BFD=torch.randn(R, len(TWO.sparse), DE, generator=g), sequences=seqs,
+                            sequence_features=feats)
     return (torch.randn(R, len(TWO.dense), generator=g), sparse_R, torch.randn(N, len(TWO.sparse), DE, generator=g),
             torch.randn(N, len(TWO.dense), generator=g), torch.tensor(counts))
 
@@ -145,7 +151,7 @@ def test_two_sequences_shared_prefix_and_trimming_are_exact(schedule) -> None:
     tower = _tower(TWO, TokenFormerConfig(d_model=32, num_heads=4, schedule=schedule, first_window=8))
     inputs = _two_sequence_requests([(0, 16), (32, 0), (5, 3)], [3, 1, 4])
     torch.testing.assert_close(tower.score_candidates(*inputs), _per_row(tower, *inputs), rtol=1e-5, atol=1e-6)
-    dense_N, sparse_N = expand_requests(*inputs, tower.target_idx_0, tower.candidate_dense_idx)
+    dense_N, sparse_N = expand_requests(*inputs, tower.target_field_idx, tower.candidate_dense_idx)
     with torch.no_grad():
         torch.testing.assert_close(tower.forward_with_aux(dense_N, sparse_N, trim=True)[0],
                                    tower.forward_with_aux(dense_N, sparse_N, trim=False)[0], rtol=1e-4, atol=1e-5)

@@ -124,5 +124,7 @@ def test_other_towers_read_several_sequences(tower: str, tmp_path: Path) -> None
         before = model.tower(batch.dense, sparse)
         x, lengths = sparse.sequences[1]
         sparse.sequences[1] = (x + 0.5 * (x != 0), lengths)
+        if sparse.sequence_features:  # towers that read each side feature (TokenFormer's event tokens)
+            sparse.sequence_features[1] = {k: v + 0.5 * (v != 0) for k, v in sparse.sequence_features[1].items()}
         after = model.tower(batch.dense, sparse)
     assert not torch.allclose(before, after), "the second sequence is ignored"

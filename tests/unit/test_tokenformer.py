@@ -60,11 +60,42 @@ def test_gate_starts_at_sigmoid_of_bias() -> None:
     torch.testing.assert_close(g, torch.full_like(g, torch.sigmoid(torch.tensor(-1.5)).item()))
 
 
-@pytest.mark.parametrize("windows, message", [((16, 32), "strictly shrink"), ((8, 8), "strictly shrink"),
+@pytest.mark.parametrize("windows, message", [((16, 32), "must not grow"), ((8, 8, 16), "must not grow"),
                                               ((0,), ">= 1")])
 def test_window_schedule_is_validated(windows, message) -> None:
     with pytest.raises(ValueError, match=message):
         TokenFormerConfig(windows=windows)
+
+
+def test_uniform_windows_are_a_valid_ablation(batch) -> None:
+    cfg = dataclasses.replace(TF, windows=(6, 6))
+    assert cfg.windows == (6, 6)
+    assert torch.isfinite(_model(cfg)(batch)).all()
+
+
+def test_per_feature_target_tokens_and_concatenated_event_tokens(batch) -> None:
+    """The paper's layout (the default): one target token per target field, each event token one
+    projection of its side features' embeddings side by side (so it is not their sum)."""
+    m = _model(TF)
+    tower = m.tower
+    target_fields = [f.name for f in SCHEMA.sparse if f.group == "item"]
+    assert tower.num_target_tokens == len(target_fields) == 3
+    assert tower.behaviour_proj.in_features == 16 * len(SCHEMA.sequences[0].features)
+    with torch.no_grad():
+        sparse = m.sparse_arch(batch.fields, batch.sequences)
+        feats = sparse.sequence_features[0]
+        swapped = dict(zip(feats, reversed(list(feats.values()))))  # same sum, other order
+        x1 = tower.prefix_tokens(batch.dense, sparse)[0]
+        x2 = tower.prefix_tokens(batch.dense, dataclasses.replace(sparse, sequence_features=[swapped]))[0]
+        assert not torch.allclose(x1, x2)  # a sum could not tell the features apart
+        t = tower.target_tokens(sparse.fields_BFD, batch.dense)
+        assert t.shape[1] == 3
+        f2 = sparse.fields_BFD.clone()
+        f2[:, tower.target_field_idx[1]] += 1.0  # change only item_category
+        t2 = tower.target_tokens(f2, batch.dense)
+        assert torch.equal(t[:, [0, 2]], t2[:, [0, 2]]) and not torch.allclose(t[:, 1], t2[:, 1])
+    wave1 = _model(dataclasses.replace(TF, target_tokens="group", event_tokens="sum")).tower
+    assert wave1.num_target_tokens == 1 and wave1.behaviour_proj.in_features == 16
 
 
 def test_changing_targets_never_changes_behaviour_states(batch) -> None:
@@ -73,7 +104,7 @@ def test_changing_targets_never_changes_behaviour_states(batch) -> None:
         sparse = m.sparse_arch(batch.fields, batch.sequences)
         _, states = m.tower(batch.dense, sparse, return_states=True)
         sparse.fields_BFD = sparse.fields_BFD.clone()
-        tgt = m.tower.target_idx_0
+        tgt = m.tower.target_field_idx
         sparse.fields_BFD[:, tgt] += 1.0
         logits2, states2 = m.tower(batch.dense, sparse, return_states=True)
     for (a, _), (b, _) in zip(states, states2):

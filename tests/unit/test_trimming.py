@@ -26,10 +26,12 @@ def _sparse(lengths: list[int], L: int, seed: int = 0) -> tuple[torch.Tensor, Sp
     """Random embeddings; row b has ``lengths[b]`` behaviours (left-aligned, zero padding after)."""
     g = torch.Generator().manual_seed(seed)
     B = len(lengths)
-    x = torch.randn(B, L, DE, generator=g) * (torch.arange(L)[None, :, None] < torch.tensor(lengths)[:, None, None])
+    mask = (torch.arange(L)[None, :, None] < torch.tensor(lengths)[:, None, None]).float()
+    feats = {f.name: torch.randn(B, L, DE, generator=g) * mask for f in SCHEMA.sequences[0].features}
     fields = torch.randn(B, len(SCHEMA.sparse), DE, generator=g)
     dense = torch.randn(B, len(SCHEMA.dense), generator=g)
-    return dense, SparseOutput(fields_BFD=fields, sequences=[(x, torch.tensor(lengths))])
+    return dense, SparseOutput(fields_BFD=fields, sequences=[(sum(feats.values()), torch.tensor(lengths))],
+                               sequence_features=[feats])
 
 
 def _tower(cfg: TokenFormerConfig, block: str = "uib") -> TokenFormer:
@@ -61,7 +63,9 @@ def _assert_parity(tower: TokenFormer, L: int, lengths: list[int]) -> None:
 
 SCHEDULES = ("4F", "3F1S", "2F2S", "1F3S", "4S")
 KERNELS = ("reference", "sdpa", "banded", "auto")
-VARIANTS = list(itertools.product((True, False), (True, False), (("item",), ("user", "item"))))  # drop, nlir, T
+# drop, nlir, target groups, layout: per group gives 1 and 2 target tokens, per feature 3 and 4
+VARIANTS = list(itertools.product((True, False), (True, False), (("item",), ("user", "item")),
+                                  (("group", "sum"), ("feature", "concat"))))
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -70,10 +74,10 @@ VARIANTS = list(itertools.product((True, False), (True, False), (("item",), ("us
 def test_trimmed_equals_untrimmed_logits_and_gradients(schedule, kernel, first_window) -> None:
     L = 20
     lengths = [0, 1, 5, 7, L, 13]  # none, one, fewer than a window, max_len
-    for drop, nlir, targets in VARIANTS:
+    for drop, nlir, targets, (target_tokens, event_tokens) in VARIANTS:
         cfg = TokenFormerConfig(d_model=32, num_heads=4, schedule=schedule, first_window=first_window,
                                 attention_kernel=kernel, drop_field_tokens=drop, nlir=nlir,
-                                target_groups=targets)
+                                target_groups=targets, target_tokens=target_tokens, event_tokens=event_tokens)
         _assert_parity(_tower(cfg), L, lengths)
 
 
@@ -88,16 +92,20 @@ def test_hstu_and_naive_transformer_trimmed_equal_untrimmed(schedule) -> None:
 
 def test_plan_for_the_demo_stream() -> None:
     demo = load_schema(ROOT / "configs/demo.toml")
-    tower = TokenFormer(demo, TokenFormerConfig(), emb_dim=16, num_tasks=1)  # 2F2S (32, 16), 1 target
+    # 2F2S (32, 16) with one target token (one per group): the worked numbers of issue 16
+    tower = TokenFormer(demo, TokenFormerConfig(target_tokens="group"), emb_dim=16, num_tasks=1)
     S = tower.num_prefix_tokens + demo.sequences[0].max_len + 1 + 1
     assert (tower.num_prefix_tokens, S) == (15, 49)
     assert [q for _, q in tower.plan(S, trimmed=True)] == [49, 34, 16, 1]
     assert [q for _, q in tower.plan(S, trimmed=False)] == [49, 49, 34, 34]
     for L in (256, 1024, 4096):
         assert [q for _, q in tower.plan(15 + L + 2, trimmed=True)] == [15 + L + 2, 47, 16, 1]
-    naive = TokenFormer(demo, naive_transformer(TokenFormerConfig()), emb_dim=16, num_tasks=1)
+    per_feature = TokenFormer(demo, TokenFormerConfig(), emb_dim=16, num_tasks=1)  # 3 target tokens: item fields
+    assert [q for _, q in per_feature.plan(51, trimmed=True)] == [51, 36, 16, 1]
+    naive = TokenFormer(demo, naive_transformer(TokenFormerConfig(target_tokens="group")), emb_dim=16, num_tasks=1)
     assert [q for _, q in naive.plan(S, trimmed=True)] == [49, 49, 49, 1]  # only the last layer trims
-    two_targets = TokenFormer(demo, TokenFormerConfig(target_groups=("user", "item")), emb_dim=16, num_tasks=1)
+    two_targets = TokenFormer(demo, TokenFormerConfig(target_groups=("user", "item"), target_tokens="group"),
+                              emb_dim=16, num_tasks=1)
     S2 = two_targets.num_prefix_tokens + 32 + 1 + 2
     assert two_targets.plan(S2, trimmed=True) == receptive_field_plan(S2, [None, None, 32, 16], 2,
                                                                       two_targets.num_prefix_tokens)
