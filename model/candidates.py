@@ -46,12 +46,12 @@ def prefix_candidate_attention(q_NHQE: torch.Tensor, kp_RHKE: torch.Tensor, vp_R
     if request_N is None:  # [N, H, Q, E] → [H, N·Q, E] against [H, E, Kp]: no per-candidate copy
         s_p = (q_NHQE.transpose(0, 1).reshape(H, N * Q, E) @ kp_RHKE[0].transpose(-1, -2))
         s_p = s_p.view(H, N, Q, Kp).transpose(0, 1)
-        valid_p = key_valid_RK.expand(N, Kp)
+        valid_p = key_valid_RK  # [1, Kp]: one mask, broadcast over the candidates
     else:
         s_p = q_NHQE @ kp_RHKE[request_N].transpose(-1, -2)
         valid_p = key_valid_RK[request_N]
     scores = torch.cat([s_p, q_NHQE @ kt_NHTE.transpose(-1, -2)], dim=-1) * (1.0 / math.sqrt(E))
-    mask = causal_mask(F.pad(valid_p, (0, T), value=True), window, Q)  # N 1 Q Kp+T
+    mask = causal_mask(F.pad(valid_p, (0, T), value=True), window, Q)  # N (or 1) 1 Q Kp+T
     probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
     p_p, p_t = probs[..., :Kp], probs[..., Kp:]
     if request_N is None:
@@ -99,7 +99,7 @@ def score_with_cache(tower: TokenFormer, cache: PrefixCache, fields_NFD: torch.T
     h = tower.target_tokens(fields_NFD, dense_NDd)  # N T D
     T = h.shape[1]
     tpos = cache.target_pos_R1 if request_N is None else cache.target_pos_R1[request_N]
-    tpos = tpos.expand(h.shape[0], T)
+    tpos = tpos.expand(-1, T)  # [1, T] for one request: RoPE tables once, broadcast over candidates
     for layer, (keys, queries), (kp, vp, valid_p) in zip(tower.layers, cache.plan, cache.layers):
         kt, qt = min(keys, T), min(queries, T)
         h, tpos = h[:, h.shape[1] - kt:], tpos[:, tpos.shape[1] - kt:]
