@@ -16,6 +16,11 @@ part of the system:
   model must read every sequence to reach the oracle;
 * drift: context effects move a little every day.
 
+Labels: the first label is the planted logit, further ones correlated, noisier copies — unless
+``label_parts`` gives a label its own weights over the logit's parts (``LABEL_PARTS``: bias,
+sequence, other_sequences, context, pairs, dense; and an ``offset``); each such label's true
+probability is written as ``p_true_<label>`` and its oracle AUC reported (``configs/collapse.toml``).
+
 The world (pools, effects) depends only on ``seed``; a day's rows only on ``(seed, day)``, so any
 day range regenerates identically. Everything is columnar numpy: no per-row Python.
 """
@@ -26,7 +31,7 @@ import dataclasses
 import datetime as dt
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -79,10 +84,23 @@ class GeneratorConfig:
     # candidate (the fields of ``candidate_groups`` and candidate-level dense features)
     candidates_per_request: int = 1
     candidate_groups: tuple[str, ...] = ("item",)
+    # several feedback labels with different dependencies: label → {part: weight, "offset": bias}
+    # over the logit's parts (LABEL_PARTS). A label not named keeps the default: the first label
+    # is the full planted logit, further ones correlated, noisier copies of it.
+    label_parts: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.candidates_per_request < 1:
             raise ValueError(f"generator.candidates_per_request: must be >= 1, got {self.candidates_per_request}")
+        for label, parts in self.label_parts.items():
+            bad = sorted(set(parts) - set(LABEL_PARTS) - {"offset"})
+            if bad:
+                raise ValueError(f"generator.label_parts.{label}: unknown part(s) {bad}; choose from "
+                                 f"{list(LABEL_PARTS)} and 'offset'")
+
+
+# the additive parts of the planted logit, each a signal of its own kind (module docstring)
+LABEL_PARTS = ("bias", "sequence", "other_sequences", "context", "pairs", "dense")
 
 
 def _raw_ids(index: np.ndarray, salt: int) -> np.ndarray:
@@ -106,6 +124,9 @@ class World:
 
     def __init__(self, schema: FeatureSchema, cfg: GeneratorConfig, max_days: int = 400) -> None:
         self.schema, self.cfg = schema, cfg
+        unknown = sorted(set(cfg.label_parts) - set(schema.labels))
+        if unknown:
+            raise ValueError(f"generator.label_parts: {unknown} are not labels of the schema {list(schema.labels)}")
         rng = np.random.default_rng([cfg.seed, 0])
         self.max_users = cfg.num_users + cfg.new_users_per_day * max_days
         self.max_items = cfg.num_items + cfg.new_items_per_day * max_days
@@ -147,6 +168,8 @@ class World:
         users = users if src is None else users[src]
         cols: dict[str, pa.Array] = {}
         logit = np.full(n, cfg.bias) + self.user_bias[users]
+        parts = {name: np.zeros(n) for name in LABEL_PARTS}  # the same terms, kept apart per kind
+        parts["bias"] += self.user_bias[users]
 
         # Sequence: a hidden session interest, history mostly from it, target sometimes.
         interest = rng.integers(0, cfg.num_categories, n)
@@ -166,16 +189,19 @@ class World:
                 target[repeat] = rng.integers(0, n_items, int(repeat.sum()))
         tcat = self.item_category[target]
         logit += self.item_bias[target] + self.category_effect[tcat]
+        parts["bias"] += self.item_bias[target] + self.category_effect[tcat]
         for k, spec in enumerate(schema.sequences):
             if spec.name == cfg.sequence:
                 seq_cols, same_share = self._sequence_columns(rng, spec, interest, cfg.interest_share,
                                                               tcat, n_items, src)
                 logit += cfg.sequence_scale * (same_share - 0.5)
+                parts["sequence"] += cfg.sequence_scale * (same_share - 0.5)
             else:
                 srng = np.random.default_rng([cfg.seed, 3, day_index, k])
                 seq_cols, same_share = self._sequence_columns(srng, spec, self.user_pref[users],
                                                               cfg.long_term_share, tcat, n_items, src)
                 logit += cfg.other_sequence_scale * (same_share - 0.5)
+                parts["other_sequences"] += cfg.other_sequence_scale * (same_share - 0.5)
             cols.update(seq_cols)
 
         # Context fields (skewed, low cardinality) with per-value effects and pairwise terms.
@@ -187,17 +213,20 @@ class World:
             values.append(v)
             if j < self.num_signal:
                 logit += self.effects[j][v] + cfg.drift * day_index * self.drift_dir[j][v]
+                parts["context"] += self.effects[j][v] + cfg.drift * day_index * self.drift_dir[j][v]
             cols[f.name] = self._field_column(rng, f, v, salt=j + 7)
             if request_level:  # multi-valued extras too
                 cols[f.name] = cols[f.name].take(pa.array(src))
         for a, b, table in self.pairs:
             logit += table[values[a], values[b]]
+            parts["pairs"] += table[values[a], values[b]]
 
         dense = rng.normal(0, 1, (n, len(schema.dense))).astype(np.float32)
         if src is not None:
             request_dense = [k for k, f in enumerate(schema.dense) if not f.candidate]
             dense[:, request_dense] = dense[src][:, request_dense]
         logit += dense @ self.dense_w
+        parts["dense"] += dense @ self.dense_w
         for k, f in enumerate(schema.dense):
             cols[f.name] = pa.array(dense[:, k])
 
@@ -209,10 +238,15 @@ class World:
             cols[cfg.category_field] = self._field_column(rng, names[cfg.category_field], tcat, salt=3)
         uid = _raw_ids(users, 1)
         cols[schema.user_id] = pa.array(uid if schema.user_id_type == "int64" else uid.astype(str))
-        labels = {}
+        labels, truth = {}, {}
         for k, name in enumerate(schema.labels):
-            # the first label is the planted task; further tasks are correlated, noisier copies
-            pk = p if k == 0 else 1 / (1 + np.exp(-(logit * 0.5 - 1.0)))
+            if name in cfg.label_parts:  # its own mix of the planted parts
+                mix = cfg.label_parts[name]
+                own = mix.get("offset", cfg.bias) + sum(w * parts[part] for part, w in mix.items() if part != "offset")
+                pk = 1 / (1 + np.exp(-own))
+            else:  # the first label is the planted task; further tasks are correlated, noisier copies
+                pk = p if k == 0 else 1 / (1 + np.exp(-(logit * 0.5 - 1.0)))
+            truth[name] = pk
             labels[name] = (rng.random(n) < pk).astype(np.float32)
             cols[name] = pa.array(labels[name])
         start = int(dt.datetime.combine(self._date(day_index), dt.time(), dt.UTC).timestamp())
@@ -220,9 +254,15 @@ class World:
         cols[schema.ts] = pa.array(ts if src is None else ts[src])
         if src is not None:
             cols[REQUEST_ID] = pa.array(day_index * n + np.arange(n) // C, pa.int64())
-        cols["p_true"] = pa.array(p.astype(np.float32))
-        stats = {"rows": n, "ctr": float(labels[schema.labels[0]].mean()),
-                 "oracle_auc": auc(labels[schema.labels[0]], p)}
+        first = schema.labels[0]
+        cols["p_true"] = pa.array(truth[first].astype(np.float32))
+        stats = {"rows": n, "ctr": float(labels[first].mean()), "oracle_auc": auc(labels[first], truth[first])}
+        if cfg.label_parts:  # every label's rate, oracle AUC and true probability
+            for name in schema.labels[1:]:
+                cols[f"p_true_{name}"] = pa.array(truth[name].astype(np.float32))
+            for name in schema.labels:
+                stats[f"ctr_{name}"] = float(labels[name].mean())
+                stats[f"oracle_auc_{name}"] = auc(labels[name], truth[name])
         return pa.table(cols), stats
 
     # ---- pieces ------------------------------------------------------------------------------

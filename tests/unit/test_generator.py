@@ -42,3 +42,40 @@ def test_signal_is_planted_and_new_ids_appear() -> None:
     tgt = t0.column("item_category").to_numpy()[:5000]
     share = np.array([np.mean(np.array(h[-32:]) == c) for h, c in zip(hist, tgt)])
     assert auc(y[:5000], share) > 0.6
+
+
+def test_labels_with_their_own_mix_of_the_planted_parts() -> None:
+    """label_parts gives each label its own dependencies: a sequence-only label is predicted by
+    the sequence part alone, a dense-only one by the dense part alone; each has its own p_true."""
+    import pytest
+
+    from jobs.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs/collapse.toml")
+    schema = cfg.schema
+    gen = dataclasses.replace(cfg.generator, rows_per_day=20000, label_parts={
+        "click": {"sequence": 1.0, "offset": -1.0}, "like": {"dense": 2.0, "offset": -1.0}})
+    world = World(schema, gen)
+    table, stats = world.day_rows(0)
+    assert {"p_true", "p_true_like", "p_true_long_view"} <= set(table.column_names)
+    assert stats["oracle_auc_click"] > 0.6 and stats["oracle_auc_like"] > 0.7
+    dense = np.stack([table.column(f.name).to_numpy() for f in schema.dense], 1) @ world.dense_w
+    like = table.column("like").to_numpy()
+    click = table.column("click").to_numpy()
+    assert auc(like, dense) > 0.7 and abs(auc(click, dense) - 0.5) < 0.03  # click ignores the dense part
+    assert np.allclose(table.column("p_true_like").to_numpy(), 1 / (1 + np.exp(-(2.0 * dense - 1.0))), atol=1e-5)
+    with pytest.raises(ValueError, match="unknown part"):
+        GeneratorConfig(label_parts={"click": {"sequnce": 1.0}})
+    with pytest.raises(ValueError, match=r"\['watch'\] are not labels"):
+        World(schema, dataclasses.replace(gen, label_parts={"watch": {"bias": 1.0}}))
+
+
+def test_collapse_preset_has_the_structure_the_paper_blames() -> None:
+    from jobs.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs/collapse.toml")
+    ctx = [f for f in cfg.schema.sparse if f.name.startswith("ctx_")]
+    assert len(ctx) >= 24 and cfg.generator.num_signal_fields <= len(ctx) // 6  # many fields, few informative
+    assert cfg.generator.context_cardinality[1] <= 20  # low cardinality
+    assert cfg.schema.sequences[0].max_len >= 128 and len(cfg.schema.labels) >= 3
+    assert set(cfg.generator.label_parts) == set(cfg.schema.labels)
