@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from common import mean_std
+from common import mean_std, register_cpu_attention_flops
 from torch.utils.flop_counter import FlopCounterMode
 
 from jobs.config import load_config
@@ -41,19 +41,25 @@ TOWERS = {
 }
 
 
-def cost(cfg, data: Path, rows: int = 256) -> tuple[int, float]:
-    """Dense-tower parameters and forward FLOPs per example (tables excluded: the same for all)."""
+def cost(cfg, data: Path, rows: int = 256) -> tuple[int, float, float]:
+    """Dense-tower parameters and FLOPs per example of one training step (forward, and forward +
+    backward; tables excluded: the same for all), counted in training mode. Under ``eval()`` /
+    no-grad PyTorch's counter reported multi-head attention as 0 FLOPs (the fused CPU kernel),
+    which undercounted attention towers; ``register_cpu_attention_flops`` counts it."""
+    register_cpu_attention_flops()
     torch.manual_seed(0)
-    model = RankingModel(cfg.schema, cfg.model).eval()
+    model = RankingModel(cfg.schema, cfg.model).train()
     table = to_canonical(pq.read_table(day_files(data, parse_days(cfg.train.days))[0]).slice(0, rows),
                          cfg.schema)
     batch = collate(pa.Table.from_batches(table.to_batches()), cfg.schema)
     with torch.no_grad():
         sparse = model.sparse_arch(batch.fields, batch.sequences)
-        counter = FlopCounterMode(display=False)
-        with counter:
-            model.tower(batch.dense, sparse)
-    return sum(p.numel() for p in model.tower.parameters()), counter.get_total_flops() / rows
+    with FlopCounterMode(display=False) as forward:
+        logits = model.tower(batch.dense, sparse)
+    with FlopCounterMode(display=False) as backward:
+        logits.sum().backward()
+    fwd = forward.get_total_flops() / rows
+    return sum(p.numel() for p in model.tower.parameters()), fwd, fwd + backward.get_total_flops() / rows
 
 
 def main() -> None:
@@ -82,12 +88,12 @@ def main() -> None:
             print(f"== {tower} seed {seed}: AUC {m['eval_auc']:.4f} ({m['seconds']:.0f}s)", flush=True)
     summary = {}
     for tower in TOWERS:
-        params, flops = costs[tower]
+        params, flops, train_flops = costs[tower]
         summary[tower] = {
             "eval_auc": mean_std([m["eval_auc"] for m in runs[tower]]),
             "eval_gauc": mean_std([m["eval_gauc"] for m in runs[tower]]),
             "eval_logloss": mean_std([m["eval_logloss"] for m in runs[tower]]),
-            "dense_params": params, "forward_flops_per_example": flops,
+            "dense_params": params, "forward_flops_per_example": flops, "train_flops_per_example": train_flops,
             "train_rows_per_s": mean_std([m["train_rows_per_s"] for m in runs[tower]]),
             "oracle_auc": runs[tower][0].get("eval_oracle_auc"),
             "aucs": [m["eval_auc"] for m in runs[tower]],
