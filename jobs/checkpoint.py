@@ -7,7 +7,8 @@ A checkpoint is a folder ``<root>/step-00000123/`` holding
   optimizer state (Adam moments and step). DCP reshards on load, so a checkpoint written by N
   workers loads on M;
 * ``meta.json``: the step, epoch, global row counters (the data position) and the world size;
-* ``rng-rank{r}.pt``: each rank's torch RNG state (restored only on the same world size).
+* ``rng-rank{r}.pt``: each rank's torch RNG state, and its CUDA one on a GPU (restored only on
+  the same world size).
 
 All ranks write into ``<root>/.tmp-step-…``; after a barrier rank 0 renames it to ``step-…`` (one
 atomic ``rename`` on a POSIX filesystem shared by the workers), so a reader never sees a partial
@@ -99,7 +100,10 @@ def save(root: str | Path, model, opt, pos: Position, keep: int = 3) -> Path:
     model_sd, _ = _normalized(model.state_dict())
     optim_sd, _ = _optim_state(opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    torch.save({"torch": torch.get_rng_state()}, tmp / f"rng-rank{rank}.pt")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout on a GPU draws from it
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, tmp / f"rng-rank{rank}.pt")
     _barrier()
     if rank == 0:
         (tmp / "meta.json").write_text(json.dumps(asdict(pos) | {"saved_at": time.time()}, indent=1))
@@ -223,7 +227,10 @@ def load(ckpt: str | Path, model, opt=None, dense_opt=None, restore_rng: bool = 
         rank = dist.get_rank() if dist.is_initialized() else 0
         rng = Path(ckpt) / f"rng-rank{rank}.pt"
         if world == pos.world_size and rng.exists():
-            torch.set_rng_state(torch.load(rng, weights_only=True)["torch"])
+            state = torch.load(rng, weights_only=True)
+            torch.set_rng_state(state["torch"])
+            if "cuda" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state(state["cuda"])
     return pos
 
 

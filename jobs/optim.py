@@ -10,13 +10,15 @@ Adam moments come from the checkpoint, the first steps on new data are small).
 Schedule (``lr_factor``), with W warmup steps and T total steps::
 
     step < W:        (step + 1) / W                          linear warmup
-    otherwise:       decay from 1 at W to ``min_lr_ratio`` at T (cosine | linear), then flat
+    otherwise:       decay from 1 at step W to ``min_lr_ratio`` at the last step T − 1
+                     (cosine | linear), flat after it
     decay=constant:  1 after the warmup
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -53,17 +55,19 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
         return (step + 1) / warm
     if cfg.decay == "constant" or total_steps <= warm:
         return 1.0
-    t = min(1.0, (step - warm) / max(1, total_steps - warm))
+    t = min(1.0, (step - warm) / max(1, total_steps - 1 - warm))  # the last step (T − 1) is at the floor
     shape = 0.5 * (1 + math.cos(math.pi * t)) if cfg.decay == "cosine" else 1 - t
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
 
 
 def decays(name: str, param: torch.Tensor) -> bool:
-    """Whether weight decay applies: projection matrices do; norms, biases (gates' included),
-    learned tokens (``sep``) and per-token offsets (``field_b``) do not. Embedding tables are not
+    """Whether weight decay applies: projection matrices do; norms, biases (gates' included, and
+    the batched per-token biases ``b``, ``b1``, ``*_b`` of the towers' einsum projections), learned
+    tokens (``sep``) do not. Embedding tables are not
     dense parameters (the fused sparse optimizer owns them)."""
     last = name.rsplit(".", 1)[-1]
-    return (param.ndim >= 2 and last not in ("bias", "sep", "field_b") and "norm" not in name
+    bias_like = last in ("bias", "b", "sep") or last.endswith("_b") or re.fullmatch(r"b\d+", last) is not None
+    return (param.ndim >= 2 and not bias_like and "norm" not in name
             and "sparse_arch." not in name)  # unsharded tables are plain parameters: still no decay
 
 
@@ -72,10 +76,10 @@ def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> N
         group["lr"] = base_lr * factor
 
 
-def clip(params: list[torch.Tensor], max_norm: float) -> float | None:
-    """Clip the dense gradients to ``max_norm`` (global L2 norm); returns the norm before, or
-    None when clipping is off. Under DDP the gradients are already averaged, so every worker
-    clips the same way."""
+def clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor | None:
+    """Clip the dense gradients to ``max_norm`` (global L2 norm); returns the norm before (a
+    tensor: no device sync), or None when clipping is off. Under DDP the gradients are already
+    averaged, so every worker clips the same way."""
     if max_norm <= 0:
         return None
-    return float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm))
+    return torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)

@@ -161,6 +161,8 @@ def train_loop(args: WorkerArgs) -> None:
     model = RankingTrain(RankingModel(cfg.schema, cfg.model, sparse_device=torch.device("meta"),
                                       num_shards=dist.get_world_size()))
     dmp = shard(model, tc.sharding, device)
+    # after the (identical) initialisation: each worker draws its own dropout masks
+    torch.manual_seed(tc.seed + 1_000_003 * (rank + 1))
     opt = dense_optimizer(dmp, tc.sharding, tc.optim.weight_decay, decays)
     dense_opt = opt._optims[0][1]  # the lazily initialized part, see checkpoint.load
     dense_params = [p for group in dense_opt.param_groups for p in group["params"]]

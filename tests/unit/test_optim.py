@@ -11,6 +11,7 @@ from embedding.schema import load_schema
 from embedding.sharding import ShardingConfig, dense_optimizer
 from jobs.config import load_config
 from jobs.optim import OptimConfig, clip, decays, lr_factor
+from model.hyformer import HyFormerConfig
 from model.ranking import ModelConfig, RankingModel
 from model.tokenformer import TokenFormerConfig
 
@@ -19,17 +20,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_warmup_then_cosine_to_the_floor() -> None:
     cfg = OptimConfig(warmup_steps=10, decay="cosine", min_lr_ratio=0.1)
-    assert [lr_factor(s, 110, cfg) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
-    assert lr_factor(10, 110, cfg) == pytest.approx(1.0)
-    assert lr_factor(60, 110, cfg) == pytest.approx(0.55)  # halfway: 0.1 + 0.9 * 0.5
-    assert lr_factor(110, 110, cfg) == pytest.approx(0.1) == lr_factor(500, 110, cfg)  # flat after the end
+    assert [lr_factor(s, 111, cfg) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert lr_factor(10, 111, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, 111, cfg) == pytest.approx(0.55)  # halfway: 0.1 + 0.9 * 0.5
+    assert lr_factor(110, 111, cfg) == pytest.approx(0.1)  # the last step (T − 1) reaches the floor
+    assert lr_factor(500, 111, cfg) == pytest.approx(0.1)  # flat after the end
 
 
 def test_linear_decay_constant_and_warmup_share() -> None:
     lin = OptimConfig(warmup_share=0.1, decay="linear", min_lr_ratio=0.0)
-    assert lin.warmup(200) == 20
-    assert lr_factor(19, 200, lin) == pytest.approx(1.0)
-    assert lr_factor(110, 200, lin) == pytest.approx(0.5)
+    assert lin.warmup(201) == 20
+    assert lr_factor(19, 201, lin) == pytest.approx(1.0)
+    assert lr_factor(110, 201, lin) == pytest.approx(0.5)
+    assert lr_factor(200, 201, lin) == pytest.approx(0.0)
     assert lr_factor(5, 200, OptimConfig()) == 1.0  # today's recipe: constant, no warmup
     with pytest.raises(ValueError, match="decay: choose one of"):
         OptimConfig(decay="step")
@@ -47,6 +50,12 @@ def test_weight_decay_on_matrices_only() -> None:
                  "tower.sep", "tower.field_b", "tower.head.bias"):
         assert kept not in names, kept
     assert not any(n.startswith("sparse_arch.") for n in names)  # embedding tables never decay
+    assert "tower.target_w" in names and "tower.target_b" not in names  # per-feature target tokens
+    for tower, biases in (("rankmixer_longer", ("b1", "b2", "tok_b")), ("onetrans", ("b",)),
+                          ("hyformer", ("query_out_b",))):
+        other = RankingModel(schema, ModelConfig(tower=tower, hyformer=HyFormerConfig(d_model=40)))
+        decayed = [n for n, p in other.named_parameters() if decays(n, p)]
+        assert decayed and not [n for n in decayed if n.rsplit(".", 1)[-1] in biases], (tower, decayed)
     opt = dense_optimizer(model, ShardingConfig(dense_optimizer="adamw"), weight_decay=0.05, decays=decays)
     dense = opt._optims[0][1]
     groups = {id(p): g["weight_decay"] for g in dense.param_groups for p in g["params"]}
