@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from serving import _free_port  # noqa: E402
+from serving import mlflow_serve  # noqa: E402
 
 NAME = "tokenrec-candidates"
 SIZES = (1, 16, 128, 1000)
@@ -120,23 +119,8 @@ def main() -> None:
 
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     register_export(export, uri, "candidates", NAME, tmp / "mlartifacts", alias="champion")
-    port = _free_port()
-    bin_dir = Path(sys.executable).parent
-    env = os.environ | {"MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
-                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     http = {}
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5):
-                    break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("mlflow models serve did not start") from None
-                time.sleep(1)
+    with mlflow_serve(uri, f"models:/{NAME}@champion") as port:
         for C in SIZES:
             part = rows.slice(0, C)
             with_id = json.dumps({"dataframe_records": part.to_pylist()}).encode()
@@ -149,9 +133,6 @@ def main() -> None:
             h = http[str(C)]
             print(f"HTTP {C:>5}: per-row {h['per_row_s'] * 1e3:.1f} ms, shared prefix "
                   f"{h['shared_prefix_s'] * 1e3:.1f} ms, {h['speedup']:.1f}x", flush=True)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     speedup = exported["1000"]["speedup"]
     checks = {"shared_prefix_speedup_C1000_exported": {"value": speedup, "target": ">= 10", "met": speedup >= 10},
               "shared_prefix_speedup_C1000_http": {"value": http["1000"]["speedup"], "target": "(context)",

@@ -14,6 +14,7 @@ Writes benchmarks/results/serving.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -39,6 +40,32 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_serve(tracking_uri: str, model_uri: str, timeout_s: float = 180):
+    """``mlflow models serve --env-manager local`` of ``model_uri`` on a free 127.0.0.1 port
+    (one uvicorn worker), up when this yields the port; terminated on exit."""
+    port = _free_port()
+    bin_dir = Path(sys.executable).parent  # mlflow starts `uvicorn` from PATH
+    env = os.environ | {"MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager",
+                               "local", "-h", "127.0.0.1", "-p", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5):
+                    break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError("mlflow models serve did not start") from None
+                time.sleep(1)
+        yield port
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def percentiles(xs: list[float]) -> dict:
@@ -70,23 +97,8 @@ def main() -> None:
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     register_export(export, uri, "latency", NAME, tmp / "mlartifacts", alias="champion")
 
-    port = _free_port()
-    bin_dir = Path(sys.executable).parent
-    env = os.environ | {"MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
-                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     results = {}
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5):
-                    break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("mlflow models serve did not start") from None
-                time.sleep(1)
+    with mlflow_serve(uri, f"models:/{NAME}@champion") as port:
         program, schema, _ = load_program(export)
         for size in (1, 256):
             bodies = [json.dumps({"dataframe_records": rows.slice((i * size) % (rows.num_rows - size), size)
@@ -113,9 +125,6 @@ def main() -> None:
             h, d = results[f"{size}_rows"]["http"], results[f"{size}_rows"]["program_in_process"]
             print(f"{size:>4} rows: HTTP p50 {h['p50_ms']:.1f} ms, p99 {h['p99_ms']:.1f} ms | "
                   f"program alone p50 {d['p50_ms']:.1f} ms, p99 {d['p99_ms']:.1f} ms", flush=True)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({
         "benchmark": "serving", "config": "configs/demo.toml", "tower": a.tower, "server":

@@ -4,11 +4,6 @@ many-candidate request through ``mlflow models serve``, both equal to the per-ro
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +19,7 @@ from model.ranking import RankingModel
 from pipeline.days import parse_days
 from pipeline.generator import generate
 from pipeline.validate import to_canonical
-from tests.integration.test_serving_registry import _free_port, _post
+from tests.integration.test_serving_registry import _post, _serve
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "tokenrec-requests-test"
@@ -76,24 +71,7 @@ def test_served_many_candidate_request_equals_rows_and_a_disagreeing_one_is_a_40
     tmp = registered["tmp"]
     rows = pq.read_table(sorted((tmp / "data" / f"day={DAY}").glob("*.parquet"))[1]).slice(0, 18)
     rows = rows.drop_columns(["click", "p_true"])
-    port = _free_port()
-    bin_dir = str(Path(sys.executable).parent)
-    env = os.environ | {"MLFLOW_TRACKING_URI": registered["uri"], "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
-                               f"models:/{NAME}@champion", "--env-manager", "local", "-h", "127.0.0.1",
-                               "-p", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, server.stdout.read().decode()[-3000:]
-            assert time.time() < deadline, "mlflow models serve did not come up in 180 s"
-            time.sleep(1)
+    with _serve(registered["uri"], f"models:/{NAME}@champion") as port:
         status, grouped = _post(port, {"dataframe_records": rows.to_pylist()})  # 3 requests of 6
         assert status == 200, grouped
         status, single = _post(port, {"dataframe_records": rows.drop_columns(["request_id"]).to_pylist()})
@@ -104,6 +82,3 @@ def test_served_many_candidate_request_equals_rows_and_a_disagreeing_one_is_a_40
         records[3]["dense_0"] += 0.5
         status, body = _post(port, {"dataframe_records": records})
         assert status == 400 and "disagree on request-level column(s) ['dense_0']" in body["message"], body
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

@@ -3,6 +3,7 @@ and ``tokenrec score`` through Ray Data, both against the exported program's own
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -61,17 +62,15 @@ def _post(port: int, payload) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-def test_mlflow_serve_answers_and_survives_bad_requests(registered) -> None:
-    tmp, schema = registered["tmp"], registered["schema"]
-    table = pq.read_table(next((tmp / "data" / "day=2026-01-01").glob("*.parquet")))
-    rows = table.slice(0, 5).drop_columns(["click", "p_true"])
-    want = score_table(registered["program"], to_canonical(rows, schema, with_labels=False), schema)[:, 0]
+@contextlib.contextmanager
+def _serve(tracking_uri: str, model_uri: str):
+    """``mlflow models serve`` of ``model_uri`` on 127.0.0.1, up when this yields its port."""
     port = _free_port()
     bin_dir = str(Path(sys.executable).parent)  # mlflow starts `uvicorn` from PATH
-    env = os.environ | {"MLFLOW_TRACKING_URI": registered["uri"], "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
-                               f"models:/{NAME}@champion", "--env-manager", "local", "-h", "127.0.0.1",
-                               "-p", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = os.environ | {"MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model_uri,
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 180
         while True:
@@ -84,6 +83,18 @@ def test_mlflow_serve_answers_and_survives_bad_requests(registered) -> None:
             assert server.poll() is None, server.stdout.read().decode()[-3000:]
             assert time.time() < deadline, "mlflow models serve did not come up in 180 s"
             time.sleep(1)
+        yield port
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_mlflow_serve_answers_and_survives_bad_requests(registered) -> None:
+    tmp, schema = registered["tmp"], registered["schema"]
+    table = pq.read_table(next((tmp / "data" / "day=2026-01-01").glob("*.parquet")))
+    rows = table.slice(0, 5).drop_columns(["click", "p_true"])
+    want = score_table(registered["program"], to_canonical(rows, schema, with_labels=False), schema)[:, 0]
+    with _serve(registered["uri"], f"models:/{NAME}@champion") as port:
         records = rows.to_pylist()
         status, body = _post(port, {"dataframe_records": records})
         assert status == 200, body
@@ -99,9 +110,6 @@ def test_mlflow_serve_answers_and_survives_bad_requests(registered) -> None:
         assert status == 400 and "dense_0" in body["message"], body
         status, body = _post(port, {"dataframe_records": records[:1]})  # still serving
         assert status == 200 and abs(body["predictions"][0]["click"] - want[0]) < 1e-5
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_score_writes_every_valid_row_and_quarantines_the_rest(registered, capsys) -> None:
