@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from model.attention import attention
-from model.tokenformer import TokenFormerConfig, UnifiedInteractionBlock
+from model.blocks import UnifiedInteractionBlock
+from model.tokenformer import TokenFormerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

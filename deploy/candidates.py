@@ -28,9 +28,10 @@ from torch.export import Dim
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embedding.schema import FeatureSchema
+from model.blocks import UnifiedInteractionBlock
 from model.candidates import build_prefix_cache, score_with_cache
 from model.ranking import RankingModel
-from model.tokenformer import TokenFormer, UnifiedInteractionBlock
+from model.tokenformer import TokenFormer
 from pipeline.collate import collate
 from pipeline.requests import group_requests
 

@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedding.schema import FeatureSchema
+from model.blocks import RMSNorm, SwiGLU
 from model.rankmixer import PerTokenFFN, token_mix
 from model.sparse import SparseOutput
-from model.tokenformer import RMSNorm, SwiGLU, right_align
+from model.tokenformer import right_align
 
 ENCODERS = ("full", "longer", "swiglu")
 

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedding.schema import FeatureSchema
+from model.blocks import RMSNorm
 from model.sparse import SparseOutput
-from model.tokenformer import RMSNorm, right_align
+from model.tokenformer import right_align
 
 
 @dataclass(frozen=True, kw_only=True)

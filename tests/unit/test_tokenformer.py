@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from embedding.schema import load_schema
+from model.blocks import UnifiedInteractionBlock
 from model.hyformer import HyFormerConfig
 from model.ranking import TOWERS, ModelConfig, RankingModel, RankingTrain
-from model.tokenformer import TokenFormerConfig, UnifiedInteractionBlock
+from model.tokenformer import TokenFormerConfig
 from pipeline.collate import collate
 from pipeline.days import parse_days
 from pipeline.generator import GeneratorConfig, generate
