@@ -3,7 +3,9 @@
 Raw ids in the logs are arbitrary 64-bit values (never dense indices). ``IdHasher`` maps every
 value of a KeyedJaggedTensor to ``mix64(raw ^ salt[key]) mod hash_size[key]`` where the salt is a
 stable hash of the *field name*: two fields sharing one table therefore do not collide
-systematically. All keys are hashed in one vectorized pass (no per-key Python loop): the
+systematically — except on an id-space table (``FeatureSchema.id_space_tables``: a target field
+and the history on one table), whose features are all salted by the table's name so the same raw
+id reads the same row. All keys are hashed in one vectorized pass (no per-key Python loop): the
 per-key salt and size are expanded to per-value tensors with ``repeat_interleave`` over
 ``length_per_key``. Managed collision (MCH/ZCH) replaces this module in a later stage.
 """
@@ -49,10 +51,14 @@ class IdHasher(nn.Module):
         hashed KJT   a: [[h_a(7) % 10], [h_a(7) % 10, h_a(9) % 10]]   b: [[h_b(7) % 1000], []]
     """
 
-    def __init__(self, keys: list[str], hash_sizes: list[int]) -> None:
+    def __init__(self, keys: list[str], hash_sizes: list[int], salt_names: list[str] | None = None) -> None:
+        """``salt_names``: the name each key is salted by (default: the key itself)."""
         super().__init__()
         self.keys = list(keys)
-        self.register_buffer("salts", torch.tensor([name_salt(k) for k in keys], dtype=torch.int64),
+        salt_names = list(keys) if salt_names is None else list(salt_names)
+        if len(salt_names) != len(self.keys) or len(hash_sizes) != len(self.keys):
+            raise ValueError(f"IdHasher: {len(self.keys)} keys, {len(hash_sizes)} sizes, {len(salt_names)} salts")
+        self.register_buffer("salts", torch.tensor([name_salt(k) for k in salt_names], dtype=torch.int64),
                              persistent=False)
         self.register_buffer("sizes", torch.tensor(hash_sizes, dtype=torch.int64), persistent=False)
 

@@ -7,6 +7,13 @@ practically never collide) and TorchRec's ``MCHManagedCollisionModule`` gives ea
 (zero-collision hashing), admitting ids while training and evicting by the table's policy when
 full; ids it has no row for read the table's last row (the "miss" row).
 
+Id-space tables (``FeatureSchema.id_space_tables``: one table for the target item field and the
+history items) are declared once, in the unpooled collection, with every feature name that uses
+them — the field's and the sequence columns' — the TorchRec way to share a table between
+features: it is sharded once and each feature's lookup reads the same rows. Its fields are pooled
+by ``model.sparse.SparseArch``. Managed-collision sequence and id-space tables go into a
+``ManagedCollisionEmbeddingCollection``.
+
 Modules are built on the ``meta`` device for sharding (``embedding.sharding`` materializes only
 the local shards) or on a real device for single-process use (tests, export, serving).
 """
@@ -16,7 +23,10 @@ from __future__ import annotations
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
-from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
+from torchrec.modules.mc_embedding_modules import (
+    ManagedCollisionEmbeddingBagCollection,
+    ManagedCollisionEmbeddingCollection,
+)
 from torchrec.modules.mc_modules import (
     DistanceLFU_EvictionPolicy,
     LFU_EvictionPolicy,
@@ -37,11 +47,20 @@ EVICTION = {"distance_lfu": DistanceLFU_EvictionPolicy, "lfu": LFU_EvictionPolic
 
 
 def managed_tables(schema: FeatureSchema) -> list[str]:
-    return [t.name for t in schema.field_tables if t.managed_collision]
+    """Every managed-collision table: pooled field tables, then sequence and id-space tables."""
+    names = dict.fromkeys(t.name for t in schema.field_tables + schema.sequence_tables if t.managed_collision)
+    return list(names)
+
+
+def pooled_tables(schema: FeatureSchema) -> list:
+    """Field tables looked up by an EBC: every field table but the id-space ones."""
+    shared = set(schema.id_space_tables)
+    return [t for t in schema.field_tables if t.name not in shared]
 
 
 def field_bag_configs(schema: FeatureSchema, managed: bool | None = None) -> list[EmbeddingBagConfig]:
-    """``managed``: only the managed-collision tables (True), only the others (False), all (None)."""
+    """``managed``: only the managed-collision tables (True), only the others (False), all (None).
+    Id-space tables are not here (``sequence_configs``)."""
     pooling = {f.table: f.pooling for f in schema.sparse}
     return [
         EmbeddingBagConfig(
@@ -49,32 +68,38 @@ def field_bag_configs(schema: FeatureSchema, managed: bool | None = None) -> lis
             feature_names=[f.name for f in schema.sparse if f.table == t.name],
             pooling=_POOLING[pooling[t.name]],
         )
-        for t in schema.field_tables
+        for t in pooled_tables(schema)
         if managed is None or t.managed_collision == managed
     ]
 
 
-def sequence_configs(schema: FeatureSchema) -> list[EmbeddingConfig]:
+def sequence_configs(schema: FeatureSchema, managed: bool | None = None) -> list[EmbeddingConfig]:
+    """Unpooled tables: sequence tables, an id-space table with its fields' names first and then
+    its sequence columns. ``managed`` filters as in ``field_bag_configs``."""
     return [
         EmbeddingConfig(
             name=t.name, num_embeddings=t.hash_size, embedding_dim=t.dim,
-            feature_names=[q.column(f) for q in schema.sequences for f in q.features
-                           if f.table == t.name],
+            feature_names=[f.name for f in schema.sparse if f.table == t.name]
+            + [q.column(f) for q in schema.sequences for f in q.features if f.table == t.name],
         )
         for t in schema.sequence_tables
+        if managed is None or t.managed_collision == managed
     ]
 
 
+def _input_size(schema: FeatureSchema, table: str) -> int:
+    t = schema.table(table)
+    return MC_INPUT_HASH_SIZE if t.managed_collision else t.hash_size
+
+
 def field_hasher(schema: FeatureSchema) -> IdHasher:
-    def size(f) -> int:
-        t = schema.table(f.table)
-        return MC_INPUT_HASH_SIZE if t.managed_collision else t.hash_size
-    return IdHasher(schema.field_names, [size(f) for f in schema.sparse])
+    feats = [(f.name, f.table) for f in schema.sparse]
+    return IdHasher(schema.field_names, [_input_size(schema, t) for _, t in feats], schema.salt_names(feats))
 
 
 def sequence_hasher(schema: FeatureSchema) -> IdHasher:
     feats = [(q.column(f), f.table) for q in schema.sequences for f in q.features]
-    return IdHasher([c for c, _ in feats], [schema.table(t).hash_size for _, t in feats])
+    return IdHasher([c for c, _ in feats], [_input_size(schema, t) for _, t in feats], schema.salt_names(feats))
 
 
 def build_field_ebc(schema: FeatureSchema, device: torch.device) -> EmbeddingBagCollection | None:
@@ -99,6 +124,14 @@ def build_field_mc_ebc(schema: FeatureSchema, device: torch.device,
     configs = field_bag_configs(schema, managed=True)
     if not configs:
         return None
+    return ManagedCollisionEmbeddingBagCollection(
+        EmbeddingBagCollection(tables=configs, device=device),
+        ManagedCollisionCollection(managed_collision_modules=_mch_modules(schema, configs, device, buckets),
+                                   embedding_configs=configs),
+        return_remapped_features=True)
+
+
+def _mch_modules(schema: FeatureSchema, configs, device: torch.device, buckets: int) -> dict:
     mc_device = torch.device("cpu") if device.type == "meta" else device  # small id buffers
     modules = {}
     for c in configs:
@@ -107,11 +140,32 @@ def build_field_mc_ebc(schema: FeatureSchema, device: torch.device,
             zch_size=c.num_embeddings, device=mc_device, eviction_policy=EVICTION[t.eviction_policy](),
             eviction_interval=t.eviction_interval, input_hash_size=MC_INPUT_HASH_SIZE, name=c.name,
             buckets=buckets)
-    return ManagedCollisionEmbeddingBagCollection(
-        EmbeddingBagCollection(tables=configs, device=device),
-        ManagedCollisionCollection(managed_collision_modules=modules, embedding_configs=configs),
+    return modules
+
+
+def build_sequence_ec(schema: FeatureSchema, device: torch.device) -> EmbeddingCollection | None:
+    """The unpooled tables without managed collision (None when there are none)."""
+    configs = sequence_configs(schema, managed=False)
+    return EmbeddingCollection(tables=configs, device=device) if configs else None
+
+
+def build_sequence_mc_ec(schema: FeatureSchema, device: torch.device,
+                         buckets: int = 1) -> ManagedCollisionEmbeddingCollection | None:
+    """The managed-collision unpooled tables (None when there are none); ``buckets`` as in
+    ``build_field_mc_ebc``."""
+    configs = sequence_configs(schema, managed=True)
+    if not configs:
+        return None
+    return ManagedCollisionEmbeddingCollection(
+        EmbeddingCollection(tables=configs, device=device),
+        ManagedCollisionCollection(managed_collision_modules=_mch_modules(schema, configs, device, buckets),
+                                   embedding_configs=configs),
         return_remapped_features=True)
 
 
-def build_sequence_ec(schema: FeatureSchema, device: torch.device) -> EmbeddingCollection:
-    return EmbeddingCollection(tables=sequence_configs(schema), device=device)
+@torch.no_grad()
+def zero_unsharded_miss_rows_ec(mc_ec: ManagedCollisionEmbeddingCollection) -> int:
+    """``zero_unsharded_miss_rows`` for a managed-collision EC."""
+    for cfg in mc_ec._embedding_module.embedding_configs():
+        mc_ec._embedding_module.embeddings[cfg.name].weight[-1] = 0
+    return len(mc_ec._embedding_module.embedding_configs())

@@ -30,6 +30,22 @@ The schema is the contract between the Parquet logs (``pipeline/``), the TorchRe
 
 Fields that share a table are salted by their name when ids are hashed (``embedding.hashing``),
 so ``ctx_1 = 7`` and ``ctx_2 = 7`` land on different rows.
+
+A table may serve a target field and sequence features at once (``item_id`` and ``hist_item_id``
+on one ``item`` table, as in DIN, SASRec and HSTU): such a table is one *id space*
+(``FeatureSchema.id_space_tables``), every feature on it is salted by the table's name, so the
+same raw id reads the same row as a target and in the history. Its field is looked up through
+the unpooled collection and pooled there (``model.sparse.SparseArch``)::
+
+    [schema.tables]
+    item = { hash_size = 20000, dim = 16, managed_collision = true }
+    [[schema.sparse]]
+    name = "item_id"
+    table = "item"
+    [[schema.sequences]]
+    name = "hist"
+    max_len = 32
+    features = [{ name = "item_id", table = "item" }, { name = "category", table = "hist_cat" }]
 """
 
 from __future__ import annotations
@@ -50,8 +66,8 @@ EVICTION_POLICIES = ("distance_lfu", "lfu", "lru")
 class TableSpec:
     """``managed_collision``: rows are managed by TorchRec's MCH module (zero-collision hashing,
     ids admitted while training, evicted by ``eviction_policy`` when the table is full, every
-    ``eviction_interval`` training steps) instead of ``hash(id) % hash_size``. Pooled field
-    tables only."""
+    ``eviction_interval`` training steps) instead of ``hash(id) % hash_size``. Field tables go
+    into a managed-collision EBC, tables serving sequence features into a managed-collision EC."""
 
     name: str
     hash_size: int
@@ -170,8 +186,29 @@ class FeatureSchema:
 
     @property
     def sequence_tables(self) -> list[TableSpec]:
+        """Tables used by sequence features (including id-space tables), in first-use order."""
         names = dict.fromkeys(f.table for s in self.sequences for f in s.features)
         return [self.table(n) for n in names]
+
+    @property
+    def id_space_tables(self) -> list[str]:
+        """Tables that serve a sequence feature and at least one other feature (a target field or
+        another sequence's feature): one id space, salted by the table's name when hashed, so the
+        same raw id maps to the same row for every feature on it. Their fields are looked up
+        through the unpooled collection (``embedding.modules.sequence_configs``)."""
+        users: dict[str, int] = {}
+        for f in self.sparse:
+            users[f.table] = users.get(f.table, 0) + 1
+        for q in self.sequences:
+            for f in q.features:
+                users[f.table] = users.get(f.table, 0) + 1
+        return [t.name for t in self.sequence_tables if users[t.name] > 1]
+
+    def salt_names(self, features: list[tuple[str, str]]) -> list[str]:
+        """The salt name of each ``(feature or column name, table)``: the table's name for
+        id-space tables, the feature's own name otherwise."""
+        shared = set(self.id_space_tables)
+        return [table if table in shared else name for name, table in features]
 
     def fingerprint(self) -> str:
         """A stable hash of the schema (used to cache sharding plans and tag runs)."""
@@ -341,11 +378,6 @@ def _validate(s: FeatureSchema) -> None:
                              f"got '{t.eviction_policy}'")
         if t.eviction_interval <= 0:
             raise ValueError(f"schema.tables.{t.name}.eviction_interval: must be positive")
-    for q in s.sequences:
-        for f in q.features:
-            if f.table in tables and tables[f.table].managed_collision:
-                raise ValueError(f"schema.tables.{f.table}: managed_collision is for pooled field tables; "
-                                 f"sequence '{q.name}' uses it")
     if s.user_id_type not in RAW_TYPES:
         raise ValueError(f"schema.user_id_type: must be one of {RAW_TYPES}, got '{s.user_id_type}'")
     group_dims: dict[str, tuple[int, str]] = {}
@@ -378,7 +410,6 @@ def _validate(s: FeatureSchema) -> None:
                 f"'{prev_p[0]}' of field '{prev_p[1]}' on the same table '{f.table}' "
                 "(TorchRec pools per table)"
             )
-    field_tables = set(table_pooling)
     for q in s.sequences:
         where = f"schema.sequences '{q.name}'"
         if q.max_len <= 0:
@@ -389,11 +420,6 @@ def _validate(s: FeatureSchema) -> None:
         for feat in q.features:
             if feat.table not in tables:
                 raise ValueError(f"{where} feature '{feat.name}': unknown table '{feat.table}'")
-            if feat.table in field_tables:
-                raise ValueError(
-                    f"{where} feature '{feat.name}': table '{feat.table}' is also used by sparse "
-                    "fields; sequence tables must be their own (pooled and unpooled lookups differ)"
-                )
             dims.add(tables[feat.table].dim)
         if len(dims) > 1:
             raise ValueError(f"{where}: dim mismatch, its features' tables have dims {sorted(dims)}"

@@ -19,6 +19,10 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.mc_embedding import (
+    ManagedCollisionEmbeddingCollectionSharder,
+    ShardedManagedCollisionEmbeddingCollection,
+)
 from torchrec.distributed.mc_embeddingbag import (
     ManagedCollisionEmbeddingBagCollectionSharder,
     ShardedManagedCollisionEmbeddingBagCollection,
@@ -27,13 +31,16 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
-from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
+from torchrec.modules.mc_embedding_modules import (
+    ManagedCollisionEmbeddingBagCollection,
+    ManagedCollisionEmbeddingCollection,
+)
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from embedding.modules import zero_unsharded_miss_rows
+from embedding.modules import zero_unsharded_miss_rows, zero_unsharded_miss_rows_ec
 
 SHARDING_TYPES = tuple(t.value for t in ShardingType)
 SPARSE_OPTIMIZERS = ("rowwise_adagrad", "sgd")
@@ -84,7 +91,7 @@ class CPURowWiseEBCSharder(EmbeddingBagCollectionSharder):
         return types
 
 
-class _CPUShardedMCEBC(ShardedManagedCollisionEmbeddingBagCollection):
+class _CPUEvictMixin:
     """On an admission/eviction the stock module resets the rows' weights and optimizer state
     with ``fbgemm::reset_weight_momentum``, which has no CPU kernel; the same reset in torch."""
 
@@ -105,6 +112,14 @@ class _CPUShardedMCEBC(ShardedManagedCollisionEmbeddingBagCollection):
                 fresh = cfg.init_fn(fresh) if cfg.init_fn is not None else fresh.uniform_(
                     cfg.get_weight_init_min(), cfg.get_weight_init_max())
                 weights[rows] = fresh
+
+
+class _CPUShardedMCEBC(_CPUEvictMixin, ShardedManagedCollisionEmbeddingBagCollection):
+    """Managed-collision EBC with the CPU eviction reset."""
+
+
+class _CPUShardedMCEC(_CPUEvictMixin, ShardedManagedCollisionEmbeddingCollection):
+    """Managed-collision EC (sequence and id-space tables) with the CPU eviction reset."""
 
 
 class CPUManagedCollisionEBCSharder(ManagedCollisionEmbeddingBagCollectionSharder):
@@ -128,6 +143,27 @@ class CPUManagedCollisionEBCSharder(ManagedCollisionEmbeddingBagCollectionSharde
                                 env=env, device=device or torch.device("cpu"))
 
 
+class CPUManagedCollisionECSharder(ManagedCollisionEmbeddingCollectionSharder):
+    """Managed-collision unpooled tables (an id-space ``item`` table read by the target field and
+    the history), row-wise with the fused kernel as ``CPUManagedCollisionEBCSharder``."""
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        if compute_device_type == "cpu":
+            return [ShardingType.ROW_WISE.value]
+        return super().sharding_types(compute_device_type)
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
+        if compute_device_type == "cpu":
+            return ["fused"]
+        return super().compute_kernels(sharding_type, compute_device_type)
+
+    def shard(self, module, params, env, device=None, module_fqn=None):
+        if device is not None and device.type != "cpu":
+            return super().shard(module, params, env, device, module_fqn)
+        return _CPUShardedMCEC(module, params, ec_sharder=self._e_sharder, mc_sharder=self._mc_sharder,
+                               env=env, device=device or torch.device("cpu"))
+
+
 @torch.no_grad()
 def zero_miss_rows(model: nn.Module) -> int:
     """Managed-collision tables: set every shard's miss row (its last row, read by ids that have no
@@ -136,7 +172,8 @@ def zero_miss_rows(model: nn.Module) -> int:
     export) — call after each optimizer step. Returns the number of rows zeroed here."""
     n = 0
     for m in model.modules():
-        if isinstance(m, ShardedManagedCollisionEmbeddingBagCollection):
+        if isinstance(m, (ShardedManagedCollisionEmbeddingBagCollection,
+                          ShardedManagedCollisionEmbeddingCollection)):
             for tbe, index in m._table_to_tbe_and_index.values():
                 weights = tbe.split_embedding_weights()[int(index)]
                 if weights.numel():
@@ -146,17 +183,21 @@ def zero_miss_rows(model: nn.Module) -> int:
                     n += 1
         elif isinstance(m, ManagedCollisionEmbeddingBagCollection):
             n += zero_unsharded_miss_rows(m)
+        elif isinstance(m, ManagedCollisionEmbeddingCollection):
+            n += zero_unsharded_miss_rows_ec(m)
     return n
 
 
 def sharders() -> list:
-    return [CPURowWiseEBCSharder(), EmbeddingCollectionSharder(), CPUManagedCollisionEBCSharder()]
+    return [CPURowWiseEBCSharder(), EmbeddingCollectionSharder(), CPUManagedCollisionEBCSharder(),
+            CPUManagedCollisionECSharder()]
 
 
 def _constraints(model: nn.Module, cfg: ShardingConfig, device: torch.device):
     constraints = {}
-    managed = {c.name for m in model.modules() if isinstance(m, ManagedCollisionEmbeddingBagCollection)
-               for c in m._embedding_module.embedding_bag_configs()}
+    managed = {name for m in model.modules()
+               if isinstance(m, (ManagedCollisionEmbeddingBagCollection, ManagedCollisionEmbeddingCollection))
+               for name in _table_names(m._embedding_module)}
     for module, sharder in _modules_and_sharders(model):
         supported = sharder.sharding_types(device.type)
         for table in _table_names(module):
@@ -177,7 +218,7 @@ def _constraints(model: nn.Module, cfg: ShardingConfig, device: torch.device):
 
 
 def _modules_and_sharders(model: nn.Module):
-    ebc_sharder, ec_sharder, _ = sharders()
+    ebc_sharder, ec_sharder, _, _ = sharders()
     for m in embedding_modules(model):
         yield m, ebc_sharder if isinstance(m, EmbeddingBagCollection) else ec_sharder
 

@@ -177,30 +177,44 @@ def verify_metadata(ckpt: str | Path) -> None:
                                     f"refusing to load it (was the file written by tokenrec?)") from None
 
 
-def check_layout(ckpt: str | Path, model, prefix: str = "model.tower.", flag: str = "--init-from") -> None:
-    """Before a warm start (or resume) reaches the workers: the checkpoint's dense tower must be
-    ``model``'s — the same parameter names and shapes, read from the DCP metadata (no tensor is
-    loaded). Raises ``ValueError`` naming what differs and how to go on. ``model`` is the
-    training wrapper (``RankingTrain``), e.g. built on the meta device."""
-    verify_metadata(ckpt)
-    meta = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+def _layout_diff(meta, model, prefix: str, keep=lambda k: True) -> list[str]:
+    """What differs between the checkpoint's and ``model``'s entries under ``prefix``: missing,
+    extra and reshaped names (without the leading ``model.``), at most 4 of each named."""
     saved = {k[len("model."):]: tuple(v.size) for k, v in meta.items()
-             if k.startswith("model." + prefix) and hasattr(v, "size")}
-    want = {k: tuple(v.shape) for k, v in _normalized(model.state_dict())[0].items() if k.startswith(prefix)}
+             if k.startswith("model." + prefix) and hasattr(v, "size") and keep(k)}
+    want = {k: tuple(v.shape) for k, v in _normalized(model.state_dict())[0].items()
+            if k.startswith(prefix) and keep(k)}
     short = {k: k.removeprefix("model.") for k in want.keys() | saved.keys()}  # tower.x, as in [model]
     missing = sorted(short[k] for k in want.keys() - saved.keys())
     extra = sorted(short[k] for k in saved.keys() - want.keys())
     shapes = [f"{short[k]}: {saved[k]} in the checkpoint, {want[k]} now" for k in sorted(want.keys() & saved.keys())
               if saved[k] != want[k]]
-    if not (missing or extra or shapes):
-        return
-    parts = [f"{what} ({len(names)}): {', '.join(names[:4])}{', …' if len(names) > 4 else ''}"
-             for what, names in (("not in the checkpoint", missing), ("only in the checkpoint", extra),
-                                 ("other shapes", shapes)) if names]
-    raise ValueError(f"{flag} {ckpt}: the checkpoint's dense tower has another layout than this [model] config — "
-                     + "; ".join(parts) + ". Set the layout it was trained with (a wave-1 TokenFormer: "
-                     "[model.tokenformer] target_tokens = \"group\", event_tokens = \"sum\") or train from "
-                     "scratch (`tokenrec daily --cold-start`, or no --init-from).")
+    return [f"{what} ({len(names)}): {', '.join(names[:4])}{', …' if len(names) > 4 else ''}"
+            for what, names in (("not in the checkpoint", missing), ("only in the checkpoint", extra),
+                                ("other shapes", shapes)) if names]
+
+
+def check_layout(ckpt: str | Path, model, prefix: str = "model.tower.", flag: str = "--init-from") -> None:
+    """Before a warm start (or resume) reaches the workers: the checkpoint's dense tower must be
+    ``model``'s — the same parameter names and shapes — and so must its embedding tables (names,
+    global shapes, which collection holds them), read from the DCP metadata (no tensor is loaded).
+    Raises ``ValueError`` naming what differs and how to go on. ``model`` is the training wrapper
+    (``RankingTrain``), e.g. built on the meta device."""
+    verify_metadata(ckpt)
+    meta = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    parts = _layout_diff(meta, model, prefix)
+    if parts:
+        raise ValueError(f"{flag} {ckpt}: the checkpoint's dense tower has another layout than this [model] config — "
+                         + "; ".join(parts) + ". Set the layout it was trained with (a wave-1 TokenFormer: "
+                         "[model.tokenformer] target_tokens = \"group\", event_tokens = \"sum\") or train from "
+                         "scratch (`tokenrec daily --cold-start`, or no --init-from).")
+    tables = _layout_diff(meta, model, "model.sparse_arch.", keep=lambda k: k.endswith(".weight"))
+    if tables:
+        raise ValueError(f"{flag} {ckpt}: the checkpoint's embedding tables differ from this [schema] — "
+                         + "; ".join(tables) + ". Use the schema it was trained with (a wave-1 config keeps the "
+                         "history on tables of its own, e.g. hist_item, where today's configs share the item "
+                         "table between the target and the history) or train from scratch "
+                         "(`tokenrec daily --cold-start`, or no --init-from).")
 
 
 def load(ckpt: str | Path, model, opt=None, dense_opt=None, restore_rng: bool = False) -> Position:
@@ -278,8 +292,9 @@ def reshard_managed(ckpt: str | Path, world: int, out: str | Path, log=print) ->
     for ids_key in [k for k in model if k.endswith(MC_IDS)]:
         prefix = ids_key[: -len(MC_IDS)]
         table = prefix.rsplit(".", 1)[1]
-        ebc = prefix.split("._managed_collision_collection.")[0] + "._embedding_module.embedding_bags."
-        w_key = f"{ebc}{table}.weight"
+        module = prefix.split("._managed_collision_collection.")[0] + "._embedding_module."
+        w_key = next(k for k in (f"{module}embedding_bags.{table}.weight", f"{module}embeddings.{table}.weight")
+                     if k in model)  # MC-EBC (field tables) or MC-EC (sequence and id-space tables)
         ids, rows = model[ids_key], model[prefix + "._mch_remapped_ids_mapping"]
         extra = [k for k in model if k.startswith(prefix + "._mch_") and k not in
                  (ids_key, prefix + "._mch_remapped_ids_mapping")]

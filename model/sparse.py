@@ -12,6 +12,12 @@ Under ``DistributedModelParallel`` the EBC/EC become their sharded twins; this m
 Managed-collision tables (``embedding.modules.build_field_mc_ebc``) are looked up by a second,
 managed-collision EBC; the module counts, per managed table, lookups and misses (ids without a
 row of their own, which read the all-zero miss row) for the per-day metrics.
+
+Id-space tables (``FeatureSchema.id_space_tables``: the target ``item_id`` field and the history's
+item ids on one table) are looked up with the sequences in one unpooled lookup (EC, or
+managed-collision EC), then the field's rows are pooled here (sum or mean, as an EBC would): the
+target item and the history items read the same rows, so no tower has to learn to align two
+tables (DIN, SASRec and HSTU share the item embedding the same way).
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ from embedding.modules import (
     build_field_ebc,
     build_field_mc_ebc,
     build_sequence_ec,
+    build_sequence_mc_ec,
     field_hasher,
     managed_tables,
     sequence_hasher,
     zero_unsharded_miss_rows,
+    zero_unsharded_miss_rows_ec,
 )
 from embedding.schema import FeatureSchema
 
@@ -57,23 +65,37 @@ class SparseArch(nn.Module):
         self.schema = schema
         self.field_hasher = field_hasher(schema)
         self.ebc = build_field_ebc(schema, device)
-        uneven = [t.name for t in schema.field_tables if t.managed_collision and t.hash_size % num_shards]
+        managed = set(managed_tables(schema))
+        uneven = [t for t in sorted(managed) if schema.table(t).hash_size % num_shards]
         if uneven:
             raise ValueError(f"managed-collision tables {uneven}: hash_size must be divisible by the number "
                              f"of workers ({num_shards}); each worker owns an equal range of rows")
         self.mc_ebc = build_field_mc_ebc(schema, device, buckets=num_shards)
         if self.mc_ebc is not None and device.type != "meta":
             zero_unsharded_miss_rows(self.mc_ebc)  # sharded: embedding.sharding.shard() does it
-        managed = set(managed_tables(schema))
-        self._mc_keys = [f.name for f in schema.sparse if f.table in managed]
-        self._plain_keys = [f.name for f in schema.sparse if f.table not in managed]
+        shared = set(schema.id_space_tables)
+        self._shared_keys = [f.name for f in schema.sparse if f.table in shared]
+        self._mc_keys = [f.name for f in schema.sparse if f.table in managed and f.table not in shared]
+        self._plain_keys = [f.name for f in schema.sparse if f.table not in managed | shared]
         names = schema.field_names
-        self._split_order = [names.index(k) for k in self._plain_keys + self._mc_keys]
-        self._key_table = {f.name: f.table for f in schema.sparse}
+        self._split_order = [names.index(k) for k in self._plain_keys + self._mc_keys + self._shared_keys]
+        self._key_table = ({f.name: f.table for f in schema.sparse}
+                           | {q.column(f): f.table for q in schema.sequences for f in q.features})
+        self._shared_pooling = {f.name: f.pooling for f in schema.sparse if f.table in shared}
         # per managed table: [lookups, misses] since the last reset (not part of the state dict)
         self.mc_counts: dict[str, torch.Tensor] = {t: torch.zeros(2, dtype=torch.int64) for t in sorted(managed)}
         self.seq_hasher = sequence_hasher(schema) if schema.sequences else None
         self.ec = build_sequence_ec(schema, device) if schema.sequences else None
+        self.mc_ec = build_sequence_mc_ec(schema, device, buckets=num_shards) if schema.sequences else None
+        if self.mc_ec is not None and device.type != "meta":
+            zero_unsharded_miss_rows_ec(self.mc_ec)
+        # unpooled lookups: the id-space fields, then the sequence columns; plain tables first
+        unpooled = self._shared_keys + schema.sequence_columns
+        self._unpooled_keys = unpooled
+        mc_unpooled = [k for k in unpooled if self._key_table[k] in managed]
+        plain_unpooled = [k for k in unpooled if self._key_table[k] not in managed]
+        self._unpooled_split = ([unpooled.index(k) for k in plain_unpooled + mc_unpooled],
+                                [len(plain_unpooled), len(mc_unpooled)])
         self._orders: dict[tuple[str, ...], torch.Tensor | None] = {}
 
     def _field_order(self, keys: list[str]) -> torch.Tensor | None:
@@ -84,24 +106,50 @@ class SparseArch(nn.Module):
             self._orders[key] = None if idx == list(range(len(idx))) else torch.tensor(idx)
         return self._orders[key]
 
-    def _pooled(self, fields: KeyedJaggedTensor) -> tuple[torch.Tensor, list[str]]:
-        """[B, F·D] pooled values and their keys, plain tables first, then managed ones."""
+    def _lookup(self, fields: KeyedJaggedTensor, sequences: KeyedJaggedTensor | None,
+                need_sequences: bool) -> tuple[torch.Tensor, list[str], dict]:
+        """[B, F·D] pooled values and their keys (plain tables, managed ones, id-space fields) and
+        the unpooled lookups (sequence columns) when ``need_sequences`` or id-space fields need
+        them; missing sequences read as empty histories."""
         hashed = self.field_hasher(fields)
-        if self.mc_ebc is None:
+        if self.mc_ebc is None and not self._shared_keys:
             kt = self.ebc(hashed)
-            return kt.values(), kt.keys()
-        plain, managed = hashed.permute(self._split_order).split([len(self._plain_keys), len(self._mc_keys)])
+            jts = self._unpooled(self.seq_hasher(sequences)) if need_sequences else {}
+            return kt.values(), kt.keys(), jts
+        plain, managed, shared = hashed.permute(self._split_order).split(
+            [len(self._plain_keys), len(self._mc_keys), len(self._shared_keys)])
         values, keys = [], []
         if self.ebc is not None:
             kt = self.ebc(plain)
             values.append(kt.values())
             keys += kt.keys()
-        kt, remapped = self.mc_ebc(managed)
-        kt, remapped = _wait(kt), _wait(remapped)
-        values.append(kt.values())
-        keys += kt.keys()
+        if self.mc_ebc is not None:
+            kt, remapped = self.mc_ebc(managed)
+            kt, remapped = _wait(kt), _wait(remapped)
+            values.append(kt.values())
+            keys += kt.keys()
+            self._count_misses(remapped)
+        jts: dict = {}
+        if self._shared_keys or need_sequences:
+            seq = (_empty_kjt(self.schema.sequence_columns, hashed.stride(), hashed.values()) if sequences is None
+                   else self.seq_hasher(sequences))  # no ids: nothing to hash (and no data-dependent sizes)
+            jts = self._unpooled(KeyedJaggedTensor.concat([shared, seq]) if self._shared_keys else seq)
+            for k in self._shared_keys:
+                values.append(_pool(jts[k], self._shared_pooling[k], hashed.stride()))
+                keys.append(k)
+        return torch.cat(values, dim=1) if len(values) > 1 else values[0], keys, jts
+
+    def _unpooled(self, kjt: KeyedJaggedTensor) -> dict:
+        """Per key of ``kjt`` (id-space fields and sequence columns, hashed): its JaggedTensor."""
+        if self.mc_ec is None:
+            return self.ec(kjt)
+        order, sizes = self._unpooled_split
+        plain, managed = kjt.permute(order).split(sizes)
+        out = dict(self.ec(plain)) if self.ec is not None else {}
+        jts, remapped = self.mc_ec(managed)
+        jts, remapped = _wait(jts), _wait(remapped)
         self._count_misses(remapped)
-        return torch.cat(values, dim=1) if len(values) > 1 else values[0], keys
+        return out | dict(jts)
 
     @torch.no_grad()
     def _count_misses(self, remapped: KeyedJaggedTensor) -> None:
@@ -116,9 +164,11 @@ class SparseArch(nn.Module):
 
     def mc_modules(self) -> dict[str, nn.Module]:
         """The (local, when sharded) MCH module of each managed table."""
-        if self.mc_ebc is None:
-            return {}
-        return dict(self.mc_ebc._managed_collision_collection._managed_collision_modules)
+        out = {}
+        for m in (self.mc_ebc, self.mc_ec):
+            if m is not None:
+                out |= dict(m._managed_collision_collection._managed_collision_modules)
+        return out
 
     @torch.no_grad()
     def mc_occupancy(self) -> dict[str, torch.Tensor]:
@@ -129,28 +179,53 @@ class SparseArch(nn.Module):
             out[table] = torch.stack([used.cpu(), torch.tensor(m._mch_sorted_raw_ids.numel())])
         return out
 
-    def pooled_fields(self, fields: KeyedJaggedTensor) -> torch.Tensor:
-        """Pooled field embeddings [B, F, D] in schema order (no sequences: candidate rows)."""
-        values, keys = self._pooled(fields)
+    def _fields_BFD(self, values: torch.Tensor, keys: list[str]) -> torch.Tensor:
         fields_BFD = values.view(values.shape[0], len(self.schema.sparse), -1)
         order = self._field_order(keys)
         if order is not None:  # sharded EBCs may emit keys in another order: back to schema order
             fields_BFD = fields_BFD.index_select(1, order.to(fields_BFD.device))
         return fields_BFD
 
+    def pooled_fields(self, fields: KeyedJaggedTensor) -> torch.Tensor:
+        """Pooled field embeddings [B, F, D] in schema order (no sequences: candidate rows)."""
+        values, keys, _ = self._lookup(fields, None, need_sequences=False)
+        return self._fields_BFD(values, keys)
+
     def forward(self, fields: KeyedJaggedTensor, sequences: KeyedJaggedTensor | None) -> SparseOutput:
-        fields_BFD = self.pooled_fields(fields)
+        """Raises ``ValueError`` when the schema declares sequences and ``sequences`` is None."""
+        has_seqs = self.ec is not None or self.mc_ec is not None
+        if has_seqs and sequences is None:
+            raise ValueError("the schema declares sequences but the batch has none")
+        values, keys, jts = self._lookup(fields, sequences, need_sequences=has_seqs)
+        fields_BFD = self._fields_BFD(values, keys)
         seqs, feats = [], []
-        if self.ec is not None:
-            if sequences is None:
-                raise ValueError("the schema declares sequences but the batch has none")
-            jts = self.ec(self.seq_hasher(sequences))
+        if has_seqs:
             for q in self.schema.sequences:
                 per_feature = {f.name: jts[q.column(f)].to_padded_dense(desired_length=q.max_len)
                                for f in q.features}
                 feats.append(per_feature)
                 seqs.append((sum(per_feature.values()), jts[q.columns[0]].lengths()))
         return SparseOutput(fields_BFD=fields_BFD, sequences=seqs, sequence_features=feats)
+
+
+def _pool(jt, pooling: str, batch: int) -> torch.Tensor:
+    """Sum (or mean) of each row's embeddings: [B, D] from a JaggedTensor of [N, D] values, as
+    an EBC pools (a row without ids gives zeros)."""
+    values, lengths = jt.values(), jt.lengths()
+    rows = torch.repeat_interleave(torch.arange(batch, device=values.device), lengths,
+                                   output_size=values.shape[0])
+    out = values.new_zeros(batch, values.shape[1]).index_add(0, rows, values)
+    if pooling == "mean":
+        out = out / lengths.clamp(min=1).unsqueeze(1).to(out.dtype)
+    return out
+
+
+def _empty_kjt(keys: list[str], batch: int, like: torch.Tensor) -> KeyedJaggedTensor:
+    """A KJT of ``keys`` with no ids in any of ``batch`` rows."""
+    return KeyedJaggedTensor(keys=keys, values=like.new_zeros(0),
+                             lengths=torch.zeros(batch * len(keys), dtype=torch.int32, device=like.device),
+                             stride=batch, length_per_key=[0] * len(keys),  # static: export needs
+                             offset_per_key=[0] * (len(keys) + 1))          # no data-dependent sizes
 
 
 def _wait(x):

@@ -47,3 +47,29 @@ def test_a_wave1_checkpoint_is_refused_naming_the_layout_difference(tmp_path) ->
     wider = r"other shapes \(43\): tower.behaviour_proj.bias: \(32,\) in the checkpoint, \(64,\) now"
     with pytest.raises(ValueError, match=wider):
         check_layout(ckpt, _template(TokenFormerConfig(d_model=64, target_tokens="group", event_tokens="sum")))
+
+
+def test_a_checkpoint_with_other_tables_is_refused_naming_them(tmp_path) -> None:
+    """A wave-1 checkpoint kept the history on a ``hist_item`` table of its own; today's tiny
+    schema shares the ``item`` table (an id-space table, looked up by the unpooled collection)."""
+    import copy
+    import tomllib
+
+    from embedding.schema import FeatureSchema
+
+    with open(ROOT / "configs/tiny.toml", "rb") as f:
+        doc = tomllib.load(f)["schema"]
+    old = copy.deepcopy(doc)
+    old["tables"]["hist_item"] = {"hash_size": 500, "dim": 16}
+    old["sequences"][0]["features"][0]["table"] = "hist_item"
+    torch.manual_seed(0)
+    cfg = ModelConfig(tower="tokenformer", tokenformer=WAVE1)
+    train = RankingTrain(RankingModel(FeatureSchema.from_dict(old), cfg))
+    dcp.save({"model": train.state_dict()}, checkpoint_id=str(tmp_path / "ckpt"))
+    (tmp_path / "ckpt" / "meta.json").write_text(json.dumps({"step": 1}))
+    with pytest.raises(ValueError) as e:
+        check_layout(tmp_path / "ckpt", _template(WAVE1))
+    msg = str(e.value)
+    assert "embedding tables differ" in msg and "sparse_arch.ec.embeddings.item.weight" in msg
+    assert "only in the checkpoint (2): sparse_arch.ebc.embedding_bags.item.weight, " \
+           "sparse_arch.ec.embeddings.hist_item.weight" in msg

@@ -44,9 +44,7 @@ def test_round_trip_through_to_dict() -> None:
         (lambda d: d["tables"].update(wide={"hash_size": 10, "dim": 32})
          or d["sparse"].append({"name": "w", "table": "wide", "group": "item"}),
          "dim mismatch in token group 'item'"),
-        (lambda d: d["tables"].update(hist_item={"hash_size": 10, "dim": 32}), "dim mismatch"),
-        (lambda d: d["sequences"][0]["features"].append({"name": "u", "table": "user"}),
-         "also used by sparse fields"),
+        (lambda d: d["tables"].update(hist_category={"hash_size": 10, "dim": 32}), "dim mismatch"),
         (lambda d: d["sparse"][3].update(pooling="max"), "pooling: must be one of"),
         (lambda d: d["sparse_groups"][0].update(num_tables=99), "num_tables: must be in [1, count=4]"),
         (lambda d: d.pop("labels"), "'labels' is required"),
