@@ -44,6 +44,14 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(a: argparse.Namespace) -> int:
+    from jobs.tune import StudyRequest, run_study
+
+    run_study(StudyRequest(config=a.config, study=a.study, data_root=a.data, workdir=a.workdir,
+                           overrides=tuple(a.overrides), tracking_uri=a.tracking_uri, address=a.address))
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from jobs.config import load_config
     from jobs.train import TrainRequest, run_train
@@ -173,9 +181,13 @@ def cmd_data_fetch(a: argparse.Namespace) -> int:
 
 
 def _summary(m: dict) -> None:
-    keys = ["run_id", "model_version", "rows_in", "rows_trained", "rows_quarantined", "eval_rows",
-            "eval_auc", "eval_oracle_auc", "eval_gauc", "eval_logloss", "eval_calibration",
-            "train_rows_per_s", "wall_seconds"]
+    """The run's headline numbers: rows, each evaluation range's metrics (``eval_*``, or
+    ``validation_*``, ``test_*``, … with ``[train.eval_ranges]``), speed."""
+    names = sorted({k[:-len("_rows_in")] for k in m if k.endswith("_rows_in")} - {""}) or ["eval"]
+    keys = ["run_id", "model_version", "rows_in", "rows_trained", "rows_quarantined"]
+    for n in names:
+        keys += [f"{n}_{k}" for k in ("rows", "auc", "oracle_auc", "gauc", "logloss", "calibration")]
+    keys += ["train_rows_per_s", "wall_seconds"]
     print(json.dumps({k: m[k] for k in keys if k in m}, indent=1))
 
 
@@ -213,6 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--init-from", help="warm start from a checkpoint folder (weights + optimizer state)")
     t.add_argument("--resume", help="continue a stopped run of this job from its checkpoint folder")
     t.set_defaults(fn=cmd_train)
+
+    tu = sub.add_parser("tune", help="fair tower comparison: Ray Tune trials chosen on validation days, "
+                                     "then seeds on test days")
+    _common(tu)
+    tu.add_argument("--study", type=Path, required=True, help="study TOML ([tune]: towers, trials, seeds, space)")
+    tu.add_argument("--data", type=Path, required=True, help="root of the day=YYYY-MM-DD folders")
+    tu.add_argument("--workdir", type=Path, default=Path(".tokenrec"), help="runs, studies/<name>, MLflow store")
+    tu.add_argument("--tracking-uri", help=TRACKING_HELP)
+    tu.add_argument("--address", help=ADDRESS_HELP)
+    tu.set_defaults(fn=cmd_tune)
 
     d = sub.add_parser("demo", help="generate a small dataset and run the whole path on it")
     _common(d)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from embedding.sharding import ShardingConfig
 from embedding.typed_config import from_dict
 from jobs.optim import OptimConfig
 from model.ranking import ModelConfig
+from pipeline.days import parse_range
 from pipeline.generator import GeneratorConfig
 
 
@@ -33,6 +35,11 @@ class TrainConfig:
     days: str = ""  # "YYYY-MM-DD..YYYY-MM-DD"; --days overrides
     eval_offset: int = 1  # evaluate on the day this many days after the last training day
     eval_days: int = 1  # ... and on this many consecutive days from there
+    # named evaluation day ranges, each evaluated after training and logged under its own metric
+    # prefix (validation_auc, test_auc, …): "+1" (the day after the last training day), "+2..+3",
+    # or absolute days ("2026-01-05..2026-01-06"). Empty: one range "eval" from eval_offset and
+    # eval_days. The first range is the one the registry's tags and the daily gate read.
+    eval_ranges: dict[str, str] = field(default_factory=dict)
     num_workers: int = 2
     batch_size: int = 512
     eval_batch_size: int = 1024  # rows per eval step (larger batches were slower per row on CPU)
@@ -59,6 +66,17 @@ class TrainConfig:
                 raise ValueError(f"[train].{key}: must be positive, got {getattr(self, key)}")
         if self.unknown_columns not in ("warn", "error", "ignore"):
             raise ValueError(f"[train].unknown_columns: choose warn, error or ignore, got '{self.unknown_columns}'")
+        for name, spec in self.eval_ranges.items():
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name == "train":
+                raise ValueError(f"[train.eval_ranges]: '{name}' is not a valid range name (lower-case letters, "
+                                 "digits and '_', not 'train'): it becomes a metric prefix")
+            if not isinstance(spec, str):
+                raise ValueError(f"[train.eval_ranges].{name}: expected a day range string ('+1', '+2..+3' or "
+                                 f"'2026-01-05..2026-01-06'), got {spec!r}")
+            try:
+                parse_range(spec)
+            except ValueError as e:
+                raise ValueError(f"[train.eval_ranges].{name}: {e}") from None
         for key in ("checkpoint_every", "max_steps", "max_failures"):
             if getattr(self, key) < 0:
                 raise ValueError(f"[train].{key}: must be >= 0 (0 turns it off), got {getattr(self, key)}")

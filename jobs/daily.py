@@ -27,8 +27,8 @@ from mlflow.tracking import MlflowClient
 from jobs.config import JobConfig
 from jobs.registry import Registry
 from jobs.tracking import connect, default_tracking_uri, log_metrics
-from jobs.train import TrainRequest, eval_spec, run_train
-from pipeline.days import next_day, parse_day, parse_days
+from jobs.train import TrainRequest, eval_ranges, eval_spec, run_train
+from pipeline.days import parse_day, parse_days
 
 DAY_TAG = "tokenrec.daily_date"
 
@@ -55,8 +55,7 @@ def finished_run(client: MlflowClient, exp_id: str, day: str):
 
 def run_daily(cfg: JobConfig, day: str, req: DailyRequest, log=print) -> dict:
     day = parse_day(day).isoformat()
-    first_eval = next_day(parse_day(day), cfg.train.eval_offset)
-    eval_day = eval_spec([next_day(first_eval, k) for k in range(cfg.train.eval_days)])
+    eval_day = eval_spec(next(iter(eval_ranges(cfg.train, [parse_day(day)]).values())))  # the gate's range
     tracking_uri = req.tracking_uri or default_tracking_uri(req.workdir)
     req.workdir.mkdir(parents=True, exist_ok=True)
     client, exp_id = connect(tracking_uri, cfg.tracking.experiment, req.workdir / "mlartifacts")

@@ -29,7 +29,7 @@ from jobs.config import JobConfig
 from jobs.tracking import connect, default_tracking_uri, flatten, log_metrics, redact, with_retries
 from jobs.worker import WorkerArgs, train_loop
 from model.ranking import RankingModel, RankingTrain
-from pipeline.days import day_files, next_day, parse_days
+from pipeline.days import day_files, next_day, parse_days, parse_range
 from pipeline.source import UnequalSplit, deal_files, read_logs
 from pipeline.validate import check_files, count_quarantined, first_valid_row
 
@@ -84,6 +84,23 @@ def eval_spec(days: list) -> str:
     return str(days[0]) if len(days) == 1 else f"{days[0]}..{days[-1]}"
 
 
+def eval_ranges(tc, days: list) -> dict[str, list]:
+    """The run's named evaluation ranges, name → days, in declared order: ``[train].eval_ranges``
+    resolved against the last training day, or one range ``eval`` from ``eval_offset`` and
+    ``eval_days``. Raises ``ValueError`` when a range overlaps the training days (leakage)."""
+    if not tc.eval_ranges:
+        first = next_day(days[-1], tc.eval_offset)
+        ranges = {"eval": [next_day(first, k) for k in range(tc.eval_days)]}
+    else:
+        ranges = {name: parse_range(spec, days[-1]) for name, spec in tc.eval_ranges.items()}
+    train = set(days)
+    for name, ds in ranges.items():
+        if train & set(ds):
+            raise ValueError(f"evaluation range '{name}' ({eval_spec(ds)}) overlaps the training days "
+                             f"{days[0]}..{days[-1]}: evaluate on days the model has not trained on")
+    return ranges
+
+
 def register_once(client, name: str, model_uri: str, run_id: str, tags: dict):
     """Register ``model_uri`` as a version of ``name``, exactly once per run: a retry after a
     failure whose request may have gone through first looks for the run's version."""
@@ -96,16 +113,18 @@ def register_once(client, name: str, model_uri: str, run_id: str, tags: dict):
 
 def run_train(cfg: JobConfig, req: TrainRequest, log=print) -> dict:
     days = parse_days(req.days or cfg.train.days)
-    first_eval = next_day(days[-1], cfg.train.eval_offset)
-    eval_days = [next_day(first_eval, k) for k in range(cfg.train.eval_days)]
-    eval_day = eval_spec(eval_days)
+    ranges = eval_ranges(cfg.train, days)
     train_files = day_files(req.data_root, days)
     # schema problems stop here, before training
     rows_in = check_files(train_files, cfg.schema, cfg.train.unknown_columns, log)
-    eval_files = day_files(req.data_root, eval_days)
-    eval_rows_in = check_files(eval_files, cfg.schema, cfg.train.unknown_columns, log=lambda *_: None)
+    evals = {}  # name → (files, rows_in, day spec)
+    for name, ds in ranges.items():
+        files = day_files(req.data_root, ds)
+        evals[name] = (files, check_files(files, cfg.schema, cfg.train.unknown_columns, log=lambda *_: None),
+                       eval_spec(ds))
+    eval_day = next(iter(evals.values()))[2]  # the first range: registry tags, daily gate
     log(f"train days {days[0]}..{days[-1]}: {len(train_files)} files, {rows_in:,} rows; "
-        f"eval day {eval_day}: {eval_rows_in:,} rows")
+        + "; ".join(f"{name} {spec}: {n:,} rows" for name, (_, n, spec) in evals.items()))
 
     req.workdir.mkdir(parents=True, exist_ok=True)
     tracking_uri = req.tracking_uri or default_tracking_uri(req.workdir)
@@ -114,14 +133,15 @@ def run_train(cfg: JobConfig, req: TrainRequest, log=print) -> dict:
         "tokenrec.days": f"{days[0]}..{days[-1]}", "tokenrec.eval_day": str(eval_day),
         "tokenrec.schema": cfg.schema.fingerprint(), "tokenrec.data_root": str(req.data_root.resolve()),
         "tokenrec.tower": cfg.model.tower,
+        "tokenrec.eval_ranges": json.dumps({name: spec for name, (_, _, spec) in evals.items()}),
     } | ({"tokenrec.init_from": req.init_from} if req.init_from else {})
       | ({"tokenrec.resumed_from": req.resume_from} if req.resume_from else {})
       | (req.tags or {}))
     run_id = run.info.run_id
     log(f"MLflow run {run_id} in {redact(tracking_uri)}")
     try:
-        metrics = _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eval_files,
-                                      rows_in, eval_rows_in, str(eval_day), log)
+        metrics = _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, evals,
+                                      rows_in, eval_day, log)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
@@ -129,8 +149,8 @@ def run_train(cfg: JobConfig, req: TrainRequest, log=print) -> dict:
     return metrics | {"run_id": run_id, "tracking_uri": tracking_uri}
 
 
-def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eval_files, rows_in,
-                        eval_rows_in, eval_day, log) -> dict:
+def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, evals: dict, rows_in,
+                        eval_day: str, log) -> dict:
     params = flatten({k: v for k, v in cfg.to_dict().items() if k != "schema"})
     params |= {"schema.num_sparse": len(cfg.schema.sparse), "schema.num_dense": len(cfg.schema.dense),
                "schema.num_tables": len(cfg.schema.tables), "schema.num_sequences": len(cfg.schema.sequences)}
@@ -145,8 +165,9 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
     quarantine = run_dir / "quarantine"
     # TokenFormer evaluates rows that share a request_id against one prefix per request (exact)
     requests = cfg.model.tokenformer.target_groups if cfg.model.tower == "tokenformer" else None
-    datasets = {"train": read_logs(train_files, cfg.schema, quarantine / "train"),
-                "eval": read_logs(eval_files, cfg.schema, quarantine / "eval", request_groups=requests)}
+    datasets = {"train": read_logs(train_files, cfg.schema, quarantine / "train")} | {
+        name: read_logs(files, cfg.schema, quarantine / name, request_groups=requests)
+        for name, (files, _, _) in evals.items()}
     for path, flag in ((req.init_from, "--init-from"), (req.resume_from, "--resume")):
         if path and not (Path(path) / "meta.json").exists():
             raise FileNotFoundError(f"checkpoint {path} does not exist or was never published "
@@ -165,7 +186,7 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
             raise ValueError(f"--resume: the checkpoint is at step {pos.step} and [train].max_steps is "
                              f"{cfg.train.max_steps}: raise it or set it to 0 to train on")
     args = WorkerArgs(cfg=cfg, run_id=run_id, tracking_uri=tracking_uri,
-                      checkpoint_root=str(run_dir / "checkpoints"), has_eval=True,
+                      checkpoint_root=str(run_dir / "checkpoints"), eval_sets=tuple(evals),
                       template=first_valid_row(train_files, cfg.schema),
                       init_from=req.init_from, resume_from=req.resume_from,
                       total_steps=planned_steps(train_files, cfg.train))
@@ -174,8 +195,8 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
         datasets=datasets, dataset_config=UnequalSplit(deterministic=cfg.train.deterministic, sources={
-            "train": (train_files, cfg.schema, quarantine / "train"),
-            "eval": (eval_files, cfg.schema, quarantine / "eval", requests)}),
+            "train": (train_files, cfg.schema, quarantine / "train")} | {
+            name: (files, cfg.schema, quarantine / name, requests) for name, (files, _, _) in evals.items()}),
         run_config=RunConfig(name=f"train-{run_id}", storage_path=str(req.workdir.resolve() / "ray_results"),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )
@@ -200,24 +221,28 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
         raise RuntimeError(f"row accounting broken: {m['samples_trained']} samples trained over "
                            f"{cfg.train.epochs} epochs of {rows_trained} rows")
     q_train, reasons = count_quarantined(quarantine / "train")
-    q_eval, eval_reasons = count_quarantined(quarantine / "eval")
-    m |= {"rows_in": rows_in, "rows_trained": rows_trained, "rows_quarantined": q_train,
-          "eval_rows_in": eval_rows_in, "eval_rows_quarantined": q_eval}
-    if rows_in != rows_trained + q_train or eval_rows_in != m["eval_rows"] + q_eval:
-        raise RuntimeError(
-            f"row accounting broken: train rows_in {rows_in} != trained {rows_trained} + "
-            f"quarantined {q_train}; eval rows_in {eval_rows_in} vs evaluated {m['eval_rows']} + {q_eval}")
+    m |= {"rows_in": rows_in, "rows_trained": rows_trained, "rows_quarantined": q_train}
+    if rows_in != rows_trained + q_train:
+        raise RuntimeError(f"row accounting broken: train rows_in {rows_in} != trained {rows_trained} + "
+                           f"quarantined {q_train}")
+    all_reasons, q_evals = {"train": reasons}, 0
+    for name, (_, n_in, spec) in evals.items():
+        q, all_reasons[name] = count_quarantined(quarantine / name)
+        m |= {f"{name}_rows_in": n_in, f"{name}_rows_quarantined": q}
+        if n_in != m[f"{name}_rows"] + q:
+            raise RuntimeError(f"row accounting broken: {name} rows_in {n_in} vs evaluated {m[f'{name}_rows']} + {q}")
+        q_evals += q
+        oracle = oracle_auc(req.data_root, spec) if ".." not in spec else None
+        if oracle is not None:
+            m[f"{name}_oracle_auc"] = oracle
     if m.get("rows_sequence_truncated"):
         log(f"{int(m['rows_sequence_truncated']):,} training rows had a behaviour sequence longer than its "
             f"max_len: their newest max_len behaviours were kept (metric rows_sequence_truncated)")
-    if q_train or q_eval:
-        log(f"quarantined {q_train:,} train and {q_eval:,} eval rows into {quarantine}: "
-            f"{reasons | eval_reasons}")
-    oracle = oracle_auc(req.data_root, eval_day) if ".." not in eval_day else None
-    if oracle is not None:
-        m["eval_oracle_auc"] = oracle
+    if q_train or q_evals:
+        log(f"quarantined {q_train:,} train and {q_evals:,} evaluation rows into {quarantine}: "
+            f"{{{', '.join(f'{k!r}: {v}' for r in all_reasons.values() for k, v in r.items())}}}")
     log_metrics(client, run_id, m)
-    client.log_dict(run_id, {"train": reasons, "eval": eval_reasons}, "quarantine/reasons.json")
+    client.log_dict(run_id, all_reasons, "quarantine/reasons.json")
 
     export_dir = export_checkpoint(cfg.schema, cfg.model, checkpoint, run_dir / "export", program=req.register)
     client.set_tag(run_id, "tokenrec.export", str(export_dir))
@@ -229,7 +254,7 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
             return log_pyfunc(export_dir)
 
     info = with_retries(log_model, what="logging the model")
-    tags = ({k: str(v) for k, v in m.items() if k.startswith("eval_")}
+    tags = ({k: str(v) for k, v in m.items() if k.startswith(tuple(f"{name}_" for name in evals))}
             | {"tokenrec.days": client.get_run(run_id).data.tags["tokenrec.days"], "tokenrec.eval_day": eval_day})
     version = register_once(client, cfg.tracking.model_name, info.model_uri, run_id, tags)
     m["model_version"] = int(version.version)

@@ -45,7 +45,8 @@ class WorkerArgs:
     run_id: str
     tracking_uri: str
     checkpoint_root: str  # published checkpoints go to checkpoint_root/step-NNNNNNNN
-    has_eval: bool
+    eval_sets: tuple[str, ...]  # named evaluation datasets, each evaluated after training ("eval", or
+                                # [train.eval_ranges]: "validation", "test", …), metrics prefixed "<name>_"
     template: object  # a one-row pyarrow.Table: a worker whose stream is empty pads with it
     init_from: str | None = None  # warm start: weights + optimizer state, not the position
     resume_from: str | None = None  # exact resume: weights, optimizer, position, RNG
@@ -269,15 +270,16 @@ def train_loop(args: WorkerArgs) -> None:
 
     sparse_arch = next(m for m in dmp.modules() if isinstance(m, SparseArch))
     metrics = managed_collision_metrics(sparse_arch, "train")
-    if args.has_eval and not stopped:
+    for name in args.eval_sets if not stopped else ():
         t_eval = time.perf_counter()
         tower = model.model.tower
         prefixes = getattr(tower, "prefix_passes", 0)
-        metrics |= evaluate_shard(dmp, stream("eval", tc.eval_batch_size), padding(tc.eval_batch_size))
-        metrics |= managed_collision_metrics(sparse_arch, "eval")
+        metrics |= evaluate_shard(dmp, stream(name, tc.eval_batch_size), padding(tc.eval_batch_size),
+                                  prefix=f"{name}_")
+        metrics |= managed_collision_metrics(sparse_arch, name)
         if rank == 0:
             shared = getattr(tower, "prefix_passes", 0) - prefixes  # rows sharing a request_id
-            print(f"evaluated {int(metrics['eval_rows']):,} rows in {time.perf_counter() - t_eval:.1f}s"
+            print(f"{name}: evaluated {int(metrics[f'{name}_rows']):,} rows in {time.perf_counter() - t_eval:.1f}s"
                   + (f" ({shared:,} request prefixes on this worker, each computed once)" if shared else ""),
                   flush=True)
     if rank == 0:
@@ -322,8 +324,9 @@ def managed_collision_metrics(sparse_arch: SparseArch, phase: str) -> dict[str, 
 
 
 @torch.no_grad()
-def evaluate_shard(dmp, batches: Iterator, padding) -> dict:
-    """Predict this worker's eval rows, gather all workers' on every rank, compute metrics."""
+def evaluate_shard(dmp, batches: Iterator, padding, prefix: str = "eval_") -> dict:
+    """Predict this worker's eval rows, gather all workers' on every rank, compute metrics
+    (``jobs.metrics.evaluate``, keys prefixed ``prefix``)."""
     dmp.eval()
     labels, probs, users = [], [], []
     for batch in synced(batches, padding):
@@ -339,4 +342,4 @@ def evaluate_shard(dmp, batches: Iterator, padding) -> dict:
     dist.all_gather_object(gathered, local)
     y, p, u = (np.concatenate([g[i] for g in gathered]) for i in range(3))
     dmp.train()
-    return evaluate(y, p, u)
+    return evaluate(y, p, u, prefix=prefix)

@@ -52,16 +52,26 @@ def _field_attention_mass(block, num_prefix: int, seq_slice: slice) -> float | N
     return float(mass[q_valid].mean())
 
 
+def has_layer_states(model) -> bool:
+    """Whether ``analyze`` applies to the model's tower: the TokenFormer family (tokenformer,
+    naive_transformer, hstu) and HyFormer — not RankMixer + LONGER, whose ``layers`` mix tokens
+    but expose no per-layer sequence states."""
+    from model.hyformer import HyFormerTower
+    from model.tokenformer import TokenFormer
+
+    return isinstance(model.tower, (TokenFormer, HyFormerTower))
+
+
 @torch.no_grad()
 def analyze(model, batch, ks=(8, 16, 32)) -> dict:
     """Run ``model`` (a RankingModel with a TokenFormer-family tower) on ``batch``; per-layer
     effective rank, spectrum, cluster MI and field-attention mass."""
     tower = model.tower
-    if not hasattr(tower, "layers"):
-        if getattr(tower, "encoders", None) is not None:  # HyFormer: per-layer sequence states H_l
-            return _analyze_states(model, batch, ks)
+    if not has_layer_states(model):
         raise ValueError(f"diagnostics need a tower with per-layer sequence states (TokenFormer family, "
                          f"HyFormer), got {type(tower).__name__}")
+    if not hasattr(tower, "layers"):  # HyFormer: per-layer sequence states H_l
+        return _analyze_states(model, batch, ks)
     model.eval()
     for layer in tower.layers:
         layer.captured = {}

@@ -24,6 +24,26 @@ def parse_days(spec: str) -> list[dt.date]:
     return [parse_day(spec)]
 
 
+def parse_range(spec: str, last_train_day: dt.date | None = None) -> list[dt.date]:
+    """An evaluation day range: absolute (``"2026-01-05"``, ``"2026-01-05..2026-01-06"``) or
+    relative to the last training day (``"+1"``: the next day; ``"+2..+3"``: the two after it).
+    Raises ``ValueError`` on a malformed spec or a relative one without ``last_train_day``."""
+    spec = spec.strip()
+    if spec.startswith("+"):
+        parts = spec.split("..", 1)
+        try:
+            offsets = [int(p.strip().removeprefix("+")) for p in parts]
+        except ValueError:
+            raise ValueError(f"bad relative day range '{spec}': expected '+N' or '+N..+M'") from None
+        if not all(p.strip().startswith("+") for p in parts) or offsets[0] < 1 or offsets[-1] < offsets[0]:
+            raise ValueError(f"bad relative day range '{spec}': offsets must be >= +1 and the end not before "
+                             "the start")
+        if last_train_day is None:
+            return []
+        return [next_day(last_train_day, k) for k in range(offsets[0], offsets[-1] + 1)]
+    return parse_days(spec)
+
+
 def next_day(day: dt.date, offset: int = 1) -> dt.date:
     return day + dt.timedelta(days=offset)
 

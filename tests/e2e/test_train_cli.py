@@ -4,6 +4,7 @@ whose column types disagree with the schema stops the job before training."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -113,30 +114,42 @@ def test_type_mismatch_stops_before_training(data: Path, tmp_path: Path) -> None
 
 
 def test_two_sequences_hyformer_end_to_end(tmp_path: Path) -> None:
-    """A schema with two behaviour sequences: generated, validated, sharded (two EC tables per
-    sequence), trained with HyFormer through Ray Train, registered, diagnosed."""
+    """A schema with two behaviour sequences, both reading the target's ``item`` table (one id
+    space for three features): generated, validated, sharded, trained with HyFormer through Ray
+    Train, evaluated on two named day ranges in the same run (validation and test, each under its
+    own metric prefix), registered, diagnosed."""
     text = TINY.read_text().replace(
         "[generator]",
-        '[[schema.sequences]]\nname = "buy"\nmax_len = 6\nfeatures = [{ name = "item_id", table = "buy_item" }, '
+        '[[schema.sequences]]\nname = "buy"\nmax_len = 6\nfeatures = [{ name = "item_id", table = "item" }, '
         '{ name = "category", table = "buy_category" }]\n\n[generator]')
     text = text.replace("hist_category = { hash_size = 32, dim = 16 }",
-                        "hist_category = { hash_size = 32, dim = 16 }\nbuy_item = { hash_size = 500, dim = 16 }\n"
-                        "buy_category = { hash_size = 32, dim = 16 }")
+                        "hist_category = { hash_size = 32, dim = 16 }\nbuy_category = { hash_size = 32, dim = 16 }")
     config = tmp_path / "two.toml"
     config.write_text(text)
     data, work = tmp_path / "logs", tmp_path / "work"
-    r = tokenrec("generate", "--config", str(config), "--days", "2026-01-01..2026-01-03", "--out", str(data))
+    r = tokenrec("generate", "--config", str(config), "--days", "2026-01-01..2026-01-04", "--out", str(data))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "buy_item_id" in pq.read_table(next((data / "day=2026-01-01").glob("*.parquet"))).column_names
     # T = 1 query × 2 sequences + 4 NS tokens (user, item, ctx, dense) = 6 divides 48
     r = tokenrec("train", "--config", str(config), "--data", str(data), "--workdir", str(work),
+                 "--days", "2026-01-01..2026-01-02",
+                 "--set", 'train.eval_ranges.validation="+1"', "--set", 'train.eval_ranges.test="2026-01-04"',
                  "--set", "model.tower=hyformer", "--set", "model.hyformer.d_model=48",
                  "--set", "model.hyformer.encoder=longer", "--set", "model.hyformer.recent_window=4")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("tokenrec").experiment_id])
     assert run.data.tags["tokenrec.tower"] == "hyformer" and run.data.params["schema.num_sequences"] == "2"
-    assert 0.5 < run.data.metrics["eval_auc"] <= 1.0
+    m = run.data.metrics
+    assert "eval_auc" not in m
+    for name in ("validation", "test"):  # 4000 rows a day, each range accounted for on its own
+        assert 0.5 < m[f"{name}_auc"] <= 1.0 and m[f"{name}_rows"] == m[f"{name}_rows_in"] == 4000
+        assert {f"{name}_gauc", f"{name}_logloss", f"{name}_oracle_auc"} <= set(m)
+    assert m["validation_auc"] != m["test_auc"]
+    assert json.loads(run.data.tags["tokenrec.eval_ranges"]) == {"validation": "2026-01-03", "test": "2026-01-04"}
+    assert run.data.tags["tokenrec.eval_day"] == "2026-01-03"  # the first range: registry tags, gate
+    (version,) = client.search_model_versions("name='tokenrec-ranker'")
+    assert float(version.tags["test_auc"]) == pytest.approx(m["test_auc"])
     r = tokenrec("analyze", "--run", run.info.run_id, "--workdir", str(work), "--rows", "256")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "layer 1 (window None): effective rank" in r.stdout

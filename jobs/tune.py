@@ -1,0 +1,494 @@
+"""``tokenrec tune``: a fair comparison of towers on a user's own data (issue 17).
+
+The protocol: every tower gets the same hyper-parameter budget — the same ``trials`` points of
+one search space (learning rate, weight decay, warmup, dropout, …), sampled once with
+``search_seed`` by Ray Tune's search-space domains and shared by all towers — each point a real
+``tokenrec train`` run (Ray Data → Ray Train → MLflow) evaluated on the named day ranges of
+``eval_ranges``. The best point per tower is chosen on ``metric`` (a validation range: the test
+days are never looked at to choose), written out, and then trained with ``seeds`` seeds; the
+report gives, per tower, test metrics mean ± std over seeds, effective rank per layer, and for
+each pair in ``pairs`` the per-seed paired difference with its standard error.
+
+Ray Tune runs the jobs (one at a time on a small machine; ``max_concurrent`` on a cluster): each
+Tune trial is a driver that launches one Ray Train run, as Ray Train V2's Tune integration has it.
+Every job's result is written to ``<workdir>/studies/<name>/jobs/<job>.json`` when it finishes,
+so an interrupted study resumes where it stopped: rerunning the same command skips finished jobs.
+Runs are MLflow runs nested under one parent run per study (tag ``mlflow.parentRunId``).
+
+A study file::
+
+    [tune]
+    name = "collapse"
+    towers = ["tokenformer", "naive_transformer", "dlrm"]
+    trials = 4                      # points of the space, the same for every tower (0: no tuning,
+                                    # seeds of the common + fixed settings only)
+    seeds = 5                       # seeds of each tower's best point
+    tower_seeds = { tokenformer = 8, naive_transformer = 8 }   # more for the headline pair
+    metric = "validation_auc"       # chosen on validation; test untouched
+    days = "2026-01-01..2026-01-04"
+    eval_ranges = { validation = "+1", test = "+2..+3" }
+    pairs = [["tokenformer", "naive_transformer"]]
+
+    [tune.space]                    # dotted config keys → a Ray Tune domain
+    "train.sharding.dense_lr" = { loguniform = [3e-4, 3e-3] }
+    "train.optim.weight_decay" = { choice = [0.0, 0.01, 0.1] }
+
+    [tune.common]                   # settings every run gets
+    "train.sharding.dense_optimizer" = "adamw"
+
+    [tune.fixed.tokenformer]        # per-tower settings every trial and seed of it gets
+    "model.tokenformer.windows" = [64, 16]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedding.typed_config import from_dict
+from jobs.config import JobConfig, apply_override, config_from_doc
+from pipeline.days import day_files, parse_days
+
+SPACE_KINDS = ("loguniform", "uniform", "choice", "randint", "grid")
+FINAL_KEYS = ("auc", "gauc", "logloss", "calibration")
+# towers with per-layer sequence states (model.diagnostics.has_layer_states): effective rank per layer
+LAYER_TOWERS = ("tokenformer", "naive_transformer", "hstu", "hyformer")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyConfig:
+    """The ``[tune]`` table of a study file (module docstring). Raises ``ValueError`` naming the
+    key on a bad value."""
+
+    name: str
+    towers: tuple[str, ...]
+    trials: int = 4
+    seeds: int = 5
+    tower_seeds: dict[str, int] = field(default_factory=dict)
+    metric: str = "validation_auc"
+    mode: str = "max"
+    days: str = ""  # training days; default: the base config's [train].days
+    eval_ranges: dict[str, str] = field(default_factory=lambda: {"validation": "+1", "test": "+2"})
+    test_range: str = "test"  # the range the seeds' report reads
+    search_seed: int = 0
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    common: dict[str, Any] = field(default_factory=dict)  # settings every tower's runs get
+    fixed: dict[str, dict[str, Any]] = field(default_factory=dict)  # per tower, on top of common
+    pairs: tuple[tuple[str, str], ...] = ()
+    analyze: bool = True  # effective rank per layer of each seed run (attention towers)
+    max_concurrent: int = 1  # jobs at once (each is a multi-worker Ray Train run)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pairs", tuple(tuple(p) for p in self.pairs))
+        if not self.name or "/" in self.name:
+            raise ValueError(f"[tune].name: a non-empty name without '/', got {self.name!r}")
+        if not self.towers:
+            raise ValueError("[tune].towers: at least one tower")
+        for key, low in (("trials", 0), ("seeds", 1), ("max_concurrent", 1)):
+            if getattr(self, key) < low:
+                raise ValueError(f"[tune].{key}: must be >= {low}, got {getattr(self, key)}")
+        if self.trials == 0 and self.space:
+            raise ValueError("[tune].trials = 0 (seeds of the fixed settings only) leaves [tune.space] unused: "
+                             "remove it or set trials")
+        if self.mode not in ("max", "min"):
+            raise ValueError(f"[tune].mode: 'max' or 'min', got {self.mode!r}")
+        ranges = set(self.eval_ranges)
+        if self.metric.split("_", 1)[0] not in ranges:
+            raise ValueError(f"[tune].metric '{self.metric}' is not a metric of an eval range {sorted(ranges)} "
+                             "(e.g. validation_auc)")
+        if self.metric.startswith(f"{self.test_range}_"):
+            raise ValueError(f"[tune].metric '{self.metric}' reads the test range '{self.test_range}': choose "
+                             "on a validation range and keep the test days untouched")
+        if self.test_range not in ranges:
+            raise ValueError(f"[tune].test_range '{self.test_range}' is not in eval_ranges {sorted(ranges)}")
+        for key, spec in self.space.items():
+            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
+                raise ValueError(f"[tune.space].\"{key}\": expected one of {SPACE_KINDS} with its arguments, "
+                                 f"e.g. {{ loguniform = [1e-4, 1e-2] }}; got {spec!r}")
+        for tower in list(self.fixed) + list(self.tower_seeds):
+            if tower not in self.towers:
+                raise ValueError(f"[tune]: settings for tower '{tower}', which is not in towers {list(self.towers)}")
+        for a, b in self.pairs:
+            if a not in self.towers or b not in self.towers:
+                raise ValueError(f"[tune].pairs: ({a}, {b}) names a tower not in towers {list(self.towers)}")
+
+    def seeds_of(self, tower: str) -> int:
+        return int(self.tower_seeds.get(tower, self.seeds))
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """Read the ``[tune]`` table of a study TOML file."""
+    with open(path, "rb") as f:
+        doc = tomllib.load(f)
+    if "tune" not in doc:
+        raise ValueError(f"{path}: no [tune] table")
+    try:
+        return from_dict(StudyConfig, doc["tune"], "tune")
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def sample_points(study: StudyConfig) -> list[dict[str, Any]]:
+    """The study's ``trials`` points of the search space, the same on every call and for every
+    tower: ``grid`` keys cycle through their values (the cartesian product, in order; Ray Tune's
+    ``grid_search`` semantics), the others are drawn with Ray Tune's domains from one seeded
+    random state. A grid covers a wide range (e.g. learning rates a factor 2 apart) with few
+    trials, where 4 random draws can all fall on one side."""
+    import itertools
+
+    from ray import tune
+
+    rng = np.random.RandomState(study.search_seed)
+    domains, grids = {}, {}
+    for key, spec in study.space.items():
+        kind, args = next(iter(spec.items()))
+        if kind == "grid":
+            grids[key] = list(args)
+        else:
+            domains[key] = tune.choice(list(args)) if kind == "choice" else getattr(tune, kind)(*args)
+    combos = list(itertools.product(*grids.values())) or [()]
+    points = []
+    for i in range(study.trials):
+        point = dict(zip(grids, combos[i % len(combos)]))
+        for key in sorted(domains):
+            v = domains[key].sample(random_state=rng)
+            point[key] = v.item() if hasattr(v, "item") else v
+        points.append(dict(sorted(point.items())))
+    return points
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run of the study: a trial (a point of the space, seed 0) or a seed run."""
+
+    key: str  # file name and Tune grid value: "trial-tokenformer-2", "seed-dlrm-3"
+    kind: str  # "trial" | "seed"
+    tower: str
+    index: int  # the trial's point, or the seed
+    settings: dict[str, Any]  # dotted config keys → values, on top of the base config
+
+
+def _set(doc: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = doc
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"'{key}': '{p}' is not a table")
+    node[leaf] = value
+
+
+def job_config(base_doc: dict, study: StudyConfig, job: Job, where: str) -> JobConfig:
+    """The job's full config: the base document, the study's days and ranges, the tower's fixed
+    settings, the job's own settings. Raises ``ValueError`` naming a bad key or value."""
+    doc = json.loads(json.dumps(base_doc))  # a deep copy
+    _set(doc, "model.tower", job.tower)
+    if study.days:
+        _set(doc, "train.days", study.days)
+    _set(doc, "train.eval_ranges", dict(study.eval_ranges))
+    for key, value in {**study.common, **study.fixed.get(job.tower, {}), **job.settings}.items():
+        _set(doc, key, value)
+    try:
+        return config_from_doc(doc, f"{where} ({job.key})")
+    except ValueError as e:
+        raise ValueError(f"{e}") from None
+
+
+@dataclass(frozen=True)
+class StudyRequest:
+    config: Path  # the base job config
+    study: Path  # the study file
+    data_root: Path
+    workdir: Path
+    overrides: tuple[str, ...] = ()  # --set on the base config
+    tracking_uri: str | None = None
+    address: str | None = None
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _run_job(config: dict, *, jobs: dict, base_doc: dict, study: StudyConfig, req: StudyRequest,
+             tracking_uri: str, parent_id: str, study_dir: Path) -> None:
+    """One Tune trial: one ``tokenrec train`` run, its result saved (then reported to Tune)."""
+    from ray import tune
+
+    from jobs.train import TrainRequest, run_train
+
+    job: Job = jobs[config["job"]]
+    cfg = job_config(base_doc, study, job, str(req.study))
+    t0 = time.perf_counter()
+    m = run_train(cfg, TrainRequest(
+        days=cfg.train.days, data_root=req.data_root, workdir=req.workdir, tracking_uri=tracking_uri,
+        address=req.address, register=False,
+        tags={"mlflow.parentRunId": parent_id, "tokenrec.study": study.name, "tokenrec.study_job": job.key}))
+    result = {"job": dataclasses.asdict(job), "run_id": m["run_id"], "seconds": time.perf_counter() - t0,
+              "metrics": {k: v for k, v in m.items() if isinstance(v, (int, float))}}
+    if job.kind == "seed" and study.analyze and job.tower in LAYER_TOWERS:
+        result["effective_rank"] = _effective_ranks(m["run_id"], tracking_uri)
+    _atomic_json(study_dir / "jobs" / f"{job.key}.json", result)
+    tune.report({study.metric: m.get(study.metric, float("nan")), "seconds": result["seconds"]})
+
+
+def _effective_ranks(run_id: str, tracking_uri: str) -> list[float]:
+    """Effective rank per layer of a run's exported model on held-out rows (empty for towers
+    without layer states)."""
+    from jobs.analyze import run_analyze
+
+    reports = run_analyze([run_id], tracking_uri, log=lambda *_: None)
+    return [float(layer["effective_rank"]) for rep in reports.values() for layer in rep.get("layers", [])]
+
+
+def _check_builds(cfg: JobConfig, where: str) -> None:
+    """Build the job's model on the meta device (no memory, no data): configuration errors of the
+    tower raise ``ValueError`` here, not inside the workers."""
+    import torch
+
+    from model.ranking import RankingModel
+
+    try:
+        with torch.device("meta"):
+            RankingModel(cfg.schema, cfg.model, sparse_device=torch.device("meta"))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _parent_run(client, exp_id: str, study: StudyConfig) -> str:
+    """The study's MLflow parent run: found by tag on a resumed study, else created."""
+    runs = client.search_runs([exp_id], f"tags.`tokenrec.study_parent` = '{study.name}'", max_results=1)
+    if runs:
+        return runs[0].info.run_id
+    run = client.create_run(exp_id, run_name=f"tune {study.name}",
+                            tags={"tokenrec.study_parent": study.name, "tokenrec.study": study.name})
+    return run.info.run_id
+
+
+def _run_with_tune(pending: list[Job], phase: str, study: StudyConfig, **kw) -> None:
+    """Run ``pending`` jobs as Ray Tune trials (a grid over their keys); raise naming the failed
+    ones after the others finished (their results are saved: a rerun retries only those)."""
+    import functools
+
+    from ray import tune
+
+    if not pending:
+        return
+    jobs = {j.key: j for j in pending}
+    # a Tune trial is a driver: its Ray Train workers hold the CPUs
+    trainable = tune.with_resources(functools.partial(_run_job, jobs=jobs, study=study, **kw), {"cpu": 0.01})
+    tuner = tune.Tuner(
+        trainable, param_space={"job": tune.grid_search(list(jobs))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=study.max_concurrent),
+        run_config=tune.RunConfig(name=f"{study.name}-{phase}-{int(time.time())}",
+                                  storage_path=str(kw["req"].workdir.resolve() / "ray_results"), verbose=0))
+    grid = tuner.fit()
+    failed = [(r.config.get("job"), r.error) for r in grid if r.error is not None]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(pending)} {phase} jobs failed ({failed[0][0]}: {failed[0][1]}); "
+                           "finished jobs are saved, run the same command again to retry the rest")
+
+
+def _load(study_dir: Path, job: Job) -> dict | None:
+    path = study_dir / "jobs" / f"{job.key}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def best_settings(study: StudyConfig, trials: list[tuple[Job, dict]]) -> tuple[Job, dict]:
+    """The trial with the best ``metric`` (ties: the lower trial index)."""
+    sign = 1.0 if study.mode == "max" else -1.0
+    scored = [(sign * r["metrics"].get(study.metric, -math.inf * sign), -j.index, j, r) for j, r in trials]
+    _, _, job, result = max(scored, key=lambda s: (s[0], s[1]))
+    return job, result
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise ValueError(f"cannot write {v!r} as TOML")
+
+
+def write_best(path: Path, tower: str, settings: dict, metric: str, value: float) -> None:
+    """The chosen settings of a tower as ``--set`` lines and as a TOML fragment to paste into a
+    job config (dotted keys grouped by table)."""
+    tables: dict[str, list[str]] = {}
+    for key, v in sorted(settings.items()):
+        table, leaf = key.rsplit(".", 1)
+        tables.setdefault(table, []).append(f"{leaf} = {_toml_value(v)}")
+    lines = [f"# tokenrec tune: best settings of {tower} ({metric} = {value:.5f})",
+             "# as overrides: " + " ".join(f"--set '{k}={_toml_value(v)}'" for k, v in sorted(settings.items())), ""]
+    for table, entries in tables.items():
+        lines += [f"[{table}]", *entries, ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
+def _stats(xs: list[float]) -> dict:
+    xs = [float(x) for x in xs if x == x]
+    return {"mean": statistics.mean(xs) if xs else float("nan"),
+            "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
+
+
+def summarize(study: StudyConfig, cfg: JobConfig, results: dict[str, list[dict]], best: dict) -> dict:
+    """Per tower: the chosen settings and validation metric, test metrics per label (mean, std,
+    n over seeds), effective rank per layer; per pair: the paired per-seed difference of the test
+    AUC (first label) with its standard error and whether it exceeds two of them."""
+    test = study.test_range
+    labels = list(cfg.schema.labels)
+    towers = {}
+    for tower, runs in results.items():
+        row = {"settings": best[tower]["settings"], "chosen_on": {study.metric: best[tower]["value"]},
+               "seeds": [r["job"]["index"] for r in runs], "run_ids": [r["run_id"] for r in runs],
+               "seconds": _stats([r["seconds"] for r in runs])}
+        for t, label in enumerate(labels):
+            sfx = "" if t == 0 else f"_task{t}"
+            row[label] = {k: _stats([r["metrics"].get(f"{test}_{k}{sfx}", float("nan")) for r in runs])
+                          for k in FINAL_KEYS}
+        eranks = [r.get("effective_rank") or [] for r in runs]
+        if eranks and all(eranks) and len({len(e) for e in eranks}) == 1:
+            row["effective_rank"] = [_stats(list(col)) for col in zip(*eranks)]
+        towers[tower] = row
+    pairs = []
+    for a, b in study.pairs:
+        by_seed_a = {r["job"]["index"]: r["metrics"].get(f"{test}_auc") for r in results.get(a, [])}
+        by_seed_b = {r["job"]["index"]: r["metrics"].get(f"{test}_auc") for r in results.get(b, [])}
+        seeds = sorted(set(by_seed_a) & set(by_seed_b))
+        diffs = [by_seed_a[s] - by_seed_b[s] for s in seeds]
+        st = _stats(diffs)
+        se = st["std"] / math.sqrt(st["n"]) if st["n"] > 1 else float("nan")
+        pairs.append({"a": a, "b": b, "metric": f"{test}_auc", "seeds": seeds, "differences": diffs,
+                      "mean": st["mean"], "se": se, "more_than_2se": bool(st["n"] > 1 and st["mean"] > 2 * se)})
+    return {"study": study.name, "metric": study.metric, "test_range": test, "labels": labels,
+            "towers": towers, "pairs": pairs}
+
+
+def _fmt(s: dict) -> str:
+    return f"{s['mean']:.4f} ± {s['std']:.4f}"
+
+
+def markdown(summary: dict) -> str:
+    """The summary as markdown tables (per tower and label; the pairs)."""
+    test = summary["test_range"]
+    lines = [f"| tower | label | {test} AUC | GAUC | logloss | seeds | chosen on {summary['metric']} | "
+             "effective rank per layer |", "|---|---|---|---|---|---|---|---|"]
+    for tower, row in summary["towers"].items():
+        erank = " / ".join(f"{s['mean']:.1f}" for s in row.get("effective_rank", [])) or "–"
+        for i, label in enumerate(summary["labels"]):
+            s = row[label]
+            lines.append(f"| {tower} | {label} | {_fmt(s['auc'])} | {_fmt(s['gauc'])} | {_fmt(s['logloss'])} | "
+                         f"{s['auc']['n']} | {row['chosen_on'][summary['metric']]:.4f} | {erank if i == 0 else ''} |")
+    if summary["pairs"]:
+        lines += ["", f"| pair | paired Δ {test} AUC (mean ± SE) | seeds | > 2 SE |", "|---|---|---|---|"]
+        for p in summary["pairs"]:
+            lines.append(f"| {p['a']} − {p['b']} | {p['mean']:+.4f} ± {p['se']:.4f} | {len(p['seeds'])} | "
+                         f"{'yes' if p['more_than_2se'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def plan_jobs(study: StudyConfig, points: list[dict]) -> list[Job]:
+    """Every trial job, tower by tower (seed jobs depend on the trials' outcome). Every tower gets
+    every point, keys that do not apply to it included (a DLRM has no attention dropout): the
+    same budget for all."""
+    return [Job(f"trial-{tower}-{i}", "trial", tower, i, dict(p))  # point by point: an interrupted
+            for i, p in enumerate(points) for tower in study.towers]      # study has paired trials
+
+
+def run_study(req: StudyRequest, log=print) -> dict:
+    """Tune, choose, seed, report (module docstring). Everything deterministic is checked before
+    any run starts: the study file, every job's config, the data days. Returns the summary."""
+    from jobs.tracking import connect, default_tracking_uri
+    from jobs.train import eval_ranges, init_ray
+
+    study = load_study(req.study)
+    with open(req.config, "rb") as f:
+        base_doc = tomllib.load(f)
+    for assignment in req.overrides:
+        apply_override(base_doc, assignment)
+    points = sample_points(study)
+    trials = plan_jobs(study, points)
+    configs = {j.key: job_config(base_doc, study, j, str(req.study)) for j in trials}  # errors now
+    for tower in study.towers:  # the seed runs' settings are validated too (with the first point)
+        configs[tower] = job_config(base_doc, study, Job(f"seed-{tower}-check", "seed", tower, 1,
+                                                         {**(points[0] if points else {}), "train.seed": 1}),
+                                    str(req.study))
+    for tower in study.towers:  # a tower that cannot be built (e.g. a token count that does not
+        _check_builds(configs[tower], f"{req.study} ({tower})")  # divide d_model) stops here
+    cfg = configs[study.towers[0]]
+    days = parse_days(cfg.train.days)
+    for ds in eval_ranges(cfg.train, days).values():
+        day_files(req.data_root, ds)  # a missing evaluation day stops here
+    day_files(req.data_root, days)
+
+    study_dir = (req.workdir / "studies" / study.name).resolve()
+    study_dir.mkdir(parents=True, exist_ok=True)
+    (study_dir / "points.json").write_text(json.dumps(points, indent=1))
+    req = dataclasses.replace(req, workdir=req.workdir.resolve(), data_root=req.data_root.resolve())
+    tracking_uri = req.tracking_uri or default_tracking_uri(req.workdir)
+    client, exp_id = connect(tracking_uri, cfg.tracking.experiment, req.workdir / "mlartifacts")
+    parent_id = _parent_run(client, exp_id, study)
+    log(f"study {study.name}: {len(study.towers)} towers × {study.trials} trials, then "
+        f"{sum(study.seeds_of(t) for t in study.towers)} seed runs; results in {study_dir}; "
+        f"MLflow parent run {parent_id}")
+    init_ray(req.address, cfg.train.num_workers)
+    common = dict(base_doc=base_doc, req=req, tracking_uri=tracking_uri, parent_id=parent_id, study_dir=study_dir)
+
+    pending = [j for j in trials if _load(study_dir, j) is None]
+    log(f"tuning: {len(trials) - len(pending)} of {len(trials)} trials done before, {len(pending)} to run")
+    _run_with_tune(pending, "trials", study, **common)
+
+    best, seed_jobs = {}, []
+    for tower in study.towers:
+        if trials:
+            done = [(j, _load(study_dir, j)) for j in trials if j.tower == tower]
+            job, result = best_settings(study, done)
+            chosen, index, value = job.settings, job.index, result["metrics"][study.metric]
+            log(f"{tower}: best trial {index} ({study.metric} {value:.4f}): {chosen}")
+        else:  # no tuning: the common and fixed settings as they are
+            chosen, index, value = {}, None, float("nan")
+        settings = {**study.common, **study.fixed.get(tower, {}), **chosen}
+        best[tower] = {"trial": index, "settings": settings, "value": value}
+        write_best(study_dir / "best" / f"{tower}.toml", tower, settings, study.metric, value)
+        seed_jobs += [Job(f"seed-{tower}-{s}", "seed", tower, s, {**chosen, "train.seed": s})
+                      for s in range(1, study.seeds_of(tower) + 1)]
+    seed_jobs.sort(key=lambda j: j.index)  # seed by seed: an interrupted study has paired seeds
+    (study_dir / "best.json").write_text(json.dumps(best, indent=1))
+
+    def done(j: Job) -> bool:  # a seed run of other settings (the best trial changed) runs again
+        saved = _load(study_dir, j)
+        return saved is not None and saved["job"] == json.loads(json.dumps(dataclasses.asdict(j)))
+    pending = [j for j in seed_jobs if not done(j)]
+    log(f"seeds: {len(seed_jobs) - len(pending)} of {len(seed_jobs)} runs done before, {len(pending)} to run")
+    _run_with_tune(pending, "seeds", study, **common)
+
+    results = {t: sorted((_load(study_dir, j) for j in seed_jobs if j.tower == t), key=lambda r: r["job"]["index"])
+               for t in study.towers}
+    summary = summarize(study, cfg, results, best)
+    _atomic_json(study_dir / "summary.json", summary)
+    table = markdown(summary)
+    (study_dir / "summary.md").write_text(table + "\n")
+    client.log_dict(parent_id, summary, "study/summary.json")
+    client.log_text(parent_id, table, "study/summary.md")
+    for tower, row in summary["towers"].items():
+        label = summary["labels"][0]
+        client.log_metric(parent_id, f"{tower}_{study.test_range}_auc_mean", row[label]["auc"]["mean"])
+    client.set_terminated(parent_id, "FINISHED")
+    log(table)
+    return summary

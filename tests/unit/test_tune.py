@@ -1,0 +1,179 @@
+"""``tokenrec tune`` without runs: the study file is validated naming the key, every tower gets the
+same points of the space (seeded, reproducible), the best trial is chosen on validation only,
+the best settings are written as TOML that loads back, and the report's paired differences and
+standard errors are right. The runs themselves: ``tests/e2e/test_tune_cli.py``."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from embedding.schema import load_schema
+from jobs.config import load_config
+from jobs.tune import (
+    LAYER_TOWERS,
+    Job,
+    StudyConfig,
+    best_settings,
+    job_config,
+    markdown,
+    plan_jobs,
+    sample_points,
+    summarize,
+    write_best,
+)
+from model.diagnostics import has_layer_states
+from model.ranking import TOWERS, ModelConfig, RankingModel
+
+ROOT = Path(__file__).resolve().parents[2]
+SPACE = {"train.sharding.dense_lr": {"loguniform": [1e-4, 1e-2]},
+         "train.optim.weight_decay": {"choice": [0.0, 0.01, 0.1]},
+         "model.tokenformer.dropout": {"uniform": [0.0, 0.2]}}
+
+
+def _study(**kw) -> StudyConfig:
+    return StudyConfig(**({"name": "s", "towers": ("dlrm", "tokenformer", "naive_transformer"), "space": SPACE,
+                           "pairs": (("tokenformer", "naive_transformer"),)} | kw))
+
+
+def test_points_are_seeded_and_shared_by_every_tower() -> None:
+    study = _study(trials=5)
+    points = sample_points(study)
+    assert points == sample_points(study) and points != sample_points(_study(trials=5, search_seed=1))
+    assert len(points) == 5 and len({p["train.sharding.dense_lr"] for p in points}) == 5
+    assert all(1e-4 <= p["train.sharding.dense_lr"] <= 1e-2 and p["train.optim.weight_decay"] in (0.0, 0.01, 0.1)
+               for p in points)
+    jobs = plan_jobs(study, points)
+    assert len(jobs) == 15
+    for tower in study.towers:  # the same budget: the same points, in the same order
+        assert [j.settings for j in jobs if j.tower == tower] == points
+    assert [j.tower for j in jobs[:3]] == list(study.towers)  # point by point: paired when interrupted
+
+
+def test_job_config_layers_the_study_over_the_base() -> None:
+    study = _study(fixed={"tokenformer": {"model.tokenformer.windows": [6, 3]}},
+                   eval_ranges={"validation": "+1", "test": "+2..+3"}, days="2026-01-01..2026-01-02")
+    with open(ROOT / "configs/tiny.toml", "rb") as f:
+        base = tomllib.load(f)
+    job = Job("trial-tokenformer-0", "trial", "tokenformer", 0, {"train.sharding.dense_lr": 0.002})
+    cfg = job_config(base, study, job, "study.toml")
+    assert cfg.model.tower == "tokenformer" and cfg.model.tokenformer.windows == (6, 3)
+    assert cfg.train.sharding.dense_lr == 0.002 and cfg.train.eval_ranges == {"validation": "+1", "test": "+2..+3"}
+    assert cfg.train.days == "2026-01-01..2026-01-02"
+    assert "windows" not in base.get("model", {}).get("tokenformer", {})  # the base document is untouched
+    bad = Job("trial-dlrm-0", "trial", "dlrm", 0, {"train.sharding.dense_lrr": 0.002})
+    with pytest.raises(ValueError, match=r"study.toml \(trial-dlrm-0\).*unknown key\(s\) \['dense_lrr'\]"):
+        job_config(base, study, bad, "study.toml")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"metric": "test_auc"}, "reads the test range 'test'"),
+    ({"metric": "holdout_auc"}, "is not a metric of an eval range"),
+    ({"trials": -1}, r"\[tune\].trials: must be >= 0"),
+    ({"trials": 0}, r"trials = 0 \(seeds of the fixed settings only\) leaves \[tune.space\] unused"),
+    ({"seeds": 0}, r"\[tune\].seeds: must be >= 1"),
+    ({"space": {"train.sharding.dense_lr": {"normal": [0, 1]}}}, r"\[tune.space\].\"train.sharding.dense_lr\""),
+    ({"pairs": (("tokenformer", "hstu"),)}, "names a tower not in towers"),
+    ({"fixed": {"hstu": {"model.hstu.d_model": 8}}}, "settings for tower 'hstu'"),
+    ({"mode": "up"}, "'max' or 'min'"),
+])
+def test_bad_study_files_are_named(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _study(**change)
+
+
+def _result(job: Job, **metrics) -> dict:
+    return {"job": {"key": job.key, "kind": job.kind, "tower": job.tower, "index": job.index,
+                    "settings": job.settings}, "run_id": f"run-{job.key}", "seconds": 1.0, "metrics": metrics}
+
+
+def test_best_is_chosen_on_validation_never_on_test() -> None:
+    study = _study()
+    jobs = [Job(f"trial-dlrm-{i}", "trial", "dlrm", i, {"x": i}) for i in range(3)]
+    trials = [(jobs[0], _result(jobs[0], validation_auc=0.70, test_auc=0.90)),
+              (jobs[1], _result(jobs[1], validation_auc=0.75, test_auc=0.60)),
+              (jobs[2], _result(jobs[2], validation_auc=0.75, test_auc=0.99))]
+    job, _ = best_settings(study, trials)
+    assert job.index == 1  # the best validation AUC; a tie goes to the earlier trial
+    job, _ = best_settings(_study(metric="validation_logloss", mode="min"),
+                           [(j, _result(j, validation_logloss=v)) for j, v in zip(jobs, (0.5, 0.4, 0.45))])
+    assert job.index == 1
+
+
+def test_best_settings_are_written_as_loadable_toml(tmp_path: Path) -> None:
+    settings = {"train.sharding.dense_lr": 0.0017, "train.optim.decay": "cosine", "model.tokenformer.windows": [6, 3],
+                "train.deterministic": True}
+    write_best(tmp_path / "best.toml", "tokenformer", settings, "validation_auc", 0.7)
+    doc = tomllib.loads((tmp_path / "best.toml").read_text())
+    assert doc["train"]["sharding"]["dense_lr"] == 0.0017 and doc["model"]["tokenformer"]["windows"] == [6, 3]
+    assert doc["train"]["optim"]["decay"] == "cosine" and doc["train"]["deterministic"] is True
+    text = (tmp_path / "best.toml").read_text()
+    overrides = [o.strip("'") for o in text.splitlines()[1].split("--set ")[1:]]
+    cfg = load_config(ROOT / "configs/tiny.toml", [o.strip().strip("'") for o in overrides])
+    assert cfg.train.sharding.dense_lr == 0.0017 and cfg.model.tokenformer.windows == (6, 3)
+
+
+def test_summary_pairs_seeds_and_gives_the_standard_error() -> None:
+    study = _study(towers=("tokenformer", "naive_transformer"), space={})
+    cfg = load_config(ROOT / "configs/collapse.toml")  # three labels: click, like, long_view
+    tf = [0.80, 0.81, 0.79, 0.82, 0.80]
+    nv = [0.78, 0.80, 0.78, 0.79, 0.79]
+    results = {
+        "tokenformer": [_result(Job(f"seed-tokenformer-{s}", "seed", "tokenformer", s, {}), test_auc=a,
+                                test_auc_task1=a - 0.1, test_gauc=a, test_logloss=0.4, test_calibration=1.0)
+                        | {"effective_rank": [10.0 + s, 8.0]} for s, a in enumerate(tf, 1)],
+        "naive_transformer": [_result(Job(f"seed-naive_transformer-{s}", "seed", "naive_transformer", s, {}),
+                                      test_auc=a, test_gauc=a, test_logloss=0.41, test_calibration=1.0)
+                              | {"effective_rank": [9.0, 4.0]} for s, a in enumerate(nv, 1)],
+    }
+    best = {t: {"settings": {}, "value": 0.7} for t in results}
+    s = summarize(study, cfg, results, best)
+    diffs = [a - b for a, b in zip(tf, nv)]
+    mean = sum(diffs) / 5
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 4) / math.sqrt(5)
+    (pair,) = s["pairs"]
+    assert pair["seeds"] == [1, 2, 3, 4, 5] and pair["mean"] == pytest.approx(mean) and pair["se"] == pytest.approx(se)
+    assert pair["more_than_2se"] == (mean > 2 * se)
+    row = s["towers"]["tokenformer"]
+    assert row["click"]["auc"]["mean"] == pytest.approx(sum(tf) / 5) and row["click"]["auc"]["n"] == 5
+    assert row["like"]["auc"]["mean"] == pytest.approx(sum(tf) / 5 - 0.1)  # per label (task 1)
+    assert row["effective_rank"][0]["mean"] == pytest.approx(13.0) and row["effective_rank"][1]["std"] == 0.0
+    table = markdown(s)
+    assert "| tokenformer − naive_transformer |" in table and "| tokenformer | like |" in table
+
+
+def test_layer_towers_are_the_ones_with_layer_states() -> None:
+    schema = load_schema(ROOT / "configs/tiny.toml")
+    torch.manual_seed(0)
+    for tower in TOWERS:
+        cfg = ModelConfig(tower=tower)
+        try:
+            model = RankingModel(schema, cfg)
+        except ValueError:  # a tower this schema cannot build with defaults (e.g. token-count rules)
+            continue
+        assert has_layer_states(model) == (tower in LAYER_TOWERS), tower
+
+
+def test_grid_keys_cycle_through_their_values() -> None:
+    study = _study(trials=6, space={"train.sharding.dense_lr": {"grid": [1e-3, 2e-3, 4e-3]},
+                                    "train.optim.weight_decay": {"choice": [0.0, 0.1]}})
+    points = sample_points(study)
+    assert [p["train.sharding.dense_lr"] for p in points] == [1e-3, 2e-3, 4e-3] * 2
+    assert all(p["train.optim.weight_decay"] in (0.0, 0.1) for p in points)
+
+
+@pytest.mark.parametrize("name", ["collapse", "movielens"])
+def test_shipped_studies_load_and_build(name: str) -> None:
+    from jobs.tune import _check_builds, load_study
+
+    study = load_study(ROOT / "configs/studies" / f"{name}.toml")
+    with open(ROOT / "configs" / f"{name}.toml", "rb") as f:
+        base = tomllib.load(f)
+    points = sample_points(study)
+    assert len(points) == study.trials >= 4  # the protocol: at least 4 trials per tower
+    for tower in study.towers:
+        _check_builds(job_config(base, study, Job("check", "seed", tower, 1, points[0]), name), tower)
