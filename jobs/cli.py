@@ -48,7 +48,8 @@ def cmd_tune(a: argparse.Namespace) -> int:
     from jobs.tune import StudyRequest, run_study
 
     run_study(StudyRequest(config=a.config, study=a.study, data_root=a.data, workdir=a.workdir,
-                           overrides=tuple(a.overrides), tracking_uri=a.tracking_uri, address=a.address))
+                           overrides=tuple(a.overrides), tracking_uri=a.tracking_uri, address=a.address,
+                           results=a.results))
     return 0
 
 
@@ -234,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     tu.add_argument("--workdir", type=Path, default=Path(".tokenrec"), help="runs, studies/<name>, MLflow store")
     tu.add_argument("--tracking-uri", help=TRACKING_HELP)
     tu.add_argument("--address", help=ADDRESS_HELP)
+    tu.add_argument("--results", type=Path, help="each run's result, the best settings, the summary (default: "
+                    "WORKDIR/studies/NAME); a lasting place lets a long study resume in a fresh workdir")
     tu.set_defaults(fn=cmd_tune)
 
     d = sub.add_parser("demo", help="generate a small dataset and run the whole path on it")

@@ -11,8 +11,9 @@ each pair in ``pairs`` the per-seed paired difference with its standard error.
 
 Ray Tune runs the jobs (one at a time on a small machine; ``max_concurrent`` on a cluster): each
 Tune trial is a driver that launches one Ray Train run, as Ray Train V2's Tune integration has it.
-Every job's result is written to ``<workdir>/studies/<name>/jobs/<job>.json`` when it finishes,
-so an interrupted study resumes where it stopped: rerunning the same command skips finished jobs.
+Every job's result is written to ``<results>/jobs/<job>.json`` when it finishes (``--results``,
+default ``<workdir>/studies/<name>``), so an interrupted study resumes where it stopped: rerunning
+the same command skips finished jobs, even with a fresh workdir and MLflow store.
 Runs are MLflow runs nested under one parent run per study (tag ``mlflow.parentRunId``).
 
 A study file::
@@ -213,6 +214,8 @@ class StudyRequest:
     overrides: tuple[str, ...] = ()  # --set on the base config
     tracking_uri: str | None = None
     address: str | None = None
+    results: Path | None = None  # where each run's result goes (default <workdir>/studies/<name>); keep
+                                 # it somewhere lasting (e.g. in the repository) to resume a long study
 
 
 def _atomic_json(path: Path, obj: dict) -> None:
@@ -437,7 +440,7 @@ def run_study(req: StudyRequest, log=print) -> dict:
         day_files(req.data_root, ds)  # a missing evaluation day stops here
     day_files(req.data_root, days)
 
-    study_dir = (req.workdir / "studies" / study.name).resolve()
+    study_dir = (req.results or req.workdir / "studies" / study.name).resolve()
     study_dir.mkdir(parents=True, exist_ok=True)
     (study_dir / "points.json").write_text(json.dumps(points, indent=1))
     req = dataclasses.replace(req, workdir=req.workdir.resolve(), data_root=req.data_root.resolve())
