@@ -19,11 +19,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from common import mean_std, register_cpu_attention_flops
-from torch.utils.flop_counter import FlopCounterMode
+from common import mean_std
 
 from jobs.config import load_config
 from jobs.train import TrainRequest, run_train
+from model.cost import tower_cost
 from model.ranking import RankingModel
 from pipeline.collate import collate
 from pipeline.days import day_files, next_day, parse_days
@@ -42,24 +42,12 @@ TOWERS = {
 
 
 def cost(cfg, data: Path, rows: int = 256) -> tuple[int, float, float]:
-    """Dense-tower parameters and FLOPs per example of one training step (forward, and forward +
-    backward; tables excluded: the same for all), counted in training mode. Under ``eval()`` /
-    no-grad PyTorch's counter reported multi-head attention as 0 FLOPs (the fused CPU kernel),
-    which undercounted attention towers; ``register_cpu_attention_flops`` counts it."""
-    register_cpu_attention_flops()
+    """Dense-tower parameters and FLOPs per example of one training step (``model.cost``)."""
     torch.manual_seed(0)
-    model = RankingModel(cfg.schema, cfg.model).train()
+    model = RankingModel(cfg.schema, cfg.model)
     table = to_canonical(pq.read_table(day_files(data, parse_days(cfg.train.days))[0]).slice(0, rows),
                          cfg.schema)
-    batch = collate(pa.Table.from_batches(table.to_batches()), cfg.schema)
-    with torch.no_grad():
-        sparse = model.sparse_arch(batch.fields, batch.sequences)
-    with FlopCounterMode(display=False) as forward:
-        logits = model.tower(batch.dense, sparse)
-    with FlopCounterMode(display=False) as backward:
-        logits.sum().backward()
-    fwd = forward.get_total_flops() / rows
-    return sum(p.numel() for p in model.tower.parameters()), fwd, fwd + backward.get_total_flops() / rows
+    return tower_cost(model, collate(pa.Table.from_batches(table.to_batches()), cfg.schema))
 
 
 def main() -> None:

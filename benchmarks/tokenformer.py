@@ -45,10 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import register_cpu_attention_flops  # noqa: E402
-
 from embedding.schema import load_schema  # noqa: E402
 from model.attention import attention  # noqa: E402
+from model.cost import register_cpu_attention_flops  # noqa: E402
 from model.sparse import SparseOutput  # noqa: E402
 from model.tokenformer import TokenFormer, TokenFormerConfig, naive_transformer  # noqa: E402
 

@@ -39,6 +39,10 @@ A study file::
 
     [tune.fixed.tokenformer]        # per-tower settings every trial and seed of it gets
     "model.tokenformer.windows" = [64, 16]
+
+Entries of ``towers`` may also be variants of one tower (ablations): a name that is not a tower
+sets its tower in ``[tune.fixed.<name>]``, e.g. ``"model.tower" = "tokenformer"`` with
+``"model.tokenformer.schedule" = "4S"``.
 """
 
 from __future__ import annotations
@@ -116,6 +120,12 @@ class StudyConfig:
             if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
                 raise ValueError(f"[tune.space].\"{key}\": expected one of {SPACE_KINDS} with its arguments, "
                                  f"e.g. {{ loguniform = [1e-4, 1e-2] }}; got {spec!r}")
+        from model.ranking import TOWERS
+
+        for name in self.towers:
+            if name not in TOWERS and "model.tower" not in self.fixed.get(name, {}):
+                raise ValueError(f"[tune].towers: '{name}' is not a tower ({', '.join(TOWERS)}); a variant "
+                                 f"(an ablation) names its tower in [tune.fixed.{name}] \"model.tower\"")
         for tower in list(self.fixed) + list(self.tower_seeds):
             if tower not in self.towers:
                 raise ValueError(f"[tune]: settings for tower '{tower}', which is not in towers {list(self.towers)}")
@@ -241,7 +251,7 @@ def _run_job(config: dict, *, jobs: dict, base_doc: dict, study: StudyConfig, re
         tags={"mlflow.parentRunId": parent_id, "tokenrec.study": study.name, "tokenrec.study_job": job.key}))
     result = {"job": dataclasses.asdict(job), "run_id": m["run_id"], "seconds": time.perf_counter() - t0,
               "metrics": {k: v for k, v in m.items() if isinstance(v, (int, float))}}
-    if job.kind == "seed" and study.analyze and job.tower in LAYER_TOWERS:
+    if job.kind == "seed" and study.analyze and cfg.model.tower in LAYER_TOWERS:
         result["effective_rank"] = _effective_ranks(m["run_id"], tracking_uri)
     _atomic_json(study_dir / "jobs" / f"{job.key}.json", result)
     tune.report({study.metric: m.get(study.metric, float("nan")), "seconds": result["seconds"]})
@@ -268,6 +278,25 @@ def _check_builds(cfg: JobConfig, where: str) -> None:
             RankingModel(cfg.schema, cfg.model, sparse_device=torch.device("meta"))
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
+
+
+def tower_costs(configs: dict[str, JobConfig], data_root: Path, rows: int = 256) -> dict[str, dict]:
+    """Per tower (or variant): dense parameters and FLOPs per example of one training step
+    (``model.cost.tower_cost``) on ``rows`` rows of its first training day."""
+    import torch
+
+    from jobs.analyze import held_out_batch
+    from model.cost import tower_cost
+    from model.ranking import RankingModel
+
+    out = {}
+    for name, cfg in configs.items():
+        torch.manual_seed(0)
+        model = RankingModel(cfg.schema, cfg.model)
+        batch = held_out_batch(cfg.schema, data_root, parse_days(cfg.train.days)[0].isoformat(), rows)
+        params, fwd, train = tower_cost(model, batch)
+        out[name] = {"dense_params": params, "forward_flops_per_example": fwd, "train_flops_per_example": train}
+    return out
 
 
 def _parent_run(client, exp_id: str, study: StudyConfig) -> str:
@@ -350,15 +379,18 @@ def _stats(xs: list[float]) -> dict:
             "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
 
 
-def summarize(study: StudyConfig, cfg: JobConfig, results: dict[str, list[dict]], best: dict) -> dict:
+def summarize(study: StudyConfig, cfg: JobConfig, results: dict[str, list[dict]], best: dict,
+              costs: dict | None = None) -> dict:
     """Per tower: the chosen settings and validation metric, test metrics per label (mean, std,
-    n over seeds), effective rank per layer; per pair: the paired per-seed difference of the test
-    AUC (first label) with its standard error and whether it exceeds two of them."""
+    n over seeds), effective rank per layer, training cost (``tower_costs``); per pair: the
+    paired per-seed difference of the test AUC (first label) with its standard error and whether
+    it exceeds two of them."""
     test = study.test_range
     labels = list(cfg.schema.labels)
     towers = {}
     for tower, runs in results.items():
         row = {"settings": best[tower]["settings"], "chosen_on": {study.metric: best[tower]["value"]},
+               **(costs or {}).get(tower, {}),
                "seeds": [r["job"]["index"] for r in runs], "run_ids": [r["run_id"] for r in runs],
                "seconds": _stats([r["seconds"] for r in runs])}
         for t, label in enumerate(labels):
@@ -391,13 +423,15 @@ def markdown(summary: dict) -> str:
     """The summary as markdown tables (per tower and label; the pairs)."""
     test = summary["test_range"]
     lines = [f"| tower | label | {test} AUC | GAUC | logloss | seeds | chosen on {summary['metric']} | "
-             "effective rank per layer |", "|---|---|---|---|---|---|---|---|"]
+             "effective rank per layer | train FLOPs / example |", "|---|---|---|---|---|---|---|---|---|"]
     for tower, row in summary["towers"].items():
         erank = " / ".join(f"{s['mean']:.1f}" for s in row.get("effective_rank", [])) or "–"
+        flops = f"{row['train_flops_per_example'] / 1e6:.2f} M" if "train_flops_per_example" in row else "–"
         for i, label in enumerate(summary["labels"]):
             s = row[label]
             lines.append(f"| {tower} | {label} | {_fmt(s['auc'])} | {_fmt(s['gauc'])} | {_fmt(s['logloss'])} | "
-                         f"{s['auc']['n']} | {row['chosen_on'][summary['metric']]:.4f} | {erank if i == 0 else ''} |")
+                         f"{s['auc']['n']} | {row['chosen_on'][summary['metric']]:.4f} | {erank if i == 0 else ''} | "
+                         f"{flops if i == 0 else ''} |")
     if summary["pairs"]:
         lines += ["", f"| pair | paired Δ {test} AUC (mean ± SE) | seeds | > 2 SE |", "|---|---|---|---|"]
         for p in summary["pairs"]:
@@ -443,6 +477,8 @@ def run_study(req: StudyRequest, log=print) -> dict:
     study_dir = (req.results or req.workdir / "studies" / study.name).resolve()
     study_dir.mkdir(parents=True, exist_ok=True)
     (study_dir / "points.json").write_text(json.dumps(points, indent=1))
+    costs = tower_costs({t: configs[t] for t in study.towers}, req.data_root)
+    (study_dir / "costs.json").write_text(json.dumps(costs, indent=1))
     req = dataclasses.replace(req, workdir=req.workdir.resolve(), data_root=req.data_root.resolve())
     tracking_uri = req.tracking_uri or default_tracking_uri(req.workdir)
     client, exp_id = connect(tracking_uri, cfg.tracking.experiment, req.workdir / "mlartifacts")
@@ -483,7 +519,7 @@ def run_study(req: StudyRequest, log=print) -> dict:
 
     results = {t: sorted((_load(study_dir, j) for j in seed_jobs if j.tower == t), key=lambda r: r["job"]["index"])
                for t in study.towers}
-    summary = summarize(study, cfg, results, best)
+    summary = summarize(study, cfg, results, best, costs)
     _atomic_json(study_dir / "summary.json", summary)
     table = markdown(summary)
     (study_dir / "summary.md").write_text(table + "\n")

@@ -58,6 +58,7 @@ def test_tune_chooses_seeds_reports_and_resumes(tmp_path: Path) -> None:
     assert tf["click"]["auc"]["n"] == 2 and 0.5 < tf["click"]["auc"]["mean"] < 1.0
     assert len(tf["effective_rank"]) == 4  # one per layer (2 full + 2 sliding)
     assert "effective_rank" not in summary["towers"]["dlrm"]
+    assert tf["train_flops_per_example"] > tf["forward_flops_per_example"] > 0 and tf["dense_params"] > 0
     (pair,) = summary["pairs"]
     assert pair["seeds"] == [1] and pair["metric"] == "test_auc"
     trial = json.loads((out / "jobs" / "trial-tokenformer-0.json").read_text())

@@ -177,3 +177,40 @@ def test_shipped_studies_load_and_build(name: str) -> None:
     assert len(points) == study.trials >= 4  # the protocol: at least 4 trials per tower
     for tower in study.towers:
         _check_builds(job_config(base, study, Job("check", "seed", tower, 1, points[0]), name), tower)
+
+
+def test_variants_of_one_tower_are_ablations() -> None:
+    fixed = {"tf_4S": {"model.tower": "tokenformer", "model.tokenformer.schedule": "4S",
+                       "model.tokenformer.windows": [6, 6, 3, 3]}}
+    study = StudyConfig(name="ablation", towers=("tf_4S",), trials=0, seeds=3, fixed=fixed)
+    with open(ROOT / "configs/tiny.toml", "rb") as f:
+        base = tomllib.load(f)
+    cfg = job_config(base, study, Job("seed-tf_4S-1", "seed", "tf_4S", 1, {"train.seed": 1}), "s")
+    assert cfg.model.tower == "tokenformer" and cfg.model.tokenformer.schedule == "4S"
+    with pytest.raises(ValueError, match=r"'tf_4F' is not a tower .* \[tune.fixed.tf_4F\] \"model.tower\""):
+        StudyConfig(name="ablation", towers=("tf_4F",), trials=0)
+
+
+def test_tower_costs_count_attention_in_training_mode(tmp_path: Path) -> None:
+    from jobs.tune import tower_costs
+    from pipeline.days import parse_days
+    from pipeline.generator import GeneratorConfig, generate
+
+    cfgs = {t: load_config(ROOT / "configs/tiny.toml", [f"model.tower={t}", "model.tokenformer.d_model=16",
+                                                         "model.tokenformer.num_heads=2",
+                                                         "model.tokenformer.windows=[6, 3]"])
+            for t in ("dlrm", "tokenformer")}
+    generate(cfgs["dlrm"].schema, GeneratorConfig(seed=1, rows_per_day=300, files_per_day=1, num_users=50,
+                                                  num_items=40, num_categories=4),
+             tmp_path, parse_days("2026-01-01"), log=lambda *_: None)
+    costs = tower_costs(cfgs, tmp_path, rows=64)
+    for c in costs.values():
+        assert c["dense_params"] > 0 and c["train_flops_per_example"] > c["forward_flops_per_example"] > 0
+    # attention on CPU is counted (PyTorch's counter alone reports 0 for the fused CPU kernel)
+    from torch.nn.functional import scaled_dot_product_attention
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q = torch.randn(2, 2, 8, 4, requires_grad=True)
+    with FlopCounterMode(display=False) as m:
+        scaled_dot_product_attention(q, q, q)
+    assert m.get_total_flops() == 4 * 2 * 2 * 8 * 8 * 4  # Q·Kᵀ and P·V: 2 FLOPs per multiply-add each
