@@ -35,9 +35,19 @@ bench: $(STAMP)
 	  echo "== benchmarks/$$b.py"; $(BIN)/python benchmarks/$$b.py; done; \
 	  echo "== make bench: $$(( $$(date +%s) - t0 )) s"
 
-# Model quality on generated and public data (docs/quality.md): long, run one at a time.
+# Model quality (docs/quality.md, issue 17): the tokenrec tune studies, each resumable — its runs'
+# results are kept under benchmarks/results/studies/<name>/ (summary.json, summary.md), so an
+# interrupted `make bench-quality` goes on where it stopped. Hours on 2 cores.
+QWORK ?= /tmp/tokenrec-quality
 bench-quality: $(STAMP)
-	$(BIN)/python benchmarks/quality.py --workdir /tmp/tokenrec-quality
+	@set -e; \
+	test -d $(QWORK)/collapse-data || $(BIN)/tokenrec generate --config configs/collapse.toml \
+	  --days 2026-01-01..2026-01-06 --out $(QWORK)/collapse-data; \
+	$(BIN)/tokenrec tune --config configs/collapse.toml --study configs/studies/collapse.toml \
+	  --data $(QWORK)/collapse-data --workdir $(QWORK)/collapse --results benchmarks/results/studies/collapse; \
+	$(BIN)/tokenrec data fetch ml-100k; \
+	$(BIN)/tokenrec tune --config configs/movielens.toml --study configs/studies/movielens.toml \
+	  --data $$HOME/.cache/tokenrec/ml-100k/logs --workdir $(QWORK)/ml100k --results benchmarks/results/studies/ml100k
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
