@@ -116,8 +116,8 @@ def zero_unsharded_miss_rows(mc_ebc: ManagedCollisionEmbeddingBagCollection) -> 
     return len(mc_ebc._embedding_module.embedding_bag_configs())
 
 
-def build_field_mc_ebc(schema: FeatureSchema, device: torch.device,
-                       buckets: int = 1) -> ManagedCollisionEmbeddingBagCollection | None:
+def build_field_mc_ebc(schema: FeatureSchema, device: torch.device, buckets: int = 1,
+                       batch_rows: int = 0) -> ManagedCollisionEmbeddingBagCollection | None:
     """The managed-collision field tables (None when there are none). ``buckets``: the number of
     row-wise shards the MCH modules are split into (the sharding planner needs it to divide
     evenly: use the world size)."""
@@ -131,15 +131,56 @@ def build_field_mc_ebc(schema: FeatureSchema, device: torch.device,
         return_remapped_features=True)
 
 
-def _mch_modules(schema: FeatureSchema, configs, device: torch.device, buckets: int) -> dict:
+MULTI_VALUED_IDS_PER_ROW = 16  # the admission-buffer bound per row of a multi-valued field
+
+
+class SizedMCHModule(MCHManagedCollisionModule):
+    """TorchRec's MCH module sizes the buffer of ids waiting for admission from the *first*
+    batch it sees (its id count × ``eviction_interval`` × 1.25) and silently drops ids beyond it
+    in later batches. A table whose id count per batch varies — the history ids of an id-space
+    table, a multi-valued field — then loses ids for good when the first batch is small (short
+    or no histories first, a padding batch). ``ids_per_step`` sets a floor: the most ids one step
+    can bring (``table_ids_per_row`` × the batch rows), so no id is dropped."""
+
+    def __init__(self, *args, ids_per_step: int = 0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._ids_per_step = int(ids_per_step)
+
+    def _init_history_buffers(self, features) -> None:
+        from torchrec.sparse.jagged_tensor import JaggedTensor
+
+        seen = sum(f.values().numel() for f in features.values())
+        if seen < self._ids_per_step:  # the parent reads only values().numel() of each feature
+            n = self._ids_per_step
+            features = {"_floor": JaggedTensor(values=torch.empty(n, dtype=torch.int64, device=self.device),
+                                               lengths=torch.tensor([n]))}
+        super()._init_history_buffers(features)
+
+    def rebuild_with_output_id_range(self, *args, **kwargs) -> SizedMCHModule:
+        module = super().rebuild_with_output_id_range(*args, **kwargs)  # type(self)(…): keep the floor
+        module._ids_per_step = self._ids_per_step
+        return module
+
+
+def table_ids_per_row(schema: FeatureSchema, table: str) -> int:
+    """At most how many ids one row brings to ``table``: 1 per single-valued field,
+    ``MULTI_VALUED_IDS_PER_ROW`` per multi-valued one, ``max_len`` per sequence feature."""
+    fields = sum(MULTI_VALUED_IDS_PER_ROW if f.multi_valued else 1 for f in schema.sparse if f.table == table)
+    return fields + sum(q.max_len for q in schema.sequences for f in q.features if f.table == table)
+
+
+def _mch_modules(schema: FeatureSchema, configs, device: torch.device, buckets: int,
+                 batch_rows: int = 0) -> dict:
+    """``batch_rows``: the most rows of one step (training or evaluation batch): sizes each
+    table's admission buffer (``SizedMCHModule``); 0 leaves TorchRec's first-batch sizing."""
     mc_device = torch.device("cpu") if device.type == "meta" else device  # small id buffers
     modules = {}
     for c in configs:
         t = schema.table(c.name)
-        modules[c.name] = MCHManagedCollisionModule(
+        modules[c.name] = SizedMCHModule(
             zch_size=c.num_embeddings, device=mc_device, eviction_policy=EVICTION[t.eviction_policy](),
             eviction_interval=t.eviction_interval, input_hash_size=MC_INPUT_HASH_SIZE, name=c.name,
-            buckets=buckets)
+            buckets=buckets, ids_per_step=batch_rows * table_ids_per_row(schema, c.name))
     return modules
 
 
@@ -149,8 +190,8 @@ def build_sequence_ec(schema: FeatureSchema, device: torch.device) -> EmbeddingC
     return EmbeddingCollection(tables=configs, device=device) if configs else None
 
 
-def build_sequence_mc_ec(schema: FeatureSchema, device: torch.device,
-                         buckets: int = 1) -> ManagedCollisionEmbeddingCollection | None:
+def build_sequence_mc_ec(schema: FeatureSchema, device: torch.device, buckets: int = 1,
+                         batch_rows: int = 0) -> ManagedCollisionEmbeddingCollection | None:
     """The managed-collision unpooled tables (None when there are none); ``buckets`` as in
     ``build_field_mc_ebc``."""
     configs = sequence_configs(schema, managed=True)
@@ -158,7 +199,8 @@ def build_sequence_mc_ec(schema: FeatureSchema, device: torch.device,
         return None
     return ManagedCollisionEmbeddingCollection(
         EmbeddingCollection(tables=configs, device=device),
-        ManagedCollisionCollection(managed_collision_modules=_mch_modules(schema, configs, device, buckets),
+        ManagedCollisionCollection(managed_collision_modules=_mch_modules(schema, configs, device, buckets,
+                                                                          batch_rows),
                                    embedding_configs=configs),
         return_remapped_features=True)
 

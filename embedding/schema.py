@@ -33,8 +33,9 @@ so ``ctx_1 = 7`` and ``ctx_2 = 7`` land on different rows.
 
 A table may serve a target field and sequence features at once (``item_id`` and ``hist_item_id``
 on one ``item`` table, as in DIN, SASRec and HSTU): such a table is one *id space*
-(``FeatureSchema.id_space_tables``), every feature on it is salted by the table's name, so the
-same raw id reads the same row as a target and in the history. Its field is looked up through
+(``FeatureSchema.id_space_tables``), every feature on it is salted by the table's name (and must
+have the same ``raw_type``), so the same raw id reads the same row as a target and in the
+history. Its field is looked up through
 the unpooled collection and pooled there (``model.sparse.SparseArch``)::
 
     [schema.tables]
@@ -192,17 +193,13 @@ class FeatureSchema:
 
     @property
     def id_space_tables(self) -> list[str]:
-        """Tables that serve a sequence feature and at least one other feature (a target field or
-        another sequence's feature): one id space, salted by the table's name when hashed, so the
-        same raw id maps to the same row for every feature on it. Their fields are looked up
-        through the unpooled collection (``embedding.modules.sequence_configs``)."""
-        users: dict[str, int] = {}
-        for f in self.sparse:
-            users[f.table] = users.get(f.table, 0) + 1
-        for q in self.sequences:
-            for f in q.features:
-                users[f.table] = users.get(f.table, 0) + 1
-        return [t.name for t in self.sequence_tables if users[t.name] > 1]
+        """Tables that serve a sparse field *and* a sequence feature (the target item and the
+        history on one table): one id space, salted by the table's name when hashed, so the same
+        raw id maps to the same row for every feature on it. Their fields are looked up through
+        the unpooled collection (``embedding.modules.sequence_configs``). Tables shared only by
+        fields, or only by sequence features, keep per-feature salts."""
+        fields = {f.table for f in self.sparse}
+        return [t.name for t in self.sequence_tables if t.name in fields]
 
     def salt_names(self, features: list[tuple[str, str]]) -> list[str]:
         """The salt name of each ``(feature or column name, table)``: the table's name for
@@ -410,6 +407,20 @@ def _validate(s: FeatureSchema) -> None:
                 f"'{prev_p[0]}' of field '{prev_p[1]}' on the same table '{f.table}' "
                 "(TorchRec pools per table)"
             )
+    # an id-space table (a field and a sequence feature on it): one raw id type for all its features
+    seq_tables = {f.table for q in s.sequences for f in q.features}
+    kinds: dict[str, tuple[str, str]] = {}
+    for where, name, table, raw in ([("schema.sparse", f.name, f.table, f.raw_type) for f in s.sparse]
+                                    + [(f"schema.sequences '{q.name}' feature", f.name, f.table, f.raw_type)
+                                       for q in s.sequences for f in q.features]):
+        if table not in seq_tables or table not in table_pooling:
+            continue
+        first = kinds.setdefault(table, (raw, name))
+        if first[0] != raw:
+            raise ValueError(
+                f"{where} '{name}': raw_type '{raw}' differs from '{first[0]}' of '{first[1]}' on the same table "
+                f"'{table}'; a table serving a field and a sequence feature is one id space (the same raw id, "
+                "the same row): its ids must be of one type")
     for q in s.sequences:
         where = f"schema.sequences '{q.name}'"
         if q.max_len <= 0:

@@ -110,7 +110,8 @@ def cmd_backfill(a: argparse.Namespace) -> int:
         return 1
     for r in results:
         state = "skipped (done before)" if r.get("skipped") else ("champion" if r["promoted"] else "challenger")
-        auc = f"AUC {r['eval_auc']:.4f}" if "eval_auc" in r else ""
+        key = f"{r.get('eval_range', 'eval')}_auc"  # [train.eval_ranges]: the first range
+        auc = f"AUC {r[key]:.4f}" if key in r else ""
         print(f"{r['day']}: version {r['model_version']} {state} {auc}")
     return 0
 

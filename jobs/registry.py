@@ -290,11 +290,12 @@ class Registry:
         for v in self.versions():
             tags = v.tags
             aliases = self.version(v.version).aliases  # search results leave aliases out
+            r = tags.get("tokenrec.eval_range", "eval")  # [train.eval_ranges]: the first range
             rows.append({
                 "version": int(v.version), "aliases": ",".join(sorted(aliases)),
                 "days": tags.get("tokenrec.days", ""), "eval_day": tags.get("tokenrec.eval_day", ""),
-                "auc": tags.get("eval_auc", ""), "logloss": tags.get("eval_logloss", ""),
-                "calibration": tags.get("eval_calibration", ""),
+                "auc": tags.get(f"{r}_auc", ""), "logloss": tags.get(f"{r}_logloss", ""),
+                "calibration": tags.get(f"{r}_calibration", ""),
                 "parent": tags.get("tokenrec.parent_version", ""),
                 "gate": tags.get("tokenrec.gate", ""), "run_id": v.run_id,
             })

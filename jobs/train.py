@@ -114,6 +114,10 @@ def register_once(client, name: str, model_uri: str, run_id: str, tags: dict):
 def run_train(cfg: JobConfig, req: TrainRequest, log=print) -> dict:
     days = parse_days(req.days or cfg.train.days)
     ranges = eval_ranges(cfg.train, days)
+    for name, ds in ranges.items():
+        if ds[0] < days[0]:
+            log(f"warning: evaluation range '{name}' ({eval_spec(ds)}) starts before the training days "
+                f"{days[0]}..{days[-1]}: its rows' histories may include days the model trained on")
     train_files = day_files(req.data_root, days)
     # schema problems stop here, before training
     rows_in = check_files(train_files, cfg.schema, cfg.train.unknown_columns, log)
@@ -146,7 +150,7 @@ def run_train(cfg: JobConfig, req: TrainRequest, log=print) -> dict:
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
-    return metrics | {"run_id": run_id, "tracking_uri": tracking_uri}
+    return metrics | {"run_id": run_id, "tracking_uri": tracking_uri, "eval_range": next(iter(evals))}
 
 
 def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, evals: dict, rows_in,
@@ -255,7 +259,8 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
 
     info = with_retries(log_model, what="logging the model")
     tags = ({k: str(v) for k, v in m.items() if k.startswith(tuple(f"{name}_" for name in evals))}
-            | {"tokenrec.days": client.get_run(run_id).data.tags["tokenrec.days"], "tokenrec.eval_day": eval_day})
+            | {"tokenrec.days": client.get_run(run_id).data.tags["tokenrec.days"], "tokenrec.eval_day": eval_day,
+               "tokenrec.eval_range": next(iter(evals))})  # whose metrics the registry lists
     version = register_once(client, cfg.tracking.model_name, info.model_uri, run_id, tags)
     m["model_version"] = int(version.version)
     client.set_tag(run_id, "tokenrec.model_version", str(version.version))

@@ -66,6 +66,7 @@ from pipeline.days import day_files, parse_days
 
 SPACE_KINDS = ("loguniform", "uniform", "choice", "randint", "grid")
 FINAL_KEYS = ("auc", "gauc", "logloss", "calibration")
+RANGE_METRICS = ("auc", "gauc", "logloss", "calibration", "rows", "oracle_auc")  # jobs.metrics.evaluate
 # towers with per-layer sequence states (model.diagnostics.has_layer_states): effective rank per layer
 LAYER_TOWERS = ("tokenformer", "naive_transformer", "hstu", "hyformer")
 
@@ -108,10 +109,10 @@ class StudyConfig:
         if self.mode not in ("max", "min"):
             raise ValueError(f"[tune].mode: 'max' or 'min', got {self.mode!r}")
         ranges = set(self.eval_ranges)
-        if self.metric.split("_", 1)[0] not in ranges:
-            raise ValueError(f"[tune].metric '{self.metric}' is not a metric of an eval range {sorted(ranges)} "
-                             "(e.g. validation_auc)")
-        if self.metric.startswith(f"{self.test_range}_"):
+        if metric_range(self.metric, ranges) is None:
+            raise ValueError(f"[tune].metric '{self.metric}' is not a metric of an eval range {sorted(ranges)}: "
+                             f"<range>_<{'|'.join(RANGE_METRICS)}>[_taskN], e.g. validation_auc")
+        if metric_range(self.metric, ranges) == self.test_range:
             raise ValueError(f"[tune].metric '{self.metric}' reads the test range '{self.test_range}': choose "
                              "on a validation range and keep the test days untouched")
         if self.test_range not in ranges:
@@ -126,6 +127,12 @@ class StudyConfig:
             if name not in TOWERS and "model.tower" not in self.fixed.get(name, {}):
                 raise ValueError(f"[tune].towers: '{name}' is not a tower ({', '.join(TOWERS)}); a variant "
                                  f"(an ablation) names its tower in [tune.fixed.{name}] \"model.tower\"")
+        for where, settings in [("common", self.common)] + [(f"fixed.{t}", v) for t, v in self.fixed.items()]:
+            for key, value in settings.items():
+                try:
+                    _toml_value(value)
+                except ValueError:
+                    raise ValueError(f"[tune.{where}].\"{key}\": {value!r} is not a TOML value") from None
         for tower in list(self.fixed) + list(self.tower_seeds):
             if tower not in self.towers:
                 raise ValueError(f"[tune]: settings for tower '{tower}', which is not in towers {list(self.towers)}")
@@ -135,6 +142,19 @@ class StudyConfig:
 
     def seeds_of(self, tower: str) -> int:
         return int(self.tower_seeds.get(tower, self.seeds))
+
+
+def metric_range(metric: str, ranges) -> str | None:
+    """The evaluation range a metric name reads (``validation_auc_task1`` → ``validation``), or
+    None when the name is not ``<range>_<metric>[_taskN]`` of one of ``ranges`` (longest first:
+    range names may contain ``_``)."""
+    import re
+
+    for r in sorted(ranges, key=len, reverse=True):
+        if metric.startswith(f"{r}_") and re.fullmatch(
+                rf"({'|'.join(RANGE_METRICS)})(_task\d+)?", metric[len(r) + 1:]):
+            return r
+    return None
 
 
 def load_study(path: str | Path) -> StudyConfig:
@@ -228,6 +248,21 @@ class StudyRequest:
                                  # it somewhere lasting (e.g. in the repository) to resume a long study
 
 
+def fingerprint(cfg: JobConfig, data_root: Path) -> str:
+    """What a job's result depends on: its resolved config (schema, model, training, days,
+    ranges, seed) and its data (every training and evaluation day's files, by name and size —
+    the same generated data in another folder matches). A saved result with another fingerprint
+    is stale: the job runs again."""
+    import hashlib
+
+    from jobs.train import eval_ranges
+
+    days = parse_days(cfg.train.days)
+    all_days = days + [d for ds in eval_ranges(cfg.train, days).values() for d in ds]
+    files = [(f"{f.parent.name}/{f.name}", f.stat().st_size) for f in day_files(data_root, all_days)]
+    return hashlib.sha256((cfg.to_json() + json.dumps(files)).encode()).hexdigest()[:16]
+
+
 def _atomic_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -244,12 +279,14 @@ def _run_job(config: dict, *, jobs: dict, base_doc: dict, study: StudyConfig, re
 
     job: Job = jobs[config["job"]]
     cfg = job_config(base_doc, study, job, str(req.study))
+    stamp = fingerprint(cfg, req.data_root)
     t0 = time.perf_counter()
     m = run_train(cfg, TrainRequest(
         days=cfg.train.days, data_root=req.data_root, workdir=req.workdir, tracking_uri=tracking_uri,
         address=req.address, register=False,
         tags={"mlflow.parentRunId": parent_id, "tokenrec.study": study.name, "tokenrec.study_job": job.key}))
-    result = {"job": dataclasses.asdict(job), "run_id": m["run_id"], "seconds": time.perf_counter() - t0,
+    result = {"job": dataclasses.asdict(job), "fingerprint": stamp, "run_id": m["run_id"],
+              "seconds": time.perf_counter() - t0,
               "metrics": {k: v for k, v in m.items() if isinstance(v, (int, float))}}
     if job.kind == "seed" and study.analyze and cfg.model.tower in LAYER_TOWERS:
         result["effective_rank"] = _effective_ranks(m["run_id"], tracking_uri)
@@ -333,17 +370,33 @@ def _run_with_tune(pending: list[Job], phase: str, study: StudyConfig, **kw) -> 
                            "finished jobs are saved, run the same command again to retry the rest")
 
 
-def _load(study_dir: Path, job: Job) -> dict | None:
+def _load(study_dir: Path, job: Job, stamp: str) -> dict | None:
+    """The job's saved result, if it was trained as the job is now (``fingerprint``)."""
     path = study_dir / "jobs" / f"{job.key}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    return result if result.get("fingerprint") == stamp else None
+
+
+def _stale(study_dir: Path, jobs: list[Job], stamps: dict) -> list[str]:
+    return [j.key for j in jobs if (study_dir / "jobs" / f"{j.key}.json").exists() and
+            _load(study_dir, j, stamps[j.key]) is None]
 
 
 def best_settings(study: StudyConfig, trials: list[tuple[Job, dict]]) -> tuple[Job, dict]:
-    """The trial with the best ``metric`` (ties: the lower trial index)."""
+    """The trial with the best ``metric`` (ties: the lower trial index; a missing or NaN value
+    ranks last). The settings are the ones the result was trained with (``result["job"]``)."""
     sign = 1.0 if study.mode == "max" else -1.0
-    scored = [(sign * r["metrics"].get(study.metric, -math.inf * sign), -j.index, j, r) for j, r in trials]
-    _, _, job, result = max(scored, key=lambda s: (s[0], s[1]))
-    return job, result
+
+    def score(item):
+        job, result = item
+        v = result["metrics"].get(study.metric)
+        v = -math.inf if v is None or v != v else sign * float(v)
+        return (v, -job.index)
+    job, result = max(trials, key=score)
+    saved = result["job"]
+    return Job(saved["key"], saved["kind"], saved["tower"], saved["index"], dict(saved["settings"])), result
 
 
 def _toml_value(v: Any) -> str:
@@ -355,6 +408,8 @@ def _toml_value(v: Any) -> str:
         return json.dumps(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + " }"
     raise ValueError(f"cannot write {v!r} as TOML")
 
 
@@ -410,7 +465,8 @@ def summarize(study: StudyConfig, cfg: JobConfig, results: dict[str, list[dict]]
         st = _stats(diffs)
         se = st["std"] / math.sqrt(st["n"]) if st["n"] > 1 else float("nan")
         pairs.append({"a": a, "b": b, "metric": f"{test}_auc", "seeds": seeds, "differences": diffs,
-                      "mean": st["mean"], "se": se, "more_than_2se": bool(st["n"] > 1 and st["mean"] > 2 * se)})
+                      "mean": st["mean"], "se": se,
+                      "more_than_2se": bool(st["n"] > 1 and abs(st["mean"]) > 2 * se)})  # either sign
     return {"study": study.name, "metric": study.metric, "test_range": test, "labels": labels,
             "towers": towers, "pairs": pairs}
 
@@ -433,7 +489,7 @@ def markdown(summary: dict) -> str:
                          f"{s['auc']['n']} | {row['chosen_on'][summary['metric']]:.4f} | {erank if i == 0 else ''} | "
                          f"{flops if i == 0 else ''} |")
     if summary["pairs"]:
-        lines += ["", f"| pair | paired Δ {test} AUC (mean ± SE) | seeds | > 2 SE |", "|---|---|---|---|"]
+        lines += ["", f"| pair | paired Δ {test} AUC (mean ± SE) | seeds | \\|Δ\\| > 2 SE |", "|---|---|---|---|"]
         for p in summary["pairs"]:
             lines.append(f"| {p['a']} − {p['b']} | {p['mean']:+.4f} ± {p['se']:.4f} | {len(p['seeds'])} | "
                          f"{'yes' if p['more_than_2se'] else 'no'} |")
@@ -489,14 +545,19 @@ def run_study(req: StudyRequest, log=print) -> dict:
     init_ray(req.address, cfg.train.num_workers)
     common = dict(base_doc=base_doc, req=req, tracking_uri=tracking_uri, parent_id=parent_id, study_dir=study_dir)
 
-    pending = [j for j in trials if _load(study_dir, j) is None]
+    stamps = {j.key: fingerprint(configs[j.key], req.data_root) for j in trials}
+    stale = _stale(study_dir, trials, stamps)
+    if stale:
+        log(f"{len(stale)} saved trial results were trained otherwise (config, days or data changed): "
+            f"they run again ({', '.join(stale[:4])}{', …' if len(stale) > 4 else ''})")
+    pending = [j for j in trials if _load(study_dir, j, stamps[j.key]) is None]
     log(f"tuning: {len(trials) - len(pending)} of {len(trials)} trials done before, {len(pending)} to run")
     _run_with_tune(pending, "trials", study, **common)
 
     best, seed_jobs = {}, []
     for tower in study.towers:
         if trials:
-            done = [(j, _load(study_dir, j)) for j in trials if j.tower == tower]
+            done = [(j, _load(study_dir, j, stamps[j.key])) for j in trials if j.tower == tower]
             job, result = best_settings(study, done)
             chosen, index, value = job.settings, job.index, result["metrics"][study.metric]
             log(f"{tower}: best trial {index} ({study.metric} {value:.4f}): {chosen}")
@@ -510,15 +571,18 @@ def run_study(req: StudyRequest, log=print) -> dict:
     seed_jobs.sort(key=lambda j: j.index)  # seed by seed: an interrupted study has paired seeds
     (study_dir / "best.json").write_text(json.dumps(best, indent=1))
 
-    def done(j: Job) -> bool:  # a seed run of other settings (the best trial changed) runs again
-        saved = _load(study_dir, j)
-        return saved is not None and saved["job"] == json.loads(json.dumps(dataclasses.asdict(j)))
-    pending = [j for j in seed_jobs if not done(j)]
+    for j in seed_jobs:
+        stamps[j.key] = fingerprint(job_config(base_doc, study, j, str(req.study)), req.data_root)
+    stale = _stale(study_dir, seed_jobs, stamps)
+    if stale:
+        log(f"{len(stale)} saved seed results were trained otherwise (the chosen settings, config, days or data "
+            f"changed): they run again ({', '.join(stale[:4])}{', …' if len(stale) > 4 else ''})")
+    pending = [j for j in seed_jobs if _load(study_dir, j, stamps[j.key]) is None]
     log(f"seeds: {len(seed_jobs) - len(pending)} of {len(seed_jobs)} runs done before, {len(pending)} to run")
     _run_with_tune(pending, "seeds", study, **common)
 
-    results = {t: sorted((_load(study_dir, j) for j in seed_jobs if j.tower == t), key=lambda r: r["job"]["index"])
-               for t in study.towers}
+    results = {t: sorted((_load(study_dir, j, stamps[j.key]) for j in seed_jobs if j.tower == t),
+                         key=lambda r: r["job"]["index"]) for t in study.towers}
     summary = summarize(study, cfg, results, best, costs)
     _atomic_json(study_dir / "summary.json", summary)
     table = markdown(summary)

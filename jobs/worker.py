@@ -160,7 +160,8 @@ def train_loop(args: WorkerArgs) -> None:
     # built below (docs/benchmarks.md, "end to end").
     first_stream = EarlyStart(stream("train", tc.batch_size, count_truncated=not resume_from))
     model = RankingTrain(RankingModel(cfg.schema, cfg.model, sparse_device=torch.device("meta"),
-                                      num_shards=dist.get_world_size()))
+                                      num_shards=dist.get_world_size(),
+                                      batch_rows=max(tc.batch_size, tc.eval_batch_size)))
     dmp = shard(model, tc.sharding, device)
     # after the (identical) initialisation: each worker draws its own dropout masks
     torch.manual_seed(tc.seed + 1_000_003 * (rank + 1))
@@ -305,16 +306,21 @@ def train_loop(args: WorkerArgs) -> None:
 
 def managed_collision_metrics(sparse_arch: SparseArch, phase: str) -> dict[str, float]:
     """Per managed-collision table, over all workers: ``mc_<table>_<phase>_collision_rate``
-    (share of lookups since the last call that got no row of their own: new ids not admitted
-    yet, or with the table full) and, after training, ``mc_<table>_occupancy`` (share of rows
-    holding an id) and ``mc_<table>_ids``. Collective; resets the lookup counters."""
+    (share of field lookups since the last call that got no row of their own: new ids not
+    admitted yet, or with the table full), ``mc_<table>_<phase>_history_collision_rate`` for the
+    sequence lookups of a table that has them (an id-space table's history ids), and, after
+    training, ``mc_<table>_occupancy`` (share of rows holding an id) and ``mc_<table>_ids``.
+    Collective; resets the lookup counters."""
     out = {}
     occupancy = sparse_arch.mc_occupancy()
+    sequence_tables = {t.name for t in sparse_arch.schema.sequence_tables}
     for table, counts in sorted(sparse_arch.mc_counts.items()):  # same order on every rank
         c = counts.clone()
         dist.all_reduce(c)
         counts.zero_()
         out[f"mc_{table}_{phase}_collision_rate"] = float(c[1]) / max(float(c[0]), 1.0)
+        if table in sequence_tables:
+            out[f"mc_{table}_{phase}_history_collision_rate"] = float(c[3]) / max(float(c[2]), 1.0)
         if phase == "train":
             occ = occupancy[table].clone()
             dist.all_reduce(occ)

@@ -42,11 +42,12 @@ class RankingModel(nn.Module):
     """``forward(batch) → logits [B, T]``. Embedding tables may be built on ``meta`` for sharding."""
 
     def __init__(self, schema: FeatureSchema, cfg: ModelConfig,
-                 sparse_device: torch.device | None = None, num_shards: int = 1) -> None:
+                 sparse_device: torch.device | None = None, num_shards: int = 1, batch_rows: int = 0) -> None:
+        """``batch_rows``: the most rows of one step (``SparseArch``: managed-collision buffers)."""
         super().__init__()
         self.schema = schema if cfg.use_sequences else schema.without_sequences()
         self.cfg = cfg
-        self.sparse_arch = SparseArch(self.schema, sparse_device, num_shards)
+        self.sparse_arch = SparseArch(self.schema, sparse_device, num_shards, batch_rows)
         self.tower = build_tower(self.schema, cfg)
 
     def forward(self, batch) -> torch.Tensor:

@@ -57,9 +57,12 @@ def common_dim(schema: FeatureSchema, what: str) -> int:
 
 
 class SparseArch(nn.Module):
-    def __init__(self, schema: FeatureSchema, device: torch.device | None = None, num_shards: int = 1) -> None:
+    def __init__(self, schema: FeatureSchema, device: torch.device | None = None, num_shards: int = 1,
+                 batch_rows: int = 0) -> None:
         """``num_shards``: the row-wise shards managed-collision tables will be split into (the
-        number of workers when sharded; each shard owns an equal range of ids and rows)."""
+        number of workers when sharded; each shard owns an equal range of ids and rows).
+        ``batch_rows``: the most rows of one step, which sizes the managed-collision admission
+        buffers (``embedding.modules.SizedMCHModule``); 0: TorchRec's first-batch sizing."""
         super().__init__()
         device = device or torch.device("cpu")
         self.schema = schema
@@ -70,7 +73,7 @@ class SparseArch(nn.Module):
         if uneven:
             raise ValueError(f"managed-collision tables {uneven}: hash_size must be divisible by the number "
                              f"of workers ({num_shards}); each worker owns an equal range of rows")
-        self.mc_ebc = build_field_mc_ebc(schema, device, buckets=num_shards)
+        self.mc_ebc = build_field_mc_ebc(schema, device, buckets=num_shards, batch_rows=batch_rows)
         if self.mc_ebc is not None and device.type != "meta":
             zero_unsharded_miss_rows(self.mc_ebc)  # sharded: embedding.sharding.shard() does it
         shared = set(schema.id_space_tables)
@@ -82,11 +85,14 @@ class SparseArch(nn.Module):
         self._key_table = ({f.name: f.table for f in schema.sparse}
                            | {q.column(f): f.table for q in schema.sequences for f in q.features})
         self._shared_pooling = {f.name: f.pooling for f in schema.sparse if f.table in shared}
-        # per managed table: [lookups, misses] since the last reset (not part of the state dict)
-        self.mc_counts: dict[str, torch.Tensor] = {t: torch.zeros(2, dtype=torch.int64) for t in sorted(managed)}
+        # per managed table, since the last reset (not part of the state dict): [field lookups,
+        # field misses, sequence lookups, sequence misses] — an id-space table's history ids apart
+        self.mc_counts: dict[str, torch.Tensor] = {t: torch.zeros(4, dtype=torch.int64) for t in sorted(managed)}
+        self._sequence_keys = set(schema.sequence_columns)
         self.seq_hasher = sequence_hasher(schema) if schema.sequences else None
         self.ec = build_sequence_ec(schema, device) if schema.sequences else None
-        self.mc_ec = build_sequence_mc_ec(schema, device, buckets=num_shards) if schema.sequences else None
+        self.mc_ec = (build_sequence_mc_ec(schema, device, buckets=num_shards, batch_rows=batch_rows)
+                      if schema.sequences else None)
         if self.mc_ec is not None and device.type != "meta":
             zero_unsharded_miss_rows_ec(self.mc_ec)
         # unpooled lookups: the id-space fields, then the sequence columns; plain tables first
@@ -159,8 +165,9 @@ class SparseArch(nn.Module):
             segments = mcms[table]._output_segments_tensor
             miss_rows = segments[1:][segments[1:] > 0] - 1  # each shard's last row
             v = jt.values()
-            self.mc_counts[table] += torch.stack([torch.tensor(v.numel()),
-                                                  torch.isin(v, miss_rows.to(v.device)).sum().cpu()])
+            at = 2 if key in self._sequence_keys else 0  # target/field lookups, history lookups
+            self.mc_counts[table][at:at + 2] += torch.stack([torch.tensor(v.numel()),
+                                                             torch.isin(v, miss_rows.to(v.device)).sum().cpu()])
 
     def mc_modules(self) -> dict[str, nn.Module]:
         """The (local, when sharded) MCH module of each managed table."""

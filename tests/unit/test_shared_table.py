@@ -11,6 +11,7 @@ import tempfile
 import tomllib
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -20,6 +21,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
+from embedding.hashing import name_salt
 from embedding.modules import field_bag_configs, field_hasher, sequence_configs, sequence_hasher
 from embedding.schema import FeatureSchema
 from jobs.config import load_config
@@ -156,3 +158,51 @@ def test_candidate_rows_pool_the_shared_field_without_a_history(table) -> None:
     model.eval()
     full = model.sparse_arch(batch.fields, batch.sequences).fields_BFD
     torch.testing.assert_close(model.sparse_arch.pooled_fields(batch.fields), full, rtol=0, atol=0)
+
+
+def test_an_id_space_table_needs_one_raw_type() -> None:
+    d = copy.deepcopy(_doc())
+    d["sequences"][0]["features"][0]["raw_type"] = "string"  # hist_item_id as strings, item_id as int64
+    with pytest.raises(ValueError, match=r"feature 'item_id': raw_type 'string' differs from 'int64' of 'item_id' "
+                                         r"on the same table 'item'"):
+        FeatureSchema.from_dict(d)
+
+
+def test_tables_shared_only_by_sequences_keep_their_salts() -> None:
+    """Two sequences on one table without a field (allowed before id spaces existed) hash as
+    before: per column, so old checkpoints keep their rows."""
+    d = _separate_doc()
+    d["sequences"].append({"name": "buy", "max_len": 4, "features": [{"name": "item_id", "table": "hist_item"}]})
+    schema = FeatureSchema.from_dict(d)
+    assert schema.id_space_tables == []
+    assert sequence_hasher(schema).salts.tolist() == [name_salt(c) for c in schema.sequence_columns]
+
+
+def test_managed_admission_keeps_history_ids_after_a_small_first_batch(table) -> None:
+    """TorchRec sizes the MCH admission buffer from the first batch; a first batch without
+    histories then dropped later history ids. ``batch_rows`` sets the floor."""
+    schema = load_config(ROOT / "configs/tiny.toml", MANAGED).schema
+    full = collate(table, schema)
+    empty_hist = table.set_column(table.column_names.index("hist_item_id"), "hist_item_id",
+                                  pa.array([[] for _ in range(table.num_rows)], pa.list_(pa.int64())))
+    empty_hist = empty_hist.set_column(empty_hist.column_names.index("hist_category"), "hist_category",
+                                       pa.array([[] for _ in range(table.num_rows)], pa.list_(pa.int64())))
+    misses = {}
+    for rows in (0, table.num_rows):
+        torch.manual_seed(0)
+        model = RankingModel(schema, ModelConfig(), batch_rows=rows)
+        arch = model.sparse_arch
+        arch(*_inputs(collate(empty_hist, schema)))  # first step: targets only
+        arch(*_inputs(full))  # second step: histories arrive, admitted at the next eviction
+        arch(*_inputs(full))
+        model.eval()
+        for c in arch.mc_counts.values():
+            c.zero_()
+        arch(*_inputs(full))
+        misses[rows] = int(arch.mc_counts["item"][3])  # history lookups that found no row
+    assert misses[table.num_rows] == 0 < misses[0]  # TorchRec's sizing lost ids; the floor keeps them
+    assert int(arch.mc_counts["item"][2]) > int(arch.mc_counts["item"][0]) > 0  # history and target counted apart
+
+
+def _inputs(batch):
+    return batch.fields, batch.sequences

@@ -80,6 +80,8 @@ def test_job_config_layers_the_study_over_the_base() -> None:
     ({"pairs": (("tokenformer", "hstu"),)}, "names a tower not in towers"),
     ({"fixed": {"hstu": {"model.hstu.d_model": 8}}}, "settings for tower 'hstu'"),
     ({"mode": "up"}, "'max' or 'min'"),
+    ({"metric": "validation_acu"}, "is not a metric of an eval range"),
+    ({"common": {"train.seed": None}}, r"\[tune.common\].\"train.seed\": None is not a TOML value"),
 ])
 def test_bad_study_files_are_named(change: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -102,15 +104,54 @@ def test_best_is_chosen_on_validation_never_on_test() -> None:
     job, _ = best_settings(_study(metric="validation_logloss", mode="min"),
                            [(j, _result(j, validation_logloss=v)) for j, v in zip(jobs, (0.5, 0.4, 0.45))])
     assert job.index == 1
+    # a NaN or missing metric ranks last, whichever the mode
+    for mode, values in (("max", (float("nan"), 0.7, 0.8)), ("min", (float("nan"), 0.5, 0.4))):
+        study = _study(metric="validation_logloss", mode=mode)
+        job, _ = best_settings(study, [(j, _result(j, validation_logloss=v)) for j, v in zip(jobs, values)])
+        assert job.index == 2, mode
+    # the chosen settings are the ones the result was trained with, not today's plan
+    planned = Job("trial-dlrm-0", "trial", "dlrm", 0, {"x": "changed since"})
+    job, _ = best_settings(study, [(planned, _result(jobs[0], validation_logloss=0.1))])
+    assert job.settings == {"x": 0}
+
+
+def test_metric_names_follow_the_ranges() -> None:
+    from jobs.tune import metric_range
+
+    ranges = {"val", "val_late", "test"}
+    assert metric_range("val_late_auc", ranges) == "val_late" and metric_range("val_auc_task2", ranges) == "val"
+    assert metric_range("val_late_acu", ranges) is None and metric_range("holdout_auc", ranges) is None
+    StudyConfig(name="s", towers=("dlrm",), metric="val_late_gauc",
+                eval_ranges={"val_late": "+1", "test": "+2"})  # a range name with '_' is fine
+
+
+def test_fingerprints_follow_config_and_data(tmp_path: Path) -> None:
+    from jobs.tune import fingerprint
+    from pipeline.days import parse_days
+    from pipeline.generator import GeneratorConfig, generate
+
+    cfg = load_config(ROOT / "configs/tiny.toml", ['train.eval_ranges.validation="+1"'])
+    gen = GeneratorConfig(seed=1, rows_per_day=100, files_per_day=1, num_users=50, num_items=40, num_categories=4)
+    for root in ("a", "b"):
+        generate(cfg.schema, gen, tmp_path / root, parse_days("2026-01-01..2026-01-03"), log=lambda *_: None)
+    stamp = fingerprint(cfg, tmp_path / "a")
+    assert fingerprint(cfg, tmp_path / "b") == stamp  # the same data in another folder
+    other = load_config(ROOT / "configs/tiny.toml", ['train.eval_ranges.validation="+1"', "train.seed=3"])
+    assert fingerprint(other, tmp_path / "a") != stamp
+    generate(cfg.schema, GeneratorConfig(seed=2, rows_per_day=120, files_per_day=1, num_users=50, num_items=40,
+                                         num_categories=4), tmp_path / "b", parse_days("2026-01-03"),
+             log=lambda *_: None)
+    assert fingerprint(cfg, tmp_path / "b") != stamp  # the evaluation day's data changed
 
 
 def test_best_settings_are_written_as_loadable_toml(tmp_path: Path) -> None:
     settings = {"train.sharding.dense_lr": 0.0017, "train.optim.decay": "cosine", "model.tokenformer.windows": [6, 3],
-                "train.deterministic": True}
+                "train.deterministic": True, "train.eval_ranges": {"validation": "+1", "test": "+2..+3"}}
     write_best(tmp_path / "best.toml", "tokenformer", settings, "validation_auc", 0.7)
     doc = tomllib.loads((tmp_path / "best.toml").read_text())
     assert doc["train"]["sharding"]["dense_lr"] == 0.0017 and doc["model"]["tokenformer"]["windows"] == [6, 3]
     assert doc["train"]["optim"]["decay"] == "cosine" and doc["train"]["deterministic"] is True
+    assert doc["train"]["eval_ranges"] == {"validation": "+1", "test": "+2..+3"}
     text = (tmp_path / "best.toml").read_text()
     overrides = [o.strip("'") for o in text.splitlines()[1].split("--set ")[1:]]
     cfg = load_config(ROOT / "configs/tiny.toml", [o.strip().strip("'") for o in overrides])
@@ -137,7 +178,10 @@ def test_summary_pairs_seeds_and_gives_the_standard_error() -> None:
     se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 4) / math.sqrt(5)
     (pair,) = s["pairs"]
     assert pair["seeds"] == [1, 2, 3, 4, 5] and pair["mean"] == pytest.approx(mean) and pair["se"] == pytest.approx(se)
-    assert pair["more_than_2se"] == (mean > 2 * se)
+    assert pair["more_than_2se"] == (abs(mean) > 2 * se)
+    reverse = summarize(_study(towers=("tokenformer", "naive_transformer"), space={},
+                               pairs=(("naive_transformer", "tokenformer"),)), cfg, results, best)["pairs"][0]
+    assert reverse["mean"] == pytest.approx(-mean) and reverse["more_than_2se"] == pair["more_than_2se"]
     row = s["towers"]["tokenformer"]
     assert row["click"]["auc"]["mean"] == pytest.approx(sum(tf) / 5) and row["click"]["auc"]["n"] == 5
     assert row["like"]["auc"]["mean"] == pytest.approx(sum(tf) / 5 - 0.1)  # per label (task 1)
