@@ -50,11 +50,11 @@ DENSE_OPTIMIZERS = ("adam", "adamw", "sgd")
 @dataclass(frozen=True, kw_only=True)
 class ShardingConfig:
     sharding_types: tuple[str, ...] = ()  # allowed for every table; empty: the planner chooses
-    table_sharding_types: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per table
-    sparse_optimizer: str = "rowwise_adagrad"
-    sparse_lr: float = 0.1
-    dense_optimizer: str = "adam"
-    dense_lr: float = 3e-3
+    table_sharding_types: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per table name: its allowed types
+    sparse_optimizer: str = "rowwise_adagrad"  # the tables' fused optimizer: rowwise_adagrad | sgd
+    sparse_lr: float = 0.1  # the tables' learning rate
+    dense_optimizer: str = "adam"  # the dense parameters': adam | adamw ([train.optim] weight decay) | sgd
+    dense_lr: float = 3e-3  # the dense base learning rate ([train.optim] schedules it)
 
     def __post_init__(self) -> None:
         bad = [t for ts in (self.sharding_types, *self.table_sharding_types.values()) for t in ts

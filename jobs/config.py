@@ -40,12 +40,12 @@ class TrainConfig:
     # or absolute days ("2026-01-05..2026-01-06"). Empty: one range "eval" from eval_offset and
     # eval_days. The first range is the one the registry's tags and the daily gate read.
     eval_ranges: dict[str, str] = field(default_factory=dict)
-    num_workers: int = 2
-    batch_size: int = 512
+    num_workers: int = 2  # Ray Train workers (one process each; tables sharded over them)
+    batch_size: int = 512  # rows per worker per step (the global batch is num_workers × this)
     eval_batch_size: int = 1024  # rows per eval step (larger batches were slower per row on CPU)
-    epochs: int = 1
-    log_every: int = 50
-    seed: int = 0
+    epochs: int = 1  # passes over the training days
+    log_every: int = 50  # steps between progress lines and logged training metrics
+    seed: int = 0  # model initialisation, dropout masks and (deterministic) data order
     use_gpu: bool = False  # one GPU per worker, NCCL, CUDA FBGEMM (requirements/gpu.txt)
     checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end
     keep_checkpoints: int = 3  # published checkpoints kept per run (the newest)
@@ -84,8 +84,8 @@ class TrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrackingConfig:
-    experiment: str = "tokenrec"
-    model_name: str = "tokenrec-ranker"
+    experiment: str = "tokenrec"  # the MLflow experiment runs are logged to
+    model_name: str = "tokenrec-ranker"  # the registered model versions go to (and the gate compares within)
 
 
 @dataclass(frozen=True, kw_only=True)

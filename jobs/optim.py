@@ -30,9 +30,9 @@ DECAYS = ("constant", "cosine", "linear")
 class OptimConfig:
     weight_decay: float = 0.0  # decoupled (AdamW, ``dense_optimizer = "adamw"``), on matrices only
     warmup_steps: int = 0  # linear warmup; the larger of this and warmup_share × total steps
-    warmup_share: float = 0.0
+    warmup_share: float = 0.0  # … as a share of the run's planned steps
     decay: str = "constant"  # after the warmup: constant | cosine | linear down to min_lr_ratio
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1  # the decay's floor, as a share of the base learning rate
     clip_grad_norm: float = 0.0  # max global L2 norm of the dense gradients; 0: no clipping
 
     def __post_init__(self) -> None:

@@ -25,16 +25,16 @@ from model.sparse import SparseOutput
 
 @dataclass(frozen=True, kw_only=True)
 class DCNv2Config:
-    cross_layers: int = 3
+    cross_layers: int = 3  # DCNv2 cross layers x_{l+1} = x_0 ⊙ (W x_l + b) + x_l
     rank: int = 0  # 0: full-rank W; > 0: low-rank U V^T (many fields)
-    deep_mlp: tuple[int, ...] = (256, 128)
+    deep_mlp: tuple[int, ...] = (256, 128)  # hidden sizes of the parallel deep network
 
 
 @dataclass(frozen=True, kw_only=True)
 class DINConfig:
-    attention_mlp: tuple[int, ...] = (64, 32)
-    top_mlp: tuple[int, ...] = (256, 128)
-    target_groups: tuple[str, ...] = ("item",)
+    attention_mlp: tuple[int, ...] = (64, 32)  # DIN activation unit: hidden sizes of the target-behaviour MLP
+    top_mlp: tuple[int, ...] = (256, 128)  # hidden sizes over the fields and the attended history
+    target_groups: tuple[str, ...] = ("item",)  # schema token groups that describe the target (the query)
 
 
 def _flat_inputs(dense_BDd: torch.Tensor, sparse: SparseOutput) -> torch.Tensor:

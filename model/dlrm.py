@@ -17,7 +17,7 @@ from model.sparse import SparseOutput
 @dataclass(frozen=True, kw_only=True)
 class DLRMConfig:
     bottom_mlp: tuple[int, ...] = (64,)  # hidden sizes; a final layer to D is added
-    top_mlp: tuple[int, ...] = (256, 128)
+    top_mlp: tuple[int, ...] = (256, 128)  # hidden sizes over the pairwise dot products; then one logit per label
 
 
 def mlp(sizes: list[int], final_act: bool) -> nn.Sequential:

@@ -41,14 +41,14 @@ ENCODERS = ("full", "longer", "swiglu")
 
 @dataclass(frozen=True, kw_only=True)
 class HyFormerConfig:
-    d_model: int = 64
-    num_layers: int = 2
+    d_model: int = 64  # token width D
+    num_layers: int = 2  # HyFormer layers (query decoding + query boosting)
     queries_per_sequence: int = 1  # N
     encoder: str = "full"  # sequence K/V encoder: full | longer | swiglu
     recent_window: int = 8  # longer: the newest K behaviours are the queries
-    num_heads: int = 2
+    num_heads: int = 2  # attention heads
     ffn_mult: int = 4  # per-token FFN and encoder FFN hidden = ffn_mult · D
-    head_hidden: int = 256
+    head_hidden: int = 256  # hidden size of the output MLP over the final queries
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:

@@ -31,11 +31,11 @@ from model.tokenformer import right_align
 
 @dataclass(frozen=True, kw_only=True)
 class OneTransConfig:
-    d_model: int = 64
-    num_heads: int = 4
-    num_layers: int = 4
-    num_ns_tokens: int = 8
-    ffn_mult: int = 2
+    d_model: int = 64  # token width D
+    num_heads: int = 4  # attention heads
+    num_layers: int = 4  # OneTrans blocks
+    num_ns_tokens: int = 8  # non-sequential tokens the fields are grouped into
+    ffn_mult: int = 2  # FFN hidden = ffn_mult · D
     pyramid: bool = True  # False: every token issues queries in every layer
 
     def __post_init__(self) -> None:

@@ -23,7 +23,7 @@ TOWERS = ("dlrm", "dcnv2", "din", "rankmixer_longer", "onetrans", "tokenformer",
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    tower: str = "dlrm"
+    tower: str = "dlrm"  # the dense tower: one of TOWERS (README, docs/architecture.md)
     use_sequences: bool = True  # False: the ablation without behaviour sequences
     dlrm: DLRMConfig = field(default_factory=DLRMConfig)
     dcnv2: DCNv2Config = field(default_factory=DCNv2Config)

@@ -29,12 +29,12 @@ from model.tokenformer import right_align
 
 @dataclass(frozen=True, kw_only=True)
 class RankMixerConfig:
-    d_model: int = 64
+    d_model: int = 64  # token width D
     num_tokens: int = 8  # including one LONGER token per sequence; must divide d_model
-    num_layers: int = 2
-    ffn_mult: int = 2
+    num_layers: int = 2  # RankMixer layers (token mixing + per-token FFN)
+    ffn_mult: int = 2  # per-token FFN hidden = ffn_mult · D
     recent_window: int = 8  # LONGER queries: the newest K behaviours
-    num_heads: int = 2
+    num_heads: int = 2  # LONGER attention heads
 
     def __post_init__(self) -> None:
         if self.num_tokens < 2 or self.d_model % self.num_tokens:

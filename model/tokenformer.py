@@ -55,14 +55,14 @@ MODES = ("new_impression", "user_centric")
 
 @dataclass(frozen=True, kw_only=True)
 class TokenFormerConfig:
-    d_model: int = 64
-    num_heads: int = 4
-    num_full_layers: int = 2
+    d_model: int = 64  # token width D
+    num_heads: int = 4  # attention heads (D must divide by it)
+    num_full_layers: int = 2  # BFTS: full-attention layers at the bottom
     windows: tuple[int, ...] = (32, 16)  # one per sliding layer above the full ones, shrinking
-    schedule: str = ""  # BFTS shorthand "4F" | "3F1S" | "2F2S" | "1F3S" | "4S": sets the two above,
-    first_window: int = 32  # … with windows first_window, first_window/2, … for the S layers
+    schedule: str = ""  # BFTS shorthand "4F" | "3F1S" | "2F2S" | "1F3S" | "4S": sets num_full_layers and windows
+    first_window: int = 32  # schedule: the S layers' windows are first_window, first_window/2, …
     nlir: bool = True  # the σ(X W_g + b) gate; False: plain residual I = X + A
-    gate_bias: float = 0.0
+    gate_bias: float = 0.0  # NLIR: the gate's initial bias b (σ(b) the initial gate value)
     drop_field_tokens: bool = True  # drop field tokens + first <sep> after the full layers
     num_field_tokens: int = 0  # 0: one per field up to 32 fields, else 32 tokens of grouped fields
     target_groups: tuple[str, ...] = ("item",)  # schema token groups that describe the target
@@ -70,10 +70,10 @@ class TokenFormerConfig:
     event_tokens: str = "concat"  # concat: Linear(side features concatenated) (the paper) | sum: Linear(sum)
     ffn_hidden: int = 0  # SwiGLU hidden size; 0: 8/3 · d_model rounded up to a multiple of 8
     attention_kernel: str = "auto"  # auto | reference | sdpa | banded
-    rope_theta: float = 10_000.0
+    rope_theta: float = 10_000.0  # RoPE base frequency over the stream positions
     mode: str = "new_impression"  # user_centric: item tokens also predict the action that followed
     action_feature: str = "action"  # the sequence side feature holding the action (user_centric)
-    action_loss_weight: float = 1.0
+    action_loss_weight: float = 1.0  # user_centric: weight of the next-action loss beside the label loss
     action_positive_min: int = 1  # user_centric: an action is positive when its raw id >= this (ratings: 4)
     trim: bool = True  # new-impression: compute only the receptive field of the read-out (exact)
     dropout: float = 0.0  # on the attention and FFN residual branches (training only)

@@ -45,45 +45,45 @@ from pipeline.validate import REQUEST_ID
 
 @dataclass(frozen=True, kw_only=True)
 class GeneratorConfig:
-    seed: int = 0
+    seed: int = 0  # the world (pools, effects) depends only on it; a day's rows on (seed, day)
     start_day: str = "2026-01-01"  # day index 0: drift and new ids count from here
-    rows_per_day: int = 100_000
-    files_per_day: int = 4
-    num_users: int = 20_000
-    num_items: int = 5_000
-    num_categories: int = 16
-    new_users_per_day: int = 1_000
-    new_items_per_day: int = 200
-    zipf_a: float = 1.05
+    rows_per_day: int = 100_000  # impressions written per day
+    files_per_day: int = 4  # Parquet files per day partition (the unit workers are dealt)
+    num_users: int = 20_000  # users on day 0 (Zipf-popular)
+    num_items: int = 5_000  # items on day 0 (Zipf-popular)
+    num_categories: int = 16  # item categories (the session interest is one of them)
+    new_users_per_day: int = 1_000  # users that appear each day after day 0
+    new_items_per_day: int = 200  # items that appear each day after day 0
+    zipf_a: float = 1.05  # Zipf exponent of user and item popularity
     new_id_share: float = 0.05  # share of a day's rows that show that day's new users / items
-    item_field: str = "item_id"
-    category_field: str = "item_category"
-    sequence: str = "hist"
-    min_hist_len: int = 1
-    max_hist_len: int = 40
+    item_field: str = "item_id"  # the sparse field holding the target item
+    category_field: str = "item_category"  # the sparse field holding the target's category
+    sequence: str = "hist"  # the sequence carrying the session-interest effect
+    min_hist_len: int = 1  # behaviours per history, drawn uniformly in [min, max]
+    max_hist_len: int = 40  # beyond the sequence's max_len, only the newest max_len are kept
     interest_share: float = 0.7  # share of history items drawn from the session interest
     target_interest_share: float = 0.5  # share of targets drawn from the session interest
-    context_cardinality: tuple[int, int] = (3, 50)
-    num_signal_fields: int = 8
-    num_pairs: int = 4
-    user_scale: float = 0.15
-    item_scale: float = 0.15
-    category_scale: float = 0.3
-    field_scale: float = 0.5
-    pair_scale: float = 0.6
-    dense_scale: float = 0.3
-    sequence_scale: float = 3.0
-    drift: float = 0.05
-    bias: float = -1.6
+    context_cardinality: tuple[int, int] = (3, 50)  # [low, high] distinct values of a context field
+    num_signal_fields: int = 8  # context fields with per-value effects (the others are noise)
+    num_pairs: int = 4  # pairwise interactions planted among the signal fields
+    user_scale: float = 0.15  # std of the per-user logit bias
+    item_scale: float = 0.15  # std of the per-item logit bias
+    category_scale: float = 0.3  # std of the per-category logit bias
+    field_scale: float = 0.5  # std of a signal field's per-value effects
+    pair_scale: float = 0.6  # std of a pairwise interaction's per-value-pair effects
+    dense_scale: float = 0.3  # std of the dense features' linear weights
+    sequence_scale: float = 3.0  # logit += scale × (history share in the target's category − 0.5)
+    drift: float = 0.05  # per day, context effects move this much along a fixed direction
+    bias: float = -1.6  # the logit's offset (sets the click rate)
     # every further sequence of the schema (beyond ``sequence``): history mostly from the user's
     # long-term preferred category; the click logit rises with its share of the target's category
-    long_term_share: float = 0.6
-    other_sequence_scale: float = 2.0
+    long_term_share: float = 0.6  # further sequences: share drawn from the user's preferred category
+    other_sequence_scale: float = 2.0  # further sequences: the effect's scale, as sequence_scale
     # requests: > 1 writes runs of this many candidate rows sharing a ``request_id``, the user,
     # context fields, request-level dense features, history and timestamp, and differing in the
     # candidate (the fields of ``candidate_groups`` and candidate-level dense features)
     candidates_per_request: int = 1
-    candidate_groups: tuple[str, ...] = ("item",)
+    candidate_groups: tuple[str, ...] = ("item",)  # requests: the token groups that differ per candidate
     # several feedback labels with different dependencies: label → {part: weight, "offset": bias}
     # over the logit's parts (LABEL_PARTS). A label not named keeps the default: the first label
     # is the full planted logit, further ones correlated, noisier copies of it.
