@@ -131,20 +131,24 @@ def cmd_models(a: argparse.Namespace) -> int:
     cfg, reg = _registry(a)
     rows = reg.table()
     if not rows:
-        print(f"model '{reg.name}' has no versions yet")
+        names = sorted(m.name for m in reg.client.search_registered_models())
+        others = f"; registered models in this store: {', '.join(names)} (choose one with --model-name)" \
+            if names else ""
+        print(f"model '{reg.name}' has no versions yet{others}")
         return 0
     if a.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'ver':>4} {'aliases':<20} {'days':<22} {'eval day':<10} {'auc':>7} {'logloss':>7} "
-          f"{'calib':>6} {'parent':>6}  gate")
-    def num(r: dict, k: str) -> str:
-        return f"{float(r[k]):.4f}" if r[k] else "-"
+    print(f"{'ver':>4} {'aliases':<20} {'tower':<17} {'seed':>4} {'days':<22} {'eval day':<10} {'auc':>7} "
+          f"{'gauc':>7} {'logloss':>7} {'calib':>6} {'rows/s':>7} {'parent':>6}  gate")
+
+    def num(r: dict, k: str, fmt: str = ".4f") -> str:
+        return f"{float(r[k]):{fmt}}" if r[k] else "-"
 
     for r in reversed(rows):
-        print(f"{r['version']:>4} {r['aliases'] or '-':<20} {r['days']:<22} {r['eval_day']:<10} "
-              f"{num(r, 'auc'):>7} {num(r, 'logloss'):>7} {num(r, 'calibration'):>6} {r['parent'] or '-':>6}  "
-              f"{r['gate'][:90]}")
+        print(f"{r['version']:>4} {r['aliases'] or '-':<20} {r['tower'] or '-':<17} {r['seed'] or '-':>4} "
+              f"{r['days']:<22} {r['eval_day']:<10} {num(r, 'auc'):>7} {num(r, 'gauc'):>7} {num(r, 'logloss'):>7} "
+              f"{num(r, 'calibration'):>6} {num(r, 'rows_per_s', ',.0f'):>7} {r['parent'] or '-':>6}  {r['gate'][:90]}")
     return 0
 
 
@@ -256,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         _common(p)
         p.add_argument("--workdir", type=Path, default=Path(".tokenrec"), help="runs, checkpoints, MLflow store")
         p.add_argument("--tracking-uri", help=TRACKING_HELP)
+        p.add_argument("--model-name", help="registered model (default: [tracking].model_name of --config)")
 
     def daily_flags(p: argparse.ArgumentParser) -> None:
         registry_flags(p)
@@ -316,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     fe.set_defaults(fn=cmd_data_fetch)
 
     a = parser.parse_args(argv)
+    if getattr(a, "model_name", None):  # --model-name: the same as --set tracking.model_name=…
+        a.overrides.append(f"tracking.model_name={json.dumps(a.model_name)}")
     try:
         return a.fn(a)
     except (ValueError, FileNotFoundError, FileExistsError, SchemaMismatchError, RuntimeError) as e:

@@ -294,8 +294,10 @@ class Registry:
             rows.append({
                 "version": int(v.version), "aliases": ",".join(sorted(aliases)),
                 "days": tags.get("tokenrec.days", ""), "eval_day": tags.get("tokenrec.eval_day", ""),
-                "auc": tags.get(f"{r}_auc", ""), "logloss": tags.get(f"{r}_logloss", ""),
-                "calibration": tags.get(f"{r}_calibration", ""),
+                "tower": tags.get("tokenrec.tower", ""), "seed": tags.get("tokenrec.seed", ""),
+                "auc": tags.get(f"{r}_auc", ""), "gauc": tags.get(f"{r}_gauc", ""),
+                "logloss": tags.get(f"{r}_logloss", ""), "calibration": tags.get(f"{r}_calibration", ""),
+                "rows_per_s": tags.get("train_rows_per_s", ""),
                 "parent": tags.get("tokenrec.parent_version", ""),
                 "gate": tags.get("tokenrec.gate", ""), "run_id": v.run_id,
             })

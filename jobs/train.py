@@ -260,7 +260,9 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
     info = with_retries(log_model, what="logging the model")
     tags = ({k: str(v) for k, v in m.items() if k.startswith(tuple(f"{name}_" for name in evals))}
             | {"tokenrec.days": client.get_run(run_id).data.tags["tokenrec.days"], "tokenrec.eval_day": eval_day,
-               "tokenrec.eval_range": next(iter(evals))})  # whose metrics the registry lists
+               "tokenrec.eval_range": next(iter(evals)),  # whose metrics the registry lists
+               "tokenrec.tower": cfg.model.tower, "tokenrec.seed": str(cfg.train.seed),
+               "train_rows_per_s": f"{m.get('train_rows_per_s', 0.0):.1f}"})
     version = register_once(client, cfg.tracking.model_name, info.model_uri, run_id, tags)
     m["model_version"] = int(version.version)
     client.set_tag(run_id, "tokenrec.model_version", str(version.version))

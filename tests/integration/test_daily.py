@@ -119,6 +119,11 @@ def test_daily_gate_promote_rollback_backfill(roots, tmp_path: Path) -> None:
     rows = {row["version"]: row for row in json.loads(r.stdout)}
     assert sorted(rows) == [1, 2, 3] and rows[champion]["aliases"] == "champion"
     assert rows[2]["parent"] == "1" and rows[3]["aliases"] == ""  # promoted, then rolled back
+    assert rows[1]["tower"] == CFG.model.tower and rows[1]["seed"] == "0" and float(rows[1]["gauc"]) > 0.5
+    assert float(rows[1]["rows_per_s"]) > 0
+    r = cli("models", "--model-name", "someone-elses-model", *flags)  # another model: named, not the config's
+    assert r.returncode == 0 and "model 'someone-elses-model' has no versions yet" in r.stdout
+    assert CFG.tracking.model_name in r.stdout  # … and the models that do exist are listed
 
     # Backfill: days 1-3 are done (skipped); day 4 needs day 5 to evaluate, which is missing.
     with pytest.raises(BackfillError) as err:
