@@ -27,15 +27,23 @@ def gauc(labels: np.ndarray, probs: np.ndarray, users: np.ndarray) -> float:
     return float(np.average(user_auc, weights=g.n))
 
 
-def evaluate(labels: np.ndarray, probs: np.ndarray, users: np.ndarray, prefix: str = "eval_") -> dict:
-    """AUC, GAUC, logloss, calibration (mean prediction / mean label) per task column."""
+def evaluate(labels: np.ndarray, probs: np.ndarray, users: np.ndarray, prefix: str = "eval_",
+             names: list[str] | tuple[str, ...] | None = None) -> dict:
+    """AUC, GAUC, logloss, calibration (mean prediction / mean label) per label column.
+
+    ``labels``, ``probs``: [N] or [N, T]; ``users``: [N]. Keys: ``<prefix>auc`` … for the first
+    (primary) label — what the gate compares — and, given the label ``names``, ``<prefix>auc_<name>``
+    … for every label (the first included); without names, ``<prefix>auc_task<t>`` for t ≥ 1."""
     labels, probs = np.atleast_2d(labels.T).T, np.atleast_2d(probs.T).T
+    if names is not None and len(names) != labels.shape[1]:
+        raise ValueError(f"evaluate: {len(names)} label names for {labels.shape[1]} label columns")
     out: dict[str, float] = {f"{prefix}rows": float(len(labels))}
     for t in range(labels.shape[1]):
         y, p = labels[:, t], probs[:, t]
-        sfx = "" if t == 0 else f"_task{t}"
-        out[f"{prefix}auc{sfx}"] = auc(y, p)
-        out[f"{prefix}gauc{sfx}"] = gauc(y, p, users)
-        out[f"{prefix}logloss{sfx}"] = logloss(y, p)
-        out[f"{prefix}calibration{sfx}"] = float(p.mean() / max(y.mean(), 1e-12))
+        m = {"auc": auc(y, p), "gauc": gauc(y, p, users), "logloss": logloss(y, p),
+             "calibration": float(p.mean() / max(y.mean(), 1e-12))}
+        suffixes = ([""] if t == 0 else []) + ([f"_{names[t]}"] if names is not None else
+                                               ([f"_task{t}"] if t else []))
+        for sfx in suffixes:
+            out |= {f"{prefix}{k}{sfx}": v for k, v in m.items()}
     return out

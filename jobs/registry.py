@@ -68,7 +68,7 @@ def evaluate_export(export_dir: str | Path, data_root: str | Path, day: str,
                 users.append(batch.user_ids.numpy())
     if not labels:
         raise ValueError(f"day {day} under {data_root} has no valid row to evaluate on")
-    m = evaluate(np.concatenate(labels), np.concatenate(probs), np.concatenate(users))
+    m = evaluate(np.concatenate(labels), np.concatenate(probs), np.concatenate(users), names=schema.labels)
     return m | {"eval_rows_invalid": float(invalid)}
 
 

@@ -144,17 +144,26 @@ class StudyConfig:
         return int(self.tower_seeds.get(tower, self.seeds))
 
 
-def metric_range(metric: str, ranges) -> str | None:
-    """The evaluation range a metric name reads (``validation_auc_task1`` → ``validation``), or
-    None when the name is not ``<range>_<metric>[_taskN]`` of one of ``ranges`` (longest first:
-    range names may contain ``_``)."""
+def metric_parts(metric: str, ranges) -> tuple[str, str, str] | None:
+    """``(range, metric, label)`` of a metric name (``validation_auc_like`` → ``("validation",
+    "auc", "like")``; the label is "" for the primary one), or None when the name is not
+    ``<range>_<metric>[_<label>]`` of one of ``ranges`` (longest first: range names may contain
+    ``_``; the label is checked against the schema in ``run_study``)."""
     import re
 
     for r in sorted(ranges, key=len, reverse=True):
-        if metric.startswith(f"{r}_") and re.fullmatch(
-                rf"({'|'.join(RANGE_METRICS)})(_task\d+)?", metric[len(r) + 1:]):
-            return r
+        if metric.startswith(f"{r}_"):
+            m = re.fullmatch(rf"({'|'.join(sorted(RANGE_METRICS, key=len, reverse=True))})(?:_(\w+))?",
+                             metric[len(r) + 1:])
+            if m:
+                return r, m.group(1), m.group(2) or ""
     return None
+
+
+def metric_range(metric: str, ranges) -> str | None:
+    """The evaluation range a metric name reads (``metric_parts``), or None."""
+    parts = metric_parts(metric, ranges)
+    return parts[0] if parts else None
 
 
 def load_study(path: str | Path) -> StudyConfig:
@@ -449,9 +458,11 @@ def summarize(study: StudyConfig, cfg: JobConfig, results: dict[str, list[dict]]
                "seeds": [r["job"]["index"] for r in runs], "run_ids": [r["run_id"] for r in runs],
                "seconds": _stats([r["seconds"] for r in runs])}
         for t, label in enumerate(labels):
-            sfx = "" if t == 0 else f"_task{t}"
-            row[label] = {k: _stats([r["metrics"].get(f"{test}_{k}{sfx}", float("nan")) for r in runs])
-                          for k in FINAL_KEYS}
+            def value(r: dict, k: str, t=t, label=label) -> float:  # label-named; _taskN before that
+                m = r["metrics"]
+                return m.get(f"{test}_{k}_{label}", m.get(f"{test}_{k}" if t == 0 else f"{test}_{k}_task{t}",
+                                                          float("nan")))
+            row[label] = {k: _stats([value(r, k) for r in runs]) for k in FINAL_KEYS}
         eranks = [r.get("effective_rank") or [] for r in runs]
         if eranks and all(eranks) and len({len(e) for e in eranks}) == 1:
             row["effective_rank"] = [_stats(list(col)) for col in zip(*eranks)]
@@ -525,6 +536,10 @@ def run_study(req: StudyRequest, log=print) -> dict:
     for tower in study.towers:  # a tower that cannot be built (e.g. a token count that does not
         _check_builds(configs[tower], f"{req.study} ({tower})")  # divide d_model) stops here
     cfg = configs[study.towers[0]]
+    label = metric_parts(study.metric, study.eval_ranges)[2]
+    if label and label not in cfg.schema.labels:
+        raise ValueError(f"{req.study}: [tune].metric '{study.metric}': '{label}' is not a label of the "
+                         f"schema {list(cfg.schema.labels)}")
     days = parse_days(cfg.train.days)
     for ds in eval_ranges(cfg.train, days).values():
         day_files(req.data_root, ds)  # a missing evaluation day stops here

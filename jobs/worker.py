@@ -276,7 +276,7 @@ def train_loop(args: WorkerArgs) -> None:
         tower = model.model.tower
         prefixes = getattr(tower, "prefix_passes", 0)
         metrics |= evaluate_shard(dmp, stream(name, tc.eval_batch_size), padding(tc.eval_batch_size),
-                                  prefix=f"{name}_")
+                                  prefix=f"{name}_", names=cfg.schema.labels)
         metrics |= managed_collision_metrics(sparse_arch, name)
         if rank == 0:
             shared = getattr(tower, "prefix_passes", 0) - prefixes  # rows sharing a request_id
@@ -330,7 +330,8 @@ def managed_collision_metrics(sparse_arch: SparseArch, phase: str) -> dict[str, 
 
 
 @torch.no_grad()
-def evaluate_shard(dmp, batches: Iterator, padding, prefix: str = "eval_") -> dict:
+def evaluate_shard(dmp, batches: Iterator, padding, prefix: str = "eval_",
+                   names: tuple[str, ...] | None = None) -> dict:
     """Predict this worker's eval rows, gather all workers' on every rank, compute metrics
     (``jobs.metrics.evaluate``, keys prefixed ``prefix``)."""
     dmp.eval()
@@ -348,4 +349,4 @@ def evaluate_shard(dmp, batches: Iterator, padding, prefix: str = "eval_") -> di
     dist.all_gather_object(gathered, local)
     y, p, u = (np.concatenate([g[i] for g in gathered]) for i in range(3))
     dmp.train()
-    return evaluate(y, p, u, prefix=prefix)
+    return evaluate(y, p, u, prefix=prefix, names=names)

@@ -118,9 +118,13 @@ def test_best_is_chosen_on_validation_never_on_test() -> None:
 def test_metric_names_follow_the_ranges() -> None:
     from jobs.tune import metric_range
 
+    from jobs.tune import metric_parts
+
     ranges = {"val", "val_late", "test"}
-    assert metric_range("val_late_auc", ranges) == "val_late" and metric_range("val_auc_task2", ranges) == "val"
+    assert metric_range("val_late_auc", ranges) == "val_late" and metric_range("val_auc_like", ranges) == "val"
     assert metric_range("val_late_acu", ranges) is None and metric_range("holdout_auc", ranges) is None
+    assert metric_parts("val_oracle_auc", ranges) == ("val", "oracle_auc", "")
+    assert metric_parts("val_late_gauc_long_view", ranges) == ("val_late", "gauc", "long_view")
     StudyConfig(name="s", towers=("dlrm",), metric="val_late_gauc",
                 eval_ranges={"val_late": "+1", "test": "+2"})  # a range name with '_' is fine
 
@@ -165,7 +169,8 @@ def test_summary_pairs_seeds_and_gives_the_standard_error() -> None:
     nv = [0.78, 0.80, 0.78, 0.79, 0.79]
     results = {
         "tokenformer": [_result(Job(f"seed-tokenformer-{s}", "seed", "tokenformer", s, {}), test_auc=a,
-                                test_auc_task1=a - 0.1, test_gauc=a, test_logloss=0.4, test_calibration=1.0)
+                                test_auc_like=a - 0.1, test_gauc=a, test_logloss=0.4, test_calibration=1.0,
+                                test_auc_long_view=a - 0.2)
                         | {"effective_rank": [10.0 + s, 8.0]} for s, a in enumerate(tf, 1)],
         "naive_transformer": [_result(Job(f"seed-naive_transformer-{s}", "seed", "naive_transformer", s, {}),
                                       test_auc=a, test_gauc=a, test_logloss=0.41, test_calibration=1.0)
@@ -184,7 +189,10 @@ def test_summary_pairs_seeds_and_gives_the_standard_error() -> None:
     assert reverse["mean"] == pytest.approx(-mean) and reverse["more_than_2se"] == pair["more_than_2se"]
     row = s["towers"]["tokenformer"]
     assert row["click"]["auc"]["mean"] == pytest.approx(sum(tf) / 5) and row["click"]["auc"]["n"] == 5
-    assert row["like"]["auc"]["mean"] == pytest.approx(sum(tf) / 5 - 0.1)  # per label (task 1)
+    assert row["like"]["auc"]["mean"] == pytest.approx(sum(tf) / 5 - 0.1)  # per label, by name
+    assert row["long_view"]["auc"]["mean"] == pytest.approx(sum(tf) / 5 - 0.2)
+    legacy = {"tokenformer": [dict(r, metrics={"test_auc": 0.8, "test_auc_task1": 0.7}) for r in results["tokenformer"]]}
+    assert summarize(study, cfg, legacy, best)["towers"]["tokenformer"]["like"]["auc"]["mean"] == pytest.approx(0.7)
     assert row["effective_rank"][0]["mean"] == pytest.approx(13.0) and row["effective_rank"][1]["std"] == 0.0
     table = markdown(s)
     assert "| tokenformer − naive_transformer |" in table and "| tokenformer | like |" in table
