@@ -191,3 +191,49 @@ class StepLogger:
         self.dropped += 1
         print(f"warning: step {step} metrics not logged to MLflow ({why}); "
               f"training goes on ({self.dropped} step(s) dropped so far)", file=sys.stderr, flush=True)
+
+def log_day_inputs(client: MlflowClient, run_id: str, data_root: Path, ranges: dict[str, tuple[list, list, int]],
+                   schema=None) -> None:
+    """Each day range of a run as an MLflow dataset input (the run page's "Datasets used"): name
+    ``<context> <days>``, source the data root, a digest of the range's files (names and sizes),
+    the schema's columns, and a profile with the row and file counts. ``ranges``: context
+    (``training``, or an evaluation range's name) → (days, files, rows)."""
+    import hashlib
+    import json
+
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+
+    class _Days(MetaDataset):
+        def __init__(self, source, name, digest, profile, schema) -> None:
+            self._profile = profile
+            super().__init__(source, name=name, digest=digest, schema=schema)
+
+        @property
+        def profile(self):
+            return self._profile
+
+        def to_dict(self) -> dict:
+            return super().to_dict() | {"profile": json.dumps(self._profile)}
+
+    mlflow_schema = None
+    if schema is not None:  # the columns the schema reads, with their types
+        from mlflow.types import ColSpec, Schema
+        from mlflow.types.schema import Array
+
+        kind = {"int64": "long", "string": "string"}
+        cols = ([(c, "float") for c in schema.labels]
+                + [(f.name, Array(kind[f.raw_type]) if f.multi_valued else kind[f.raw_type]) for f in schema.sparse]
+                + [(c, "float") for c in schema.dense_names]
+                + [(q.column(f), Array(kind[f.raw_type])) for q in schema.sequences for f in q.features])
+        mlflow_schema = Schema([ColSpec(type=t, name=c) for c, t in dict(cols).items()])
+    inputs = []
+    for context, (days, files, rows) in ranges.items():
+        spec = str(days[0]) if len(days) == 1 else f"{days[0]}..{days[-1]}"
+        digest = hashlib.sha256(json.dumps([(f"{Path(f).parent.name}/{Path(f).name}", Path(f).stat().st_size)
+                                            for f in files]).encode()).hexdigest()[:16]
+        ds = _Days(LocalArtifactDatasetSource(str(Path(data_root).resolve())), f"{context} {spec}", digest,
+                   {"num_rows": int(rows), "num_files": len(files), "days": spec}, mlflow_schema)
+        inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+    client.log_inputs(run_id, datasets=inputs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from deploy.export import export_checkpoint, log_pyfunc
 from jobs.checkpoint import check_layout, read_position
 from jobs.config import JobConfig
-from jobs.tracking import connect, default_tracking_uri, flatten, log_metrics, redact, with_retries
+from jobs.tracking import connect, default_tracking_uri, flatten, log_day_inputs, log_metrics, redact, with_retries
 from jobs.worker import WorkerArgs, train_loop
 from model.ranking import RankingModel, RankingTrain
 from pipeline.days import day_files, next_day, parse_days, parse_range
@@ -101,6 +102,19 @@ def eval_ranges(tc, days: list) -> dict[str, list]:
     return ranges
 
 
+def run_description(cfg, days: list, evals: dict) -> str:
+    """The run page's description: the exact command and what the run is."""
+    import shlex
+
+    prog = Path(sys.argv[0]).name if sys.argv else ""
+    prog = "tokenrec" if prog in ("cli.py", "tokenrec") else prog  # `python -m jobs.cli` is `tokenrec`
+    command = " ".join(shlex.quote(a) for a in [prog, *sys.argv[1:]])
+    ranges = ", ".join(f"{name} {spec}" for name, (_, _, spec) in evals.items())
+    return (f"**{cfg.model.tower}** trained on {days[0]}..{days[-1]} ({len(cfg.schema.sparse)} sparse fields, "
+            f"{len(cfg.schema.sequences)} sequences, labels {', '.join(cfg.schema.labels)}); evaluated on {ranges}.\n\n"
+            f"Command: `{command}`")
+
+
 def register_once(client, name: str, model_uri: str, run_id: str, tags: dict):
     """Register ``model_uri`` as a version of ``name``, exactly once per run: a retry after a
     failure whose request may have gone through first looks for the run's version."""
@@ -133,7 +147,8 @@ def run_train(cfg: JobConfig, req: TrainRequest, log=print) -> dict:
     req.workdir.mkdir(parents=True, exist_ok=True)
     tracking_uri = req.tracking_uri or default_tracking_uri(req.workdir)
     client, exp_id = connect(tracking_uri, cfg.tracking.experiment, req.workdir / "mlartifacts")
-    run = client.create_run(exp_id, run_name=f"train {days[0]}..{days[-1]}", tags={
+    run = client.create_run(exp_id, run_name=f"{cfg.model.tower} {days[0]}..{days[-1]}", tags={
+        "mlflow.note.content": run_description(cfg, days, evals),
         "tokenrec.days": f"{days[0]}..{days[-1]}", "tokenrec.eval_day": str(eval_day),
         "tokenrec.schema": cfg.schema.fingerprint(), "tokenrec.data_root": str(req.data_root.resolve()),
         "tokenrec.tower": cfg.model.tower,
@@ -143,6 +158,8 @@ def run_train(cfg: JobConfig, req: TrainRequest, log=print) -> dict:
       | (req.tags or {}))
     run_id = run.info.run_id
     log(f"MLflow run {run_id} in {redact(tracking_uri)}")
+    log_day_inputs(client, run_id, req.data_root, {"training": (days, train_files, rows_in)}
+                   | {name: (ranges[name], files, n) for name, (files, n, _) in evals.items()}, cfg.schema)
     try:
         metrics = _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, evals,
                                       rows_in, eval_day, log)

@@ -74,6 +74,13 @@ def test_train_quarantines_registers_and_serves(data: Path, tmp_path: Path) -> N
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 1
     assert run.data.params["train.num_workers"] == "2"
     assert run.data.tags["tokenrec.days"] == "2026-01-01..2026-01-02"
+    # the run page: its name, a description with the exact command, the day files as dataset inputs
+    assert run.info.run_name == "tokenformer 2026-01-01..2026-01-02"
+    assert "Command: `tokenrec train --config" in run.data.tags["mlflow.note.content"]
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training 2026-01-01..2026-01-02", "eval 2026-01-03"}
+    assert json.loads(inputs["training 2026-01-01..2026-01-02"].dataset.profile)["num_rows"] == 8000
+    assert [t.value for t in inputs["eval 2026-01-03"].tags] == ["eval"]
 
     qfiles = list((work / "runs" / run.info.run_id / "quarantine" / "train").glob("part-*.parquet"))
     reasons = pd.concat([pq.read_table(f).to_pandas() for f in qfiles])["_reason"].tolist()

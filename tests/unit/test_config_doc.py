@@ -36,5 +36,5 @@ def test_comments_are_read_from_beside_or_above_the_field() -> None:
                       # continued (aligned under it)
         d: int = 0
 
-    assert field_comments(Example) == {"a": "beside a", "b": "above b, two lines", "c": "beside c, continued (aligned under it)",
-                                       "d": ""}
+    assert field_comments(Example) == {"a": "beside a", "b": "above b, two lines",
+                                       "c": "beside c, continued (aligned under it)", "d": ""}

@@ -116,9 +116,7 @@ def test_best_is_chosen_on_validation_never_on_test() -> None:
 
 
 def test_metric_names_follow_the_ranges() -> None:
-    from jobs.tune import metric_range
-
-    from jobs.tune import metric_parts
+    from jobs.tune import metric_parts, metric_range
 
     ranges = {"val", "val_late", "test"}
     assert metric_range("val_late_auc", ranges) == "val_late" and metric_range("val_auc_like", ranges) == "val"
@@ -191,7 +189,8 @@ def test_summary_pairs_seeds_and_gives_the_standard_error() -> None:
     assert row["click"]["auc"]["mean"] == pytest.approx(sum(tf) / 5) and row["click"]["auc"]["n"] == 5
     assert row["like"]["auc"]["mean"] == pytest.approx(sum(tf) / 5 - 0.1)  # per label, by name
     assert row["long_view"]["auc"]["mean"] == pytest.approx(sum(tf) / 5 - 0.2)
-    legacy = {"tokenformer": [dict(r, metrics={"test_auc": 0.8, "test_auc_task1": 0.7}) for r in results["tokenformer"]]}
+    legacy = {"tokenformer": [dict(r, metrics={"test_auc": 0.8, "test_auc_task1": 0.7})
+                              for r in results["tokenformer"]]}
     assert summarize(study, cfg, legacy, best)["towers"]["tokenformer"]["like"]["auc"]["mean"] == pytest.approx(0.7)
     assert row["effective_rank"][0]["mean"] == pytest.approx(13.0) and row["effective_rank"][1]["std"] == 0.0
     table = markdown(s)
