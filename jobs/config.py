@@ -56,6 +56,7 @@ class TrainConfig:
     # cannot replay the same rows, so the row accounting then fails the run instead of registering
     max_failures: int = 2
     unknown_columns: str = "warn"  # columns in the logs the schema does not read: warn | error | ignore
+    diagnostics_rows: int = 1024  # after training: collapse diagnostics on this many held-out rows (0: off)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)  # [train.optim]: the dense recipe
 
@@ -77,7 +78,7 @@ class TrainConfig:
                 parse_range(spec)
             except ValueError as e:
                 raise ValueError(f"[train.eval_ranges].{name}: {e}") from None
-        for key in ("checkpoint_every", "max_steps", "max_failures"):
+        for key in ("checkpoint_every", "max_steps", "max_failures", "diagnostics_rows"):
             if getattr(self, key) < 0:
                 raise ValueError(f"[train].{key}: must be >= 0 (0 turns it off), got {getattr(self, key)}")
 

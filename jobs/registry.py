@@ -228,6 +228,7 @@ class Registry:
         self.client.set_model_version_tag(self.name, str(number), "tokenrec.gate", why[:4000])
         self.client.set_model_version_tag(self.name, str(number), "tokenrec.champion_since",
                                           time.strftime("%Y-%m-%dT%H:%M:%S"))
+        self._describe(number, "champion", why)
         self.client.set_registered_model_tag(self.name, HISTORY, json.dumps(history))
         self.client.set_registered_model_alias(self.name, CHAMPION, str(number))
         if self.alias(CHALLENGER) == number:
@@ -236,6 +237,17 @@ class Registry:
     def set_challenger(self, number: int, why: str) -> None:
         self.client.set_registered_model_alias(self.name, CHALLENGER, str(number))
         self.client.set_model_version_tag(self.name, str(number), "tokenrec.gate", why[:4000])
+        self._describe(number, "challenger", why)
+
+    def _describe(self, number: int, alias: str, why: str) -> None:
+        """The version's description on its MLflow page: what it was trained on, from which
+        parent, and the gate's decision."""
+        tags = self.version(number).tags
+        parent = tags.get("tokenrec.parent_version")
+        text = (f"{tags.get('tokenrec.tower', 'model')} trained on {tags.get('tokenrec.days', '?')}"
+                + (f", warm-started from version {parent}" if parent else ", trained from scratch")
+                + f"; evaluated on {tags.get('tokenrec.eval_day', '?')}.\n\nGate → **{alias}**: {why}")
+        self.client.update_model_version(self.name, str(number), description=text[:5000])
 
     def decide(self, number: int, data_root: str | Path, day: str, cfg, log=print) -> Decision:
         """Evaluate the candidate and the champion on ``day`` and set the alias the gate says."""

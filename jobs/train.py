@@ -102,6 +102,25 @@ def eval_ranges(tc, days: list) -> dict[str, list]:
     return ranges
 
 
+def log_plots(client, run_id: str, tracking_uri: str, cfg, run_dir: Path, log) -> None:
+    """Images on the run page: the training curve (loss and rows/s by step) and, for towers with
+    per-layer sequence states, the collapse diagnostics (``tokenrec analyze`` on
+    ``[train].diagnostics_rows`` held-out rows of the first evaluation range)."""
+    from jobs.analyze import run_analyze
+    from model.diagnostics import LAYER_TOWERS, plot_training_curve
+
+    history = {name: [(p.step, p.value) for p in client.get_metric_history(run_id, name)]
+               for name in ("train_loss", "rows_per_s")}
+    out = run_dir / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    plot_training_curve(history, out / "training_curve.png")
+    client.log_artifact(run_id, str(out / "training_curve.png"), "plots")
+    if cfg.train.diagnostics_rows and cfg.model.tower in LAYER_TOWERS:
+        reports = run_analyze([run_id], tracking_uri, rows=cfg.train.diagnostics_rows, log=lambda *_: None)
+        ranks = [round(layer["effective_rank"], 1) for rep in reports.values() for layer in rep["layers"]]
+        log(f"collapse diagnostics: effective rank per layer {ranks} (diagnostics/diagnostics.png on the run)")
+
+
 def run_description(cfg, days: list, evals: dict) -> str:
     """The run page's description: the exact command and what the run is."""
     import shlex
@@ -268,6 +287,7 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
     export_dir = export_checkpoint(cfg.schema, cfg.model, checkpoint, run_dir / "export", program=req.register)
     client.set_tag(run_id, "tokenrec.export", str(export_dir))
     m["export_dir"] = str(export_dir)
+    log_plots(client, run_id, tracking_uri, cfg, run_dir, log)
     if not req.register:
         return m
     def log_model():

@@ -62,13 +62,12 @@ import numpy as np
 
 from embedding.typed_config import from_dict
 from jobs.config import JobConfig, apply_override, config_from_doc
+from model.diagnostics import LAYER_TOWERS  # effective rank per layer for these
 from pipeline.days import day_files, parse_days
 
 SPACE_KINDS = ("loguniform", "uniform", "choice", "randint", "grid")
 FINAL_KEYS = ("auc", "gauc", "logloss", "calibration")
 RANGE_METRICS = ("auc", "gauc", "logloss", "calibration", "rows", "oracle_auc")  # jobs.metrics.evaluate
-# towers with per-layer sequence states (model.diagnostics.has_layer_states): effective rank per layer
-LAYER_TOWERS = ("tokenformer", "naive_transformer", "hstu", "hyformer")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -304,10 +303,16 @@ def _run_job(config: dict, *, jobs: dict, base_doc: dict, study: StudyConfig, re
 
 
 def _effective_ranks(run_id: str, tracking_uri: str) -> list[float]:
-    """Effective rank per layer of a run's exported model on held-out rows (empty for towers
-    without layer states)."""
+    """Effective rank per layer of a run's exported model on held-out rows: the run's own
+    diagnostics (``[train].diagnostics_rows``), else computed now."""
+    from mlflow.tracking import MlflowClient
+
     from jobs.analyze import run_analyze
 
+    logged = MlflowClient(tracking_uri).get_metric_history(run_id, "effective_rank")
+    if logged:  # one value per layer (the step): the latest, should diagnostics have run twice
+        latest = {m.step: m for m in sorted(logged, key=lambda m: m.timestamp)}
+        return [latest[step].value for step in sorted(latest)]
     reports = run_analyze([run_id], tracking_uri, log=lambda *_: None)
     return [float(layer["effective_rank"]) for rep in reports.values() for layer in rep.get("layers", [])]
 

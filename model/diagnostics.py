@@ -52,6 +52,29 @@ def _field_attention_mass(block, num_prefix: int, seq_slice: slice) -> float | N
     return float(mass[q_valid].mean())
 
 
+# towers with per-layer sequence states (``has_layer_states`` of their models): the TokenFormer
+# family and HyFormer; ``analyze`` applies to them
+LAYER_TOWERS = ("tokenformer", "naive_transformer", "hstu", "hyformer")
+
+
+def plot_training_curve(history: dict[str, list[tuple[int, float]]], path) -> None:
+    """Training metrics against the step (``name → [(step, value)]``), one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, pts in history.items() if pts]
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(5 * max(len(names), 1), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        steps, values = zip(*sorted(history[name]))
+        ax.plot(steps, values, marker=".")
+        ax.set(title=name, xlabel="step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def has_layer_states(model) -> bool:
     """Whether ``analyze`` applies to the model's tower: the TokenFormer family (tokenformer,
     naive_transformer, hstu) and HyFormer — not RankMixer + LONGER, whose ``layers`` mix tokens

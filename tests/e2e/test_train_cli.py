@@ -81,6 +81,8 @@ def test_train_quarantines_registers_and_serves(data: Path, tmp_path: Path) -> N
     assert set(inputs) == {"training 2026-01-01..2026-01-02", "eval 2026-01-03"}
     assert json.loads(inputs["training 2026-01-01..2026-01-02"].dataset.profile)["num_rows"] == 8000
     assert [t.value for t in inputs["eval 2026-01-03"].tags] == ["eval"]
+    plots = {f.path for f in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/training_curve.png"}  # and the collapse diagnostics, below
 
     qfiles = list((work / "runs" / run.info.run_id / "quarantine" / "train").glob("part-*.parquet"))
     reasons = pd.concat([pq.read_table(f).to_pandas() for f in qfiles])["_reason"].tolist()
@@ -98,13 +100,15 @@ def test_train_quarantines_registers_and_serves(data: Path, tmp_path: Path) -> N
     assert list(probs.columns) == ["click"] and len(probs) == 16
     assert ((probs["click"] > 0) & (probs["click"] < 1)).all()
 
-    # collapse diagnostics of the run: JSON + PNG logged to it, one entry per layer
+    # collapse diagnostics of the run: logged by the run itself ([train].diagnostics_rows), and again
+    # on demand: JSON + PNG logged to it, one entry per layer
+    assert len(client.get_metric_history(run.info.run_id, "effective_rank")) == 4
     r = tokenrec("analyze", "--run", run.info.run_id, "--workdir", str(work), "--rows", "256")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "layer 3 (window 3): effective rank" in r.stdout
     artifacts = {f.path for f in client.list_artifacts(run.info.run_id, "diagnostics")}
     assert artifacts == {"diagnostics/diagnostics.json", "diagnostics/diagnostics.png"}
-    assert len(client.get_metric_history(run.info.run_id, "effective_rank")) == 4
+    assert len(client.get_metric_history(run.info.run_id, "effective_rank")) == 8  # 4 layers, twice
 
 
 def test_type_mismatch_stops_before_training(data: Path, tmp_path: Path) -> None:

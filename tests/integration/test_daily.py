@@ -121,6 +121,9 @@ def test_daily_gate_promote_rollback_backfill(roots, tmp_path: Path) -> None:
     assert rows[2]["parent"] == "1" and rows[3]["aliases"] == ""  # promoted, then rolled back
     assert rows[1]["tower"] == CFG.model.tower and rows[1]["seed"] == "0" and float(rows[1]["gauc"]) > 0.5
     assert float(rows[1]["rows_per_s"]) > 0
+    # each version's MLflow page says what it was trained on, from which parent, and the gate's call
+    assert "warm-started from version 1" in reg.version(2).description
+    assert "Gate → **challenger**" in reg.version(3).description and "below champion" in reg.version(3).description
     r = cli("models", "--model-name", "someone-elses-model", *flags)  # another model: named, not the config's
     assert r.returncode == 0 and "model 'someone-elses-model' has no versions yet" in r.stdout
     assert CFG.tracking.model_name in r.stdout  # … and the models that do exist are listed
