@@ -212,6 +212,7 @@ def cmd_score(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tokenrec", description=__doc__)
+    parser.add_argument("--verbose", action="store_true", help="print full tracebacks of unexpected errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="write synthetic day-partitioned logs with a planted signal")
@@ -326,8 +327,50 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return a.fn(a)
     except (ValueError, FileNotFoundError, FileExistsError, SchemaMismatchError, RuntimeError) as e:
-        print(f"tokenrec {a.command}: error: {e}", file=sys.stderr)
+        print(f"tokenrec {a.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"tokenrec {a.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # MLflow, Ray, Arrow, …: one line naming it, the traceback in a log file
+        log = _write_traceback(a)
+        print(f"tokenrec {a.command}: error ({_origin(e)}): {_one_line(e)}\n"
+              f"  the full traceback is in {log}{'' if a.verbose else ' (--verbose prints it here)'}",
+              file=sys.stderr)
+        if a.verbose:
+            import traceback
+
+            traceback.print_exc()
+        return 1
+
+
+def _one_line(e: BaseException, limit: int = 400) -> str:
+    """The exception's message on one line (its first line, at most ``limit`` characters)."""
+    text = str(e).strip() or type(e).__name__
+    first = text.splitlines()[0]
+    return first[:limit] + ("…" if len(first) > limit or "\n" in text else "")
+
+
+def _origin(e: BaseException) -> str:
+    """Which library raised: the exception class's top-level package and name."""
+    module = type(e).__module__.split(".")[0]
+    return f"{module}.{type(e).__name__}" if module not in ("builtins", "__main__") else type(e).__name__
+
+
+def _write_traceback(a: argparse.Namespace) -> Path:
+    """The current exception's traceback in ``<workdir>/logs/`` (or the temp folder)."""
+    import tempfile
+    import traceback
+
+    base = getattr(a, "workdir", None) or Path(tempfile.gettempdir())
+    out = Path(base) / "logs"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        out = Path(tempfile.gettempdir())
+    path = out / f"tokenrec-{a.command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    path.write_text(f"tokenrec {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}")
+    return path
 
 
 if __name__ == "__main__":

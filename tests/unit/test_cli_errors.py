@@ -1,0 +1,42 @@
+"""Errors at the top: an unexpected library exception (MLflow, Ray, …) becomes one line naming it
+and the log file with the traceback, exit code 1; ``--verbose`` prints the traceback too (Arrow's
+errors are ``ValueError``s: one line, exit code 2, like the project's own)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.exceptions import MlflowException
+
+import jobs.cli as cli
+
+
+def _raise(a) -> int:
+    raise MlflowException("registered model 'x' is locked\nsecond line of detail")
+
+
+def test_a_library_error_is_one_line_and_a_log(monkeypatch, tmp_path: Path, capsys) -> None:
+    monkeypatch.setattr(cli, "cmd_models", _raise)
+    assert cli.main(["models", "--workdir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    first, second = err.strip().splitlines()
+    assert first == "tokenrec models: error (mlflow.MlflowException): registered model 'x' is locked…"
+    log = Path(second.split(" is in ")[1].split(" (--verbose")[0])
+    assert log.parent == tmp_path / "logs" and "Traceback" in log.read_text() and "MlflowException" in log.read_text()
+    assert "Traceback" not in err
+
+
+def test_verbose_prints_the_traceback(monkeypatch, tmp_path: Path, capsys) -> None:
+    monkeypatch.setattr(cli, "cmd_models", _raise)
+    assert cli.main(["--verbose", "models", "--workdir", str(tmp_path)]) == 1
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("exc, code", [(ValueError("bad value\nmore"), 2), (KeyboardInterrupt(), 130)])
+def test_expected_errors_keep_their_codes(monkeypatch, tmp_path: Path, capsys, exc, code) -> None:
+    def fail(a):
+        raise exc
+    monkeypatch.setattr(cli, "cmd_models", fail)
+    assert cli.main(["models", "--workdir", str(tmp_path)]) == code
+    assert "Traceback" not in capsys.readouterr().err
