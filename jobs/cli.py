@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -31,15 +32,32 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _captured(a: argparse.Namespace):
+    """The command's console capture: library and worker output to WORKDIR/logs/<command>-<time>.log
+    (each training run nests its own runs/<id>/run.log), the job's lines on the terminal. Ray is
+    shut down inside it, so its last forwarded worker lines land in the log too."""
+    with a.console.capture(Path(a.workdir) / "logs" / f"{a.command}-{time.strftime('%Y%m%d-%H%M%S')}.log"):
+        try:
+            yield
+        finally:
+            if "ray" in sys.modules:
+                import ray
+
+                if ray.is_initialized():
+                    ray.shutdown()
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     from jobs.config import load_config
     from jobs.train import TrainRequest, run_train
 
     overrides = list(a.overrides) + ([f"train.num_workers={a.num_workers}"] if a.num_workers else [])
     cfg = load_config(a.config, overrides)
-    m = run_train(cfg, TrainRequest(days=a.days or "", data_root=a.data, workdir=a.workdir,
-                                    tracking_uri=a.tracking_uri, address=a.address,
-                                    init_from=a.init_from, resume_from=a.resume))
+    with _captured(a):
+        m = run_train(cfg, TrainRequest(days=a.days or "", data_root=a.data, workdir=a.workdir,
+                                        tracking_uri=a.tracking_uri, address=a.address,
+                                        init_from=a.init_from, resume_from=a.resume), log=a.console.line)
     _summary(m)
     return 0
 
@@ -47,9 +65,10 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_tune(a: argparse.Namespace) -> int:
     from jobs.tune import StudyRequest, run_study
 
-    run_study(StudyRequest(config=a.config, study=a.study, data_root=a.data, workdir=a.workdir,
-                           overrides=tuple(a.overrides), tracking_uri=a.tracking_uri, address=a.address,
-                           results=a.results))
+    with _captured(a):
+        run_study(StudyRequest(config=a.config, study=a.study, data_root=a.data, workdir=a.workdir,
+                               overrides=tuple(a.overrides), tracking_uri=a.tracking_uri, address=a.address,
+                               results=a.results), log=a.console.line)
     return 0
 
 
@@ -66,7 +85,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     print(f"[1/2] generating {len(days) + cfg.train.eval_offset} days of logs into {data}")
     generate(cfg.schema, cfg.generator, data, days + [next_day(days[-1], cfg.train.eval_offset)])
     print(f"[2/2] training {cfg.train.num_workers} Ray Train workers on {cfg.train.days}")
-    m = run_train(cfg, TrainRequest(days=cfg.train.days, data_root=data, workdir=a.workdir))
+    with _captured(a):
+        m = run_train(cfg, TrainRequest(days=cfg.train.days, data_root=data, workdir=a.workdir), log=a.console.line)
     _summary(m)
     db = Path(m["tracking_uri"].removeprefix("sqlite:///"))
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s. Open the MLflow UI with:\n"
@@ -93,7 +113,8 @@ def cmd_daily(a: argparse.Namespace) -> int:
     from jobs.config import load_config
     from jobs.daily import run_daily
 
-    m = run_daily(load_config(a.config, a.overrides), a.date, _daily_request(a))
+    with _captured(a):
+        m = run_daily(load_config(a.config, a.overrides), a.date, _daily_request(a), log=a.console.line)
     if not m.get("skipped"):
         _summary(m)
     return 0
@@ -104,7 +125,8 @@ def cmd_backfill(a: argparse.Namespace) -> int:
     from jobs.daily import BackfillError, run_backfill
 
     try:
-        results = run_backfill(load_config(a.config, a.overrides), a.days, _daily_request(a))
+        with _captured(a):
+            results = run_backfill(load_config(a.config, a.overrides), a.days, _daily_request(a), log=a.console.line)
     except BackfillError as e:
         print(f"tokenrec backfill: {e}", file=sys.stderr)
         return 1
@@ -204,9 +226,10 @@ ADDRESS_HELP = "Ray cluster address (default: $RAY_ADDRESS, else a new local Ray
 def cmd_score(a: argparse.Namespace) -> int:
     from jobs.score import ScoreRequest, run_score
 
-    run_score(ScoreRequest(model_uri=a.model, data_root=a.data, days=a.days, out=a.out, workdir=a.workdir,
-                           tracking_uri=a.tracking_uri, address=a.address, batch_size=a.batch_size,
-                           num_actors=a.num_actors))
+    with _captured(a):
+        run_score(ScoreRequest(model_uri=a.model, data_root=a.data, days=a.days, out=a.out, workdir=a.workdir,
+                               tracking_uri=a.tracking_uri, address=a.address, batch_size=a.batch_size,
+                               num_actors=a.num_actors), log=a.console.line)
     return 0
 
 
@@ -322,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     fe.set_defaults(fn=cmd_data_fetch)
 
     a = parser.parse_args(argv)
+    from jobs.console import Console
+
+    a.console = Console(verbose=a.verbose)
     if getattr(a, "model_name", None):  # --model-name: the same as --set tracking.model_name=…
         a.overrides.append(f"tracking.model_name={json.dumps(a.model_name)}")
     try:

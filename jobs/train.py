@@ -8,6 +8,7 @@ carrying its metrics.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from deploy.export import export_checkpoint, log_pyfunc
 from jobs.checkpoint import check_layout, read_position
 from jobs.config import JobConfig
+from jobs.console import active
 from jobs.tracking import connect, default_tracking_uri, flatten, log_day_inputs, log_metrics, redact, with_retries
 from jobs.worker import WorkerArgs, train_loop
 from model.ranking import RankingModel, RankingTrain
@@ -68,8 +70,9 @@ def init_ray(address: str | None, num_workers: int) -> None:
     address = address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit` and on cluster nodes
     if address:
         ray.init(address=address)
-    else:  # logical CPUs for the workers plus room for Ray Data's read and quarantine tasks
-        ray.init(num_cpus=max(os.cpu_count() or 1, num_workers + 2), include_dashboard=False,
+    else:  # a new local Ray (never a `ray start` cluster found on the machine: that needs --address);
+        # logical CPUs for the workers plus room for Ray Data's read and quarantine tasks
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_workers + 2), include_dashboard=False,
                  configure_logging=False)
 
 
@@ -179,12 +182,19 @@ def run_train(cfg: JobConfig, req: TrainRequest, log=print) -> dict:
     log(f"MLflow run {run_id} in {redact(tracking_uri)}")
     log_day_inputs(client, run_id, req.data_root, {"training": (days, train_files, rows_in)}
                    | {name: (ranges[name], files, n) for name, (files, n, _) in evals.items()}, cfg.schema)
+    console = active()  # the CLI's: this run's library and worker output goes to runs/<id>/run.log
+    run_log = (req.workdir / "runs" / run_id / "run.log").resolve()
     try:
-        metrics = _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, evals,
-                                      rows_in, eval_day, log)
+        with console.capture(run_log) if console else contextlib.nullcontext():
+            metrics = _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, evals,
+                                          rows_in, eval_day, log)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
+    finally:
+        if run_log.exists():
+            with contextlib.suppress(Exception):  # the log is a convenience: never fail the run on it
+                client.log_artifact(run_id, str(run_log), "logs")
     client.set_terminated(run_id, "FINISHED")
     return metrics | {"run_id": run_id, "tracking_uri": tracking_uri, "eval_range": next(iter(evals))}
 

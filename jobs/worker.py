@@ -31,6 +31,7 @@ import torch.distributed as dist
 from embedding.sharding import dense_optimizer, shard, zero_miss_rows
 from jobs import checkpoint
 from jobs.config import JobConfig
+from jobs.console import emit
 from jobs.metrics import evaluate
 from jobs.optim import clip, decays, lr_factor, set_lr
 from jobs.tracking import StepLogger
@@ -171,21 +172,26 @@ def train_loop(args: WorkerArgs) -> None:
     if rank == 0:
         print(f"model built and sharded over {dist.get_world_size()} workers in "
               f"{time.perf_counter() - t_enter:.1f}s", flush=True)
+        emit("line", text=f"  plan and shard: {cfg.model.tower} over {dist.get_world_size()} workers "
+                          f"({time.perf_counter() - t_enter:.0f}s)")
 
     pos = checkpoint.Position(world_size=dist.get_world_size())
     if restarted is not None:
         if rank == 0:
             print(f"worker group restarted after a failure: going on from {restarted}", flush=True)
+            emit("line", text=f"  worker group restarted after a failure: going on from {restarted}")
     elif args.init_from:
         checkpoint.load(args.init_from, dmp, opt, dense_opt)
         if rank == 0:
             print(f"warm start from {args.init_from}", flush=True)
+            emit("line", text=f"  warm start from {args.init_from}")
     total_steps = args.total_steps
     if resume_from:
         pos = checkpoint.load(resume_from, dmp, opt, dense_opt, restore_rng=True)
         total_steps = pos.total_steps or total_steps  # the schedule the checkpoint was written under
         if rank == 0:
             print(f"resuming at step {pos.step} (epoch {pos.epoch}) from {resume_from}", flush=True)
+            emit("line", text=f"  resuming at step {pos.step} (epoch {pos.epoch}) from {resume_from}")
     start_step = pos.step
 
     def padding(size: int):
@@ -252,6 +258,8 @@ def train_loop(args: WorkerArgs) -> None:
                     print(f"epoch {epoch} step {step:6d} | loss {loss.item():.4f} | "
                           f"{rate.item():8.0f} rows/s", flush=True)
                     logger.log(step, {"train_loss": loss.item(), "rows_per_s": rate.item()})
+                    emit("progress", step=step, total=total_steps, epoch=epoch, loss=loss.item(),
+                         rows_per_s=rate.item())
                 window_rows, window_t = 0, time.perf_counter()
             if tc.checkpoint_every and step % tc.checkpoint_every == 0:
                 save(epoch)
@@ -266,6 +274,8 @@ def train_loop(args: WorkerArgs) -> None:
     final_ckpt = save(epoch, final=not stopped)
     if rank == 0:
         print(f"final checkpoint written in {time.perf_counter() - t_save:.1f}s", flush=True)
+        emit("progress", step=step, total=total_steps, epoch=epoch, done=True)
+        emit("line", text=f"  train: {step:,} steps in {train_seconds:.0f}s")
     totals = torch.tensor([rows, first_epoch_rows, truncated[0]], dtype=torch.int64)
     dist.all_reduce(totals)
 
@@ -283,6 +293,8 @@ def train_loop(args: WorkerArgs) -> None:
             print(f"{name}: evaluated {int(metrics[f'{name}_rows']):,} rows in {time.perf_counter() - t_eval:.1f}s"
                   + (f" ({shared:,} request prefixes on this worker, each computed once)" if shared else ""),
                   flush=True)
+            emit("line", text=f"  evaluate {name}: {int(metrics[f'{name}_rows']):,} rows, AUC "
+                              f"{metrics[f'{name}_auc']:.4f} ({time.perf_counter() - t_eval:.0f}s)")
     if rank == 0:
         slots = (step - start_step) * tc.batch_size * dist.get_world_size()
         new_samples = int(totals[0]) - pos.rows

@@ -60,6 +60,10 @@ def test_train_quarantines_registers_and_serves(data: Path, tmp_path: Path) -> N
                  "--data", str(data), "--workdir", str(work), *TOKENFORMER)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert "step" in r.stdout + r.stderr and "rows/s" in r.stdout + r.stderr  # progress output
+    # the console: the job's lines and a progress bar; the libraries' output went to the run's log
+    for noise in ("TBE=", "GreedyPerfPartitioner", "FutureWarning", "Traceback", "RayTrainWorker pid="):
+        assert noise not in r.stdout + r.stderr, noise
+    assert "  evaluate eval: 4,000 rows, AUC" in r.stdout and "  plan and shard: tokenformer over 2 workers" in r.stdout
 
     uri = f"sqlite:///{work / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -74,6 +78,9 @@ def test_train_quarantines_registers_and_serves(data: Path, tmp_path: Path) -> N
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 1
     assert run.data.params["train.num_workers"] == "2"
     assert run.data.tags["tokenrec.days"] == "2026-01-01..2026-01-02"
+    run_log = (work / "runs" / run.info.run_id / "run.log").read_text()
+    assert "TBE=" in run_log and "GreedyPerfPartitioner" in run_log  # the libraries' output, kept
+    assert {f.path for f in client.list_artifacts(run.info.run_id, "logs")} == {"logs/run.log"}
     # the run page: its name, a description with the exact command, the day files as dataset inputs
     assert run.info.run_name == "tokenformer 2026-01-01..2026-01-02"
     assert "Command: `tokenrec train --config" in run.data.tags["mlflow.note.content"]
