@@ -97,6 +97,7 @@ class GateConfig:
     auc_margin: float = 0.002  # candidate AUC >= champion AUC - auc_margin
     logloss_margin: float = 0.005  # candidate logloss <= champion logloss + logloss_margin
     calibration_band: tuple[float, float] = (0.8, 1.25)  # mean prediction / mean label
+    label: str = ""  # the label the gate decides on; "": the first (primary) label of the schema
 
     def __post_init__(self) -> None:
         lo, hi = self.calibration_band
@@ -114,6 +115,11 @@ class JobConfig:
     train: TrainConfig
     tracking: TrackingConfig
     gate: GateConfig = field(default_factory=GateConfig)
+
+    def __post_init__(self) -> None:
+        if self.gate.label and self.gate.label not in self.schema.labels:
+            raise ValueError(f"[gate].label: '{self.gate.label}' is not a label of the schema "
+                             f"{list(self.schema.labels)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

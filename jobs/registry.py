@@ -44,6 +44,14 @@ HISTORY = "tokenrec.champion_history"
 GATE_METRICS = ("eval_auc", "eval_logloss", "eval_calibration", "eval_rows")
 
 
+def gate_metrics(cfg=None) -> tuple[str, ...]:
+    """The metrics the gate reads: the primary label's, or ``[gate].label``'s (``eval_auc_<label>``, …)."""
+    label = getattr(cfg, "label", "") if cfg is not None else ""
+    if not label:
+        return GATE_METRICS
+    return tuple(f"eval_{k}_{label}" for k in ("auc", "logloss", "calibration")) + ("eval_rows",)
+
+
 def evaluate_export(export_dir: str | Path, data_root: str | Path, day: str,
                     batch_rows: int = 8192) -> dict[str, float]:
     """Score an exported model on every valid row of ``day`` (``YYYY-MM-DD`` or a range
@@ -84,10 +92,13 @@ class Decision:
 
 
 def gate(candidate: dict[str, float], champion: dict[str, float] | None, cfg) -> Decision:
-    """``cfg``: a ``jobs.config.GateConfig``. Pure: same inputs, same decision."""
+    """``cfg``: a ``jobs.config.GateConfig``. Pure: same inputs, same decision. Compares the
+    primary label's metrics, or ``cfg.label``'s."""
     reasons, ok = [], True
+    auc_k, ll_k, cal_k = gate_metrics(cfg)[:3]
+    on = f" ({cfg.label})" if getattr(cfg, "label", "") else ""
     lo, hi = cfg.calibration_band
-    cal = candidate["eval_calibration"]
+    cal = candidate[cal_k]
     if lo <= cal <= hi:
         reasons.append(f"calibration {cal:.3f} inside [{lo}, {hi}]")
     else:
@@ -96,22 +107,22 @@ def gate(candidate: dict[str, float], champion: dict[str, float] | None, cfg) ->
     if champion is None:
         reasons.append("no champion yet")
         return Decision(ok, reasons, candidate, None)
-    d_auc = candidate["eval_auc"] - champion["eval_auc"]
-    d_ll = candidate["eval_logloss"] - champion["eval_logloss"]
+    d_auc = candidate[auc_k] - champion[auc_k]
+    d_ll = candidate[ll_k] - champion[ll_k]
     if d_auc >= -cfg.auc_margin:
-        reasons.append(f"AUC {candidate['eval_auc']:.4f} vs champion {champion['eval_auc']:.4f} "
+        reasons.append(f"AUC{on} {candidate[auc_k]:.4f} vs champion {champion[auc_k]:.4f} "
                        f"({d_auc:+.4f}, margin {cfg.auc_margin})")
     else:
         ok = False
-        reasons.append(f"AUC {candidate['eval_auc']:.4f} is {-d_auc:.4f} below champion "
-                       f"{champion['eval_auc']:.4f} (margin {cfg.auc_margin})")
+        reasons.append(f"AUC{on} {candidate[auc_k]:.4f} is {-d_auc:.4f} below champion "
+                       f"{champion[auc_k]:.4f} (margin {cfg.auc_margin})")
     if d_ll <= cfg.logloss_margin:
-        reasons.append(f"logloss {candidate['eval_logloss']:.4f} vs champion {champion['eval_logloss']:.4f} "
+        reasons.append(f"logloss{on} {candidate[ll_k]:.4f} vs champion {champion[ll_k]:.4f} "
                        f"({d_ll:+.4f}, margin {cfg.logloss_margin})")
     else:
         ok = False
-        reasons.append(f"logloss {candidate['eval_logloss']:.4f} is {d_ll:.4f} above champion "
-                       f"{champion['eval_logloss']:.4f} (margin {cfg.logloss_margin})")
+        reasons.append(f"logloss{on} {candidate[ll_k]:.4f} is {d_ll:.4f} above champion "
+                       f"{champion[ll_k]:.4f} (margin {cfg.logloss_margin})")
     return Decision(ok, reasons, candidate, champion)
 
 
@@ -200,19 +211,21 @@ class Registry:
         return self.client.get_run(self.version(number).run_id).data.tags
 
     # -- evaluation, cached per (version, day) ----------------------------------------------
-    def evaluation(self, number: int | str, data_root: str | Path, day: str, log=print) -> dict[str, float]:
+    def evaluation(self, number: int | str, data_root: str | Path, day: str, log=print,
+                   metrics: tuple[str, ...] = GATE_METRICS) -> dict[str, float]:
+        """``evaluate_export`` of the version's export on ``day``; ``metrics`` are cached as tags."""
         v = self.version(number)
         root = hashlib.sha1(str(Path(data_root).resolve()).encode()).hexdigest()[:8]
         prefix = f"tokenrec.eval.{day}.{root}."
         cached = {k[len(prefix):]: float(val) for k, val in v.tags.items() if k.startswith(prefix)}
-        if all(m in cached for m in GATE_METRICS):
+        if all(m in cached for m in metrics):
             return cached
         export = self.run_tags(number).get("tokenrec.export")
         if not export or not (Path(export) / "model.pt").exists():
             raise FileNotFoundError(f"version {number}: exported model {export} is missing")
         log(f"evaluating version {number} on {day}")
         m = evaluate_export(export, data_root, day)
-        for k in GATE_METRICS:
+        for k in dict.fromkeys(GATE_METRICS + tuple(metrics)):
             self.client.set_model_version_tag(self.name, str(number), prefix + k, repr(float(m[k])))
         return m
 
@@ -262,8 +275,8 @@ class Registry:
             self.set_challenger(number, text)
             log(f"version {number} → {text}")
             return Decision(False, [text], {}, None)
-        cand = self.evaluation(number, data_root, day, log)
-        champ_m = self.evaluation(champ, data_root, day, log) if champ is not None else None
+        cand = self.evaluation(number, data_root, day, log, gate_metrics(cfg))
+        champ_m = self.evaluation(champ, data_root, day, log, gate_metrics(cfg)) if champ is not None else None
         d = gate(cand, champ_m, cfg)
         text = f"gate on {day}: " + d.summary()
         if d.promote:

@@ -61,3 +61,22 @@ def test_eval_period_spec() -> None:
     assert eval_spec([d, dt.date(2026, 1, 7)]) == "2026-01-05..2026-01-07"
     with pytest.raises(ValueError, match="eval_days"):
         TrainConfig(eval_days=0)
+
+
+def test_the_gate_can_decide_on_another_label() -> None:
+    """Several labels: the primary (first) one by default, ``[gate].label`` picks another."""
+    champ = CHAMP | {"eval_auc_like": 0.70, "eval_logloss_like": 0.30, "eval_calibration_like": 1.0}
+    worse_like = champ | {"eval_auc_like": 0.69}  # the primary label unchanged
+    assert gate(worse_like, champ, GateConfig()).promote
+    d = gate(worse_like, champ, GateConfig(label="like"))
+    assert not d.promote and "AUC (like) 0.6900 is 0.0100 below champion 0.7000" in d.summary()
+
+
+def test_the_gate_label_must_be_a_label() -> None:
+    from pathlib import Path
+
+    from jobs.config import load_config
+
+    tiny = Path(__file__).resolve().parents[2] / "configs/tiny.toml"
+    with pytest.raises(ValueError, match=r"\[gate\].label: 'like' is not a label of the schema \['click'\]"):
+        load_config(tiny, ['gate.label="like"'])
