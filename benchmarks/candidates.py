@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/candidates.py [--out benchmarks/results/candidates.json] [--repeats 15]
 
-The demo layout (``configs/demo.toml`` schema: 13 field tokens + a dense token, 32 behaviour
+The demo layout (``configs/demo_world.toml`` schema: 13 field tokens + a dense token, 32 behaviour
 slots, one target token per ``item`` field — item_id, item_category, item_tags — so 51 tokens a
 row) with the TokenFormer tower of the demo's ``[model.tokenformer]`` defaults (d 64, 4 heads,
 2F2S windows (32, 16)), weights as
@@ -82,7 +82,7 @@ def main() -> None:
     from pipeline.validate import REQUEST_ID, to_canonical
 
     torch.set_num_threads(1)
-    cfg = load_config(ROOT / "configs/demo.toml", ["model.tower=tokenformer", "generator.rows_per_day=1000",
+    cfg = load_config(ROOT / "configs/demo_world.toml", ["model.tower=tokenformer", "generator.rows_per_day=1000",
                                                     "generator.files_per_day=1",
                                                     "generator.candidates_per_request=1000"])
     tmp = Path(tempfile.mkdtemp(prefix="tokenrec-candidates-"))
@@ -141,7 +141,7 @@ def main() -> None:
         print(f"{k:<40} {c['value']:>7.1f}  target {c['target']}: {'met' if c['met'] else 'MISSED'}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({
-        "benchmark": "candidates", "config": "configs/demo.toml", "tower": "tokenformer", "layout": layout,
+        "benchmark": "candidates", "config": "configs/demo_world.toml", "tower": "tokenformer", "layout": layout,
         "threads_in_process": 1, "exported_programs": exported, "http": http, "checks": checks,
         "server": "mlflow models serve --env-manager local (uvicorn, 1 worker), 127.0.0.1",
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",

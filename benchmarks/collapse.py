@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/collapse.json")
     a = ap.parse_args()
     base = [f"generator.rows_per_day={a.rows_per_day}", f"train.epochs={a.epochs}", *MODEL]
-    cfg = load_config(ROOT / "configs/demo.toml", base)
+    cfg = load_config(ROOT / "configs/demo_world.toml", base)
     days = parse_days(cfg.train.days)
     data = a.workdir / "data"
     generate(cfg.schema, cfg.generator, data, days + [next_day(days[-1], cfg.train.eval_offset)])
@@ -45,7 +45,7 @@ def main() -> None:
     for seed in a.seeds:
         for tower in TOWERS:
             t0 = time.perf_counter()
-            c = load_config(ROOT / "configs/demo.toml", base + [f"model.tower={tower}", f"train.seed={seed}"])
+            c = load_config(ROOT / "configs/demo_world.toml", base + [f"model.tower={tower}", f"train.seed={seed}"])
             m = run_train(c, TrainRequest(days=c.train.days, data_root=data, workdir=a.workdir))
             m["seconds"] = time.perf_counter() - t0
             runs[tower].append(m)

@@ -40,14 +40,14 @@ from jobs.config import JobConfig, apply_override, config_from_doc  # noqa: E402
 
 
 def scaled_config(n_fields: int, rows: int, overrides: list[str] = ()) -> JobConfig:
-    """demo.toml with the ``ctx`` group widened to ``n_fields`` fields over n/50 tables."""
-    doc = tomllib.loads((ROOT / "configs/demo.toml").read_text())
+    """demo_world.toml with the ``ctx`` group widened to ``n_fields`` fields over n/50 tables."""
+    doc = tomllib.loads((ROOT / "configs/demo_world.toml").read_text())
     (group,) = [g for g in doc["schema"]["sparse_groups"] if g["prefix"] == "ctx"]
     group.update(count=n_fields, num_tables=max(1, n_fields // 50), hash_size=5000)
     for o in ["model.tower=tokenformer", f"generator.rows_per_day={rows}", "generator.files_per_day=1",
               "train.epochs=1", *overrides]:
         apply_override(doc, o)
-    return config_from_doc(doc, f"demo.toml with {n_fields} ctx fields")
+    return config_from_doc(doc, f"demo_world.toml with {n_fields} ctx fields")
 
 
 def _worker(rank: int, world_size: int, cfg: JobConfig, data: str, steps: int, out: str) -> None:

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def schema_with_fields(num_fields: int) -> FeatureSchema:
-    d = load_schema(ROOT / "configs/demo.toml").to_dict()
+    d = load_schema(ROOT / "configs/demo_world.toml").to_dict()
     d["sparse"] = d["sparse"][:4] + [{"name": f"f_{i}", "table": "ctx_t0"} for i in range(num_fields - 4)]
     d["tables"]["ctx_t0"] = {"hash_size": 1000, "dim": 16}
     return FeatureSchema.from_dict(d)

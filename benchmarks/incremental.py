@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, required=True)
-    ap.add_argument("--config", type=Path, default=ROOT / "configs/demo.toml")
+    ap.add_argument("--config", type=Path, default=ROOT / "configs/demo_world.toml")
     ap.add_argument("--start", default="2026-01-01")
     ap.add_argument("--days", type=int, default=5)
     ap.add_argument("--rows-per-day", type=int, default=100_000)

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/serving.py [--requests 200] [--tower dlrm]
 
-The demo model (``configs/demo.toml``; weights as initialised — latency does not depend on them)
+The demo model (``configs/demo_world.toml``; weights as initialised — latency does not depend on them)
 is exported (``deploy.export``: the ``torch.export`` program), logged and registered in a SQLite
 MLflow store in a temp folder, aliased ``champion`` and served by ``mlflow models serve
 --env-manager local`` on 127.0.0.1 (one uvicorn worker). A client in this process sends JSON
@@ -87,7 +87,7 @@ def main() -> None:
     from pipeline.generator import generate
     from pipeline.validate import to_canonical
 
-    cfg = load_config(ROOT / "configs/demo.toml", [f"model.tower={a.tower}", "generator.rows_per_day=2000",
+    cfg = load_config(ROOT / "configs/demo_world.toml", [f"model.tower={a.tower}", "generator.rows_per_day=2000",
                                                     "generator.files_per_day=1"])
     tmp = Path(tempfile.mkdtemp(prefix="tokenrec-serving-"))
     generate(cfg.schema, cfg.generator, tmp / "data", parse_days("2026-01-01"), log=lambda *_: None)
@@ -127,7 +127,7 @@ def main() -> None:
                   f"program alone p50 {d['p50_ms']:.1f} ms, p99 {d['p99_ms']:.1f} ms", flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({
-        "benchmark": "serving", "config": "configs/demo.toml", "tower": a.tower, "server":
+        "benchmark": "serving", "config": "configs/demo_world.toml", "tower": a.tower, "server":
         "mlflow models serve --env-manager local (uvicorn, 1 worker), 127.0.0.1", "latency": results,
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d")}, indent=1))

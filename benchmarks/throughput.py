@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/throughput.py [--workdir /tmp/tokenrec-throughput] [--days 2] [--rows-per-day 150000]
 
-Four rates on the same generated demo logs (``configs/demo.toml``: managed-collision user/item
+Four rates on the same generated demo logs (``configs/demo_world.toml``: managed-collision user/item
 tables, a 50-long behaviour sequence, the DLRM tower, 512 rows per worker batch):
 
 A. **upper bound**: one process reads the files with pyarrow and decodes every column to numpy
@@ -246,7 +246,7 @@ def prebuilt_rate(files: list[Path], cfg: JobConfig) -> tuple[int, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "tokenrec-throughput")
-    ap.add_argument("--config", type=Path, default=ROOT / "configs/demo.toml")
+    ap.add_argument("--config", type=Path, default=ROOT / "configs/demo_world.toml")
     ap.add_argument("--days", type=int, default=2)
     ap.add_argument("--rows-per-day", type=int, default=150_000)
     ap.add_argument("--repeats", type=int, default=2, help="A and B: best of this many")

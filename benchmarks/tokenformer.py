@@ -5,7 +5,7 @@
 (a) Training step per row of the dense tower (forward + backward of ``TokenFormer`` on fixed
     embeddings; the sparse side is the same for every variant), one thread, all variants timed
     in interleaved rounds in one run (median of the rounds):
-      * ``2F2S trimmed``    the demo config's tower (``configs/demo.toml`` schema, d 64, 4 heads,
+      * ``2F2S trimmed``    the demo config's tower (``configs/demo_world.toml`` schema, d 64, 4 heads,
                             2F2S windows (32, 16), the default layout: one target token per
                             item field — 3 — and concatenated event tokens), receptive-field plan;
       * ``2F2S untrimmed``  the same weights, every row of every layer;
@@ -54,7 +54,7 @@ from model.tokenformer import TokenFormer, TokenFormerConfig, naive_transformer 
 register_cpu_attention_flops()
 
 
-SCHEMA = load_schema(ROOT / "configs/demo.toml")
+SCHEMA = load_schema(ROOT / "configs/demo_world.toml")
 DE = 16
 ROWS = {32: 512, 256: 64, 1024: 16, 4096: 4}  # rows per step: ~25-60k tokens
 

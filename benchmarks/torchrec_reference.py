@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/torchrec_reference.py [--rounds 8] [--steps 10]
 
-The demo schema's fields and dense features (``configs/demo.toml``, no sequences, plain hashed
+The demo schema's fields and dense features (``configs/demo_world.toml``, no sequences, plain hashed
 tables so that TorchRec's DLRM can take them): both models are sharded by the same
 ``embedding.sharding.shard`` (same plan, fused row-wise Adagrad on the tables) over 2 gloo
 processes and stepped with Adam on the dense part. Ours starts from raw ids (its forward hashes
@@ -107,7 +107,7 @@ def _worker(rank: int, world_size: int, cfg: JobConfig, data: str, rounds: int, 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", type=Path, default=ROOT / "configs/demo.toml")
+    ap.add_argument("--config", type=Path, default=ROOT / "configs/demo_world.toml")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/torchrec_reference.json")
@@ -133,7 +133,7 @@ def main() -> None:
     print(f"ours / torchrec {ratio:.3f}  target <= 1.1: {'met' if ratio <= 1.1 else 'MISSED'}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({
-        "benchmark": "torchrec_reference", "config": "configs/demo.toml", "overrides": PLAIN,
+        "benchmark": "torchrec_reference", "config": "configs/demo_world.toml", "overrides": PLAIN,
         "batch_size_per_worker": cfg.train.batch_size, "workers": 2, "median_step_seconds": med,
         "per_round_step_seconds": per_round, "dense_params": ranks[0]["dense_params"],
         "checks": {"ours_vs_torchrec_step": {"value": ratio, "target": "<= 1.1", "met": ratio <= 1.1}},

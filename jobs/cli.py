@@ -74,23 +74,21 @@ def cmd_tune(a: argparse.Namespace) -> int:
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from jobs.config import load_config
-    from jobs.train import TrainRequest, run_train
-    from pipeline.days import next_day, parse_days
-    from pipeline.generator import generate
+    from jobs.demo import DemoRequest, follow_up_commands, run_demo
+    from jobs.registry import Registry
+    from jobs.tracking import connect
 
-    t0 = time.perf_counter()
     cfg = load_config(a.config, a.overrides)
-    days = parse_days(cfg.train.days)
-    data = a.workdir / "data"
-    print(f"[1/2] generating {len(days) + cfg.train.eval_offset} days of logs into {data}")
-    generate(cfg.schema, cfg.generator, data, days + [next_day(days[-1], cfg.train.eval_offset)])
-    print(f"[2/2] training {cfg.train.num_workers} Ray Train workers on {cfg.train.days}")
+    req = DemoRequest(workdir=a.workdir, daily_days=a.daily_days)
     with _captured(a):
-        m = run_train(cfg, TrainRequest(days=cfg.train.days, data_root=data, workdir=a.workdir), log=a.console.line)
-    _summary(m)
-    db = Path(m["tracking_uri"].removeprefix("sqlite:///"))
-    print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s. Open the MLflow UI with:\n"
-          f"  .venv/bin/mlflow ui --backend-store-uri sqlite:///{db} --host 127.0.0.1 --port 5000")
+        result = run_demo(cfg, req, log=a.console.line)
+    client, _ = connect(result["tracking_uri"], cfg.tracking.experiment, a.workdir / "mlartifacts")
+    print("\nthe registry (tokenrec models):")
+    for line in _models_table(Registry(client, cfg.tracking.model_name).table()):
+        print("  " + line)
+    print("\nnext:")
+    for what, command in follow_up_commands(cfg, req, result):
+        print(f"  # {what}\n  {command}")
     return 0
 
 
@@ -161,17 +159,24 @@ def cmd_models(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'ver':>4} {'aliases':<20} {'tower':<17} {'seed':>4} {'days':<22} {'eval day':<10} {'auc':>7} "
-          f"{'gauc':>7} {'logloss':>7} {'calib':>6} {'rows/s':>7} {'parent':>6}  gate")
+    for line in _models_table(rows):
+        print(line)
+    return 0
 
+
+def _models_table(rows: list[dict]) -> list[str]:
+    """The registry's versions as text lines, newest first (``tokenrec models``)."""
     def num(r: dict, k: str, fmt: str = ".4f") -> str:
         return f"{float(r[k]):{fmt}}" if r[k] else "-"
 
+    lines = [f"{'ver':>4} {'aliases':<20} {'tower':<17} {'seed':>4} {'days':<22} {'eval day':<10} {'auc':>7} "
+             f"{'gauc':>7} {'logloss':>7} {'calib':>6} {'rows/s':>7} {'parent':>6}  gate"]
     for r in reversed(rows):
-        print(f"{r['version']:>4} {r['aliases'] or '-':<20} {r['tower'] or '-':<17} {r['seed'] or '-':>4} "
-              f"{r['days']:<22} {r['eval_day']:<10} {num(r, 'auc'):>7} {num(r, 'gauc'):>7} {num(r, 'logloss'):>7} "
-              f"{num(r, 'calibration'):>6} {num(r, 'rows_per_s', ',.0f'):>7} {r['parent'] or '-':>6}  {r['gate'][:90]}")
-    return 0
+        lines.append(f"{r['version']:>4} {r['aliases'] or '-':<20} {r['tower'] or '-':<17} {r['seed'] or '-':>4} "
+                     f"{r['days']:<22} {r['eval_day']:<10} {num(r, 'auc'):>7} {num(r, 'gauc'):>7} "
+                     f"{num(r, 'logloss'):>7} {num(r, 'calibration'):>6} {num(r, 'rows_per_s', ',.0f'):>7} "
+                     f"{r['parent'] or '-':>6}  {r['gate'][:90]}")
+    return lines
 
 
 def cmd_promote(a: argparse.Namespace) -> int:
@@ -268,9 +273,11 @@ def main(argv: list[str] | None = None) -> int:
                     "WORKDIR/studies/NAME); a lasting place lets a long study resume in a fresh workdir")
     tu.set_defaults(fn=cmd_tune)
 
-    d = sub.add_parser("demo", help="generate a small dataset and run the whole path on it")
+    d = sub.add_parser("demo", help="the production loop on generated data: train, gate → champion, daily "
+                                    "retraining, the registry and the commands to serve and score")
     _common(d)
     d.add_argument("--workdir", type=Path, default=Path(".tokenrec/demo"))
+    d.add_argument("--daily-days", type=int, default=2, help="daily runs after the initial training (default 2)")
     d.set_defaults(fn=cmd_demo)
 
     z = sub.add_parser("analyze", help="collapse diagnostics (effective rank, MI, field attention) of runs")

@@ -127,7 +127,7 @@ def test_candidate_dense_adds_a_target_token_and_request_dense_keeps_the_stream(
 
 
 TWO = load_schema(ROOT / "configs/two_sequences.toml")  # two behaviour sequences
-DEMO = load_schema(ROOT / "configs/demo.toml")  # hist has an action feature: user-centric mode
+DEMO = load_schema(ROOT / "configs/demo_world.toml")  # hist has an action feature: user-centric mode
 
 
 def _two_sequence_requests(lengths: list[tuple[int, int]], counts: list[int], seed: int = 0):

@@ -28,7 +28,7 @@ def test_same_seed_same_bytes_and_any_day_regenerates_alone(tmp_path: Path) -> N
 
 
 def test_signal_is_planted_and_new_ids_appear() -> None:
-    s = load_schema(ROOT / "configs/demo.toml")
+    s = load_schema(ROOT / "configs/demo_world.toml")
     w = World(s, GeneratorConfig(seed=1, rows_per_day=50_000))
     t0, stats0 = w.day_rows(0)
     t3, stats3 = w.day_rows(3)

@@ -154,7 +154,7 @@ def test_diagnostics_report_every_layer(batch) -> None:
             assert all(0.0 < m < 1.0 for m in masses)
 
 
-UC_SCHEMA = load_schema(ROOT / "configs/demo.toml")  # hist has item_id, category, action
+UC_SCHEMA = load_schema(ROOT / "configs/demo_world.toml")  # hist has item_id, category, action
 UC = dataclasses.replace(TF, mode="user_centric", windows=(12, 6))
 
 

@@ -91,7 +91,7 @@ def test_hstu_and_naive_transformer_trimmed_equal_untrimmed(schedule) -> None:
 
 
 def test_plan_for_the_demo_stream() -> None:
-    demo = load_schema(ROOT / "configs/demo.toml")
+    demo = load_schema(ROOT / "configs/demo_world.toml")
     # 2F2S (32, 16) with one target token (one per group): the worked numbers of issue 16
     tower = TokenFormer(demo, TokenFormerConfig(target_tokens="group"), emb_dim=16, num_tasks=1)
     S = tower.num_prefix_tokens + demo.sequences[0].max_len + 1 + 1
