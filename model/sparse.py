@@ -105,12 +105,18 @@ class SparseArch(nn.Module):
         self._orders: dict[tuple[str, ...], torch.Tensor | None] = {}
 
     def _field_order(self, keys: list[str]) -> torch.Tensor | None:
+        """Indices putting pooled fields emitted in ``keys`` order back into schema order (None:
+        already in order). Cached per key order — except while ``torch.export`` traces, where a
+        tensor stored on the module would be an unregistered buffer (export warned about it)."""
         key = tuple(keys)
-        if key not in self._orders:
-            pos = {k: i for i, k in enumerate(keys)}
-            idx = [pos[n] for n in self.schema.field_names]
-            self._orders[key] = None if idx == list(range(len(idx))) else torch.tensor(idx)
-        return self._orders[key]
+        if key in self._orders:
+            return self._orders[key]
+        pos = {k: i for i, k in enumerate(keys)}
+        idx = [pos[n] for n in self.schema.field_names]
+        order = None if idx == list(range(len(idx))) else torch.tensor(idx)
+        if not torch.compiler.is_compiling():
+            self._orders[key] = order
+        return order
 
     def _lookup(self, fields: KeyedJaggedTensor, sequences: KeyedJaggedTensor | None,
                 need_sequences: bool) -> tuple[torch.Tensor, list[str], dict]:
