@@ -38,7 +38,7 @@ def test_demo_runs_the_production_loop_quietly(tmp_path: Path) -> None:
 
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     versions = sorted(client.search_model_versions("name='tokenrec-ranker'"), key=lambda v: int(v.version))
-    assert [v.version for v in versions] == ["1", "2", "3"]
+    assert [int(v.version) for v in versions] == [1, 2, 3]
     assert client.get_model_version_by_alias("tokenrec-ranker", "champion") is not None
     for v in versions[1:]:  # the daily versions warm-started from the champion of their day
         assert v.tags["tokenrec.parent_version"] and "warm-started from version" in v.description

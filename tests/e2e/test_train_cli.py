@@ -128,7 +128,8 @@ def test_type_mismatch_stops_before_training(data: Path, tmp_path: Path) -> None
                  "--workdir", str(tmp_path / "work"))
     assert r.returncode == 2
     assert "part-00000.parquet: column 'dense_1' has type string" in r.stderr
-    assert not (tmp_path / "work").exists()  # stopped before any run, Ray or MLflow store
+    work = tmp_path / "work"  # stopped before any run, Ray or MLflow store (the command's log may exist)
+    assert not (work / "mlflow.db").exists() and not (work / "runs").exists() and not (work / "ray_results").exists()
 
 
 def test_two_sequences_hyformer_end_to_end(tmp_path: Path) -> None:

@@ -104,6 +104,7 @@ def test_daily_gate_promote_rollback_backfill(roots, tmp_path: Path) -> None:
     assert bad["model_version"] == 3 and not bad["promoted"]
     assert reg.champion() == champion and reg.alias("challenger") == 3
     assert "below champion" in reg.version(3).tags["tokenrec.gate"]
+    assert "Gate → **challenger**" in reg.version(3).description and "below champion" in reg.version(3).description
     assert scored(reg.version(3), "2026-01-04") < 0.6
 
     r = cli("promote", "--version", "3", *flags)
@@ -123,7 +124,7 @@ def test_daily_gate_promote_rollback_backfill(roots, tmp_path: Path) -> None:
     assert float(rows[1]["rows_per_s"]) > 0
     # each version's MLflow page says what it was trained on, from which parent, and the gate's call
     assert "warm-started from version 1" in reg.version(2).description
-    assert "Gate → **challenger**" in reg.version(3).description and "below champion" in reg.version(3).description
+    assert "Gate → **champion**: promoted by hand with --no-gate" in reg.version(3).description  # the last call
     r = cli("models", "--model-name", "someone-elses-model", *flags)  # another model: named, not the config's
     assert r.returncode == 0 and "model 'someone-elses-model' has no versions yet" in r.stdout
     assert CFG.tracking.model_name in r.stdout  # … and the models that do exist are listed
