@@ -42,7 +42,7 @@ QWORK ?= /tmp/tokenrec-quality
 bench-quality: $(STAMP)
 	@set -e; \
 	test -d $(QWORK)/collapse-data || $(BIN)/tokenrec generate --config configs/collapse.toml \
-	  --days 2026-01-01..2026-01-06 --out $(QWORK)/collapse-data; \
+	  --days 2026-01-01..2026-01-05 --out $(QWORK)/collapse-data; \
 	$(BIN)/tokenrec tune --config configs/collapse.toml --study configs/studies/collapse.toml \
 	  --data $(QWORK)/collapse-data --workdir $(QWORK)/collapse --results benchmarks/results/studies/collapse; \
 	$(BIN)/tokenrec data fetch ml-100k; \

@@ -20,6 +20,7 @@ Usage (``jobs/cli.py``)::
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import sys
@@ -49,6 +50,7 @@ class Console:
     def __init__(self, verbose: bool = False) -> None:
         self.verbose = verbose
         self._term = None  # a file on a duplicate of the terminal's stdout, while capturing
+        self._own_term = False
         self._saved: tuple[int, int] | None = None
         self._files: list = []
         self._bar = None
@@ -113,8 +115,9 @@ class Console:
             self._saved = (os.dup(1), os.dup(2))
             try:  # the terminal: where sys.stdout writes now (fd 1, or pytest's / a notebook's stream)
                 self._term = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
-            except (AttributeError, OSError, ValueError):
-                self._term = os.fdopen(os.dup(self._saved[0]), "w", buffering=1)
+                self._own_term = True
+            except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+                self._term, self._own_term = sys.stdout, False  # a stream without a descriptor: itself
         self._files.append(f)
         _ACTIVE.append(self)
         os.dup2(f.fileno(), 1)
@@ -145,7 +148,8 @@ class Console:
                 os.dup2(self._saved[1], 2)
                 os.close(self._saved[0])
                 os.close(self._saved[1])
-                self._term.close()
+                if self._own_term:
+                    self._term.close()
                 self._saved, self._term = None, None
             f.close()
 

@@ -64,3 +64,15 @@ def test_verbose_captures_nothing(tmp_path: Path, capfd) -> None:
         console.line("job line")
     out = capfd.readouterr().out
     assert "library output" in out and "job line" in out and not (tmp_path / "x.log").exists()
+
+
+def test_a_stream_without_a_descriptor_is_the_terminal(tmp_path: Path, capsys) -> None:
+    """Under pytest's capsys (or a notebook) sys.stdout has no file descriptor: the job's lines go
+    to that stream, the library output still to the log."""
+    console = Console()
+    with console.capture(tmp_path / "x.log"):
+        os.write(1, b"library output\n")
+        console.line("job line")
+    out = capsys.readouterr().out
+    assert "job line" in out and "library output" not in out
+    assert "library output" in (tmp_path / "x.log").read_text()
