@@ -122,9 +122,13 @@ class _CPUShardedMCEC(_CPUEvictMixin, ShardedManagedCollisionEmbeddingCollection
     """Managed-collision EC (sequence and id-space tables) with the CPU eviction reset."""
 
 
-class CPUManagedCollisionEBCSharder(ManagedCollisionEmbeddingBagCollectionSharder):
+class _CPUManagedCollisionSharding:
     """Managed-collision tables are sharded row-wise (id ranges follow row ranges), with the
-    fused kernel; TorchRec lists neither for CPU. Checked by ``tests/distributed``."""
+    fused kernel; TorchRec lists neither for CPU. ``_sharded`` is the CPU module class and
+    ``_sharder_arg`` its keyword for the embedding sharder. Checked by ``tests/distributed``."""
+
+    _sharded: type
+    _sharder_arg: str
 
     def sharding_types(self, compute_device_type: str) -> list[str]:
         if compute_device_type == "cpu":
@@ -139,29 +143,21 @@ class CPUManagedCollisionEBCSharder(ManagedCollisionEmbeddingBagCollectionSharde
     def shard(self, module, params, env, device=None, module_fqn=None):
         if device is not None and device.type != "cpu":
             return super().shard(module, params, env, device, module_fqn)
-        return _CPUShardedMCEBC(module, params, ebc_sharder=self._e_sharder, mc_sharder=self._mc_sharder,
-                                env=env, device=device or torch.device("cpu"))
+        return self._sharded(module, params, mc_sharder=self._mc_sharder, env=env,
+                             device=device or torch.device("cpu"), **{self._sharder_arg: self._e_sharder})
 
 
-class CPUManagedCollisionECSharder(ManagedCollisionEmbeddingCollectionSharder):
+class CPUManagedCollisionEBCSharder(_CPUManagedCollisionSharding, ManagedCollisionEmbeddingBagCollectionSharder):
+    """Managed-collision field tables (a managed-collision EBC), row-wise and fused on CPU."""
+
+    _sharded, _sharder_arg = _CPUShardedMCEBC, "ebc_sharder"
+
+
+class CPUManagedCollisionECSharder(_CPUManagedCollisionSharding, ManagedCollisionEmbeddingCollectionSharder):
     """Managed-collision unpooled tables (an id-space ``item`` table read by the target field and
-    the history), row-wise with the fused kernel as ``CPUManagedCollisionEBCSharder``."""
+    the history: a managed-collision EC), row-wise and fused on CPU."""
 
-    def sharding_types(self, compute_device_type: str) -> list[str]:
-        if compute_device_type == "cpu":
-            return [ShardingType.ROW_WISE.value]
-        return super().sharding_types(compute_device_type)
-
-    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
-        if compute_device_type == "cpu":
-            return ["fused"]
-        return super().compute_kernels(sharding_type, compute_device_type)
-
-    def shard(self, module, params, env, device=None, module_fqn=None):
-        if device is not None and device.type != "cpu":
-            return super().shard(module, params, env, device, module_fqn)
-        return _CPUShardedMCEC(module, params, ec_sharder=self._e_sharder, mc_sharder=self._mc_sharder,
-                               env=env, device=device or torch.device("cpu"))
+    _sharded, _sharder_arg = _CPUShardedMCEC, "ec_sharder"
 
 
 @torch.no_grad()

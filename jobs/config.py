@@ -140,12 +140,18 @@ def _override(doc: dict, assignment: str) -> None:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
-    *parents, leaf = key.strip().split(".")
+    set_dotted(doc, key.strip(), value, f"--set {assignment!r}")
+
+
+def set_dotted(doc: dict, key: str, value: Any, where: str = "") -> None:
+    """``doc["a"]["b"]["c"] = value`` for ``key = "a.b.c"``, creating tables on the way. Raises
+    ``ValueError`` (prefixed with ``where``) when a part of the path is not a table."""
+    *parents, leaf = key.split(".")
     node = doc
     for p in parents:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ValueError(f"--set {assignment!r}: '{p}' is not a table")
+            raise ValueError(f"{where or key}: '{p}' is not a table")
     node[leaf] = value
 
 

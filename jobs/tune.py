@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 
 from embedding.typed_config import from_dict
-from jobs.config import JobConfig, apply_override, config_from_doc
+from jobs.config import JobConfig, apply_override, config_from_doc, set_dotted
 from model.diagnostics import LAYER_TOWERS  # effective rank per layer for these
 from pipeline.days import day_files, parse_days
 
@@ -217,26 +217,16 @@ class Job:
     settings: dict[str, Any]  # dotted config keys → values, on top of the base config
 
 
-def _set(doc: dict, key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    node = doc
-    for p in parents:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"'{key}': '{p}' is not a table")
-    node[leaf] = value
-
-
 def job_config(base_doc: dict, study: StudyConfig, job: Job, where: str) -> JobConfig:
     """The job's full config: the base document, the study's days and ranges, the tower's fixed
     settings, the job's own settings. Raises ``ValueError`` naming a bad key or value."""
     doc = json.loads(json.dumps(base_doc))  # a deep copy
-    _set(doc, "model.tower", job.tower)
+    set_dotted(doc, "model.tower", job.tower)
     if study.days:
-        _set(doc, "train.days", study.days)
-    _set(doc, "train.eval_ranges", dict(study.eval_ranges))
+        set_dotted(doc, "train.days", study.days)
+    set_dotted(doc, "train.eval_ranges", dict(study.eval_ranges))
     for key, value in {**study.common, **study.fixed.get(job.tower, {}), **job.settings}.items():
-        _set(doc, key, value)
+        set_dotted(doc, key, value, f"'{key}'")
     try:
         return config_from_doc(doc, f"{where} ({job.key})")
     except ValueError as e:
@@ -393,9 +383,17 @@ def _load(study_dir: Path, job: Job, stamp: str) -> dict | None:
     return result if result.get("fingerprint") == stamp else None
 
 
-def _stale(study_dir: Path, jobs: list[Job], stamps: dict) -> list[str]:
-    return [j.key for j in jobs if (study_dir / "jobs" / f"{j.key}.json").exists() and
-            _load(study_dir, j, stamps[j.key]) is None]
+def _pending(study_dir: Path, jobs: list[Job], stamps: dict, what: str, log) -> list[Job]:
+    """The jobs without a saved result of today's fingerprint; says how many ran before and
+    which saved results are stale (trained otherwise: they run again)."""
+    stale = [j.key for j in jobs if (study_dir / "jobs" / f"{j.key}.json").exists()
+             and _load(study_dir, j, stamps[j.key]) is None]
+    if stale:
+        log(f"{len(stale)} saved {what} results were trained otherwise (settings, config, days or data changed): "
+            f"they run again ({', '.join(stale[:4])}{', …' if len(stale) > 4 else ''})")
+    pending = [j for j in jobs if _load(study_dir, j, stamps[j.key]) is None]
+    log(f"{what}: {len(jobs) - len(pending)} of {len(jobs)} done before, {len(pending)} to run")
+    return pending
 
 
 def best_settings(study: StudyConfig, trials: list[tuple[Job, dict]]) -> tuple[Job, dict]:
@@ -566,13 +564,7 @@ def run_study(req: StudyRequest, log=print) -> dict:
     common = dict(base_doc=base_doc, req=req, tracking_uri=tracking_uri, parent_id=parent_id, study_dir=study_dir)
 
     stamps = {j.key: fingerprint(configs[j.key], req.data_root) for j in trials}
-    stale = _stale(study_dir, trials, stamps)
-    if stale:
-        log(f"{len(stale)} saved trial results were trained otherwise (config, days or data changed): "
-            f"they run again ({', '.join(stale[:4])}{', …' if len(stale) > 4 else ''})")
-    pending = [j for j in trials if _load(study_dir, j, stamps[j.key]) is None]
-    log(f"tuning: {len(trials) - len(pending)} of {len(trials)} trials done before, {len(pending)} to run")
-    _run_with_tune(pending, "trials", study, **common)
+    _run_with_tune(_pending(study_dir, trials, stamps, "trials", log), "trials", study, **common)
 
     best, seed_jobs = {}, []
     for tower in study.towers:
@@ -593,13 +585,7 @@ def run_study(req: StudyRequest, log=print) -> dict:
 
     for j in seed_jobs:
         stamps[j.key] = fingerprint(job_config(base_doc, study, j, str(req.study)), req.data_root)
-    stale = _stale(study_dir, seed_jobs, stamps)
-    if stale:
-        log(f"{len(stale)} saved seed results were trained otherwise (the chosen settings, config, days or data "
-            f"changed): they run again ({', '.join(stale[:4])}{', …' if len(stale) > 4 else ''})")
-    pending = [j for j in seed_jobs if _load(study_dir, j, stamps[j.key]) is None]
-    log(f"seeds: {len(seed_jobs) - len(pending)} of {len(seed_jobs)} runs done before, {len(pending)} to run")
-    _run_with_tune(pending, "seeds", study, **common)
+    _run_with_tune(_pending(study_dir, seed_jobs, stamps, "seeds", log), "seeds", study, **common)
 
     results = {t: sorted((_load(study_dir, j, stamps[j.key]) for j in seed_jobs if j.tower == t),
                          key=lambda r: r["job"]["index"]) for t in study.towers}

@@ -79,8 +79,8 @@ def test_tune_chooses_seeds_reports_and_resumes(tmp_path: Path) -> None:
     (out / "jobs" / "seed-tokenformer-2.json").unlink()
     r = tokenrec(*args)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    assert "tuning: 2 of 2 trials done before, 0 to run" in r.stdout
-    assert "seeds: 2 of 3 runs done before, 1 to run" in r.stdout
+    assert "trials: 2 of 2 done before, 0 to run" in r.stdout
+    assert "seeds: 2 of 3 done before, 1 to run" in r.stdout
     assert (out / "jobs" / "seed-tokenformer-2.json").exists()
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 6  # the same parent run, one more child
