@@ -82,7 +82,7 @@ class Console:
                 self._close_bar()
                 self._bar = tqdm(total=total, file=self._term or sys.stdout, unit="step", dynamic_ncols=False,
                                  ncols=100, desc=e.get("desc", "train"), leave=True, mininterval=0.5)
-            self._bar.n = int(e.get("step", 0))
+            self._bar.update(max(int(e.get("step", 0)) - self._bar.n, 0))  # tqdm's rate and ETA stay right
             post = {name: fmt.format(e[k]) for k, name, fmt in (("loss", "loss", "{:.4f}"),
                                                                  ("rows_per_s", "rows/s", "{:,.0f}")) if k in e}
             if "epoch" in e:
