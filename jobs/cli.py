@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ DEFAULT_CONFIG = ROOT / "configs" / "demo.toml"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show the libraries' output and full tracebacks instead of only the job's lines")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="job TOML (default: configs/demo.toml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set model.use_sequences=false (repeatable)")
@@ -37,7 +40,8 @@ def _captured(a: argparse.Namespace):
     """The command's console capture: library and worker output to WORKDIR/logs/<command>-<time>.log
     (each training run nests its own runs/<id>/run.log), the job's lines on the terminal. Ray is
     shut down inside it, so its last forwarded worker lines land in the log too."""
-    with a.console.capture(Path(a.workdir) / "logs" / f"{a.command}-{time.strftime('%Y%m%d-%H%M%S')}.log"):
+    name = f"{a.command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    with a.console.capture(Path(a.workdir) / "logs" / name):
         try:
             yield
         finally:
@@ -240,7 +244,8 @@ def cmd_score(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tokenrec", description=__doc__)
-    parser.add_argument("--verbose", action="store_true", help="print full tracebacks of unexpected errors")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' output and full tracebacks instead of only the job's lines")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="write synthetic day-partitioned logs with a planted signal")
@@ -351,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     fe.add_argument("--max-len", type=int, default=50, help="behaviour sequence length kept per row")
     fe.set_defaults(fn=cmd_data_fetch)
 
+    # the console renders every worker's event line: Ray must not fold them as repeats
+    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", r"tokenrec\.event")
     a = parser.parse_args(argv)
     from jobs.console import Console
 
@@ -359,22 +366,46 @@ def main(argv: list[str] | None = None) -> int:
         a.overrides.append(f"tracking.model_name={json.dumps(a.model_name)}")
     try:
         return a.fn(a)
-    except (ValueError, FileNotFoundError, FileExistsError, SchemaMismatchError, RuntimeError) as e:
-        print(f"tokenrec {a.command}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        if not _is_ray_error(e) and isinstance(e, (ValueError, FileNotFoundError, FileExistsError,
+                                                    SchemaMismatchError, RuntimeError)):
+            print(f"tokenrec {a.command}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        return _library_error(a, e)
     except KeyboardInterrupt:
         print(f"tokenrec {a.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # MLflow, Ray, Arrow, …: one line naming it, the traceback in a log file
-        log = _write_traceback(a)
-        print(f"tokenrec {a.command}: error ({_origin(e)}): {_one_line(e)}\n"
-              f"  the full traceback is in {log}{'' if a.verbose else ' (--verbose prints it here)'}",
-              file=sys.stderr)
-        if a.verbose:
-            import traceback
 
-            traceback.print_exc()
-        return 1
+
+def _is_ray_error(e: BaseException) -> bool:
+    if "ray" not in sys.modules:
+        return False
+    import ray.exceptions
+
+    return isinstance(e, ray.exceptions.RayError) or type(e).__module__.startswith("ray.")
+
+
+def _library_error(a: argparse.Namespace, e: BaseException) -> int:
+    """MLflow, Ray, …: one line naming it (a Ray error: its cause), the traceback in a log file."""
+    import re
+
+    log = _write_traceback(a)
+    cause = getattr(e, "cause", None)
+    failures = getattr(e, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        cause = next(iter(failures.values()))
+    message = _one_line(cause if isinstance(cause, BaseException) else e)
+    message = re.sub(r"\x1b\[[0-9;]*m", "", message)
+    runs = Path(getattr(a, "workdir", "") or ".") / "runs"
+    print(f"tokenrec {a.command}: error ({_origin(e)}): {message}\n"
+          f"  the full traceback is in {log}{'' if a.verbose else ' (--verbose prints it here)'}"
+          + (f"; the workers' output is in the run's log, {runs}/<run id>/run.log" if runs.exists() else ""),
+          file=sys.stderr)
+    if a.verbose:
+        import traceback
+
+        traceback.print_exception(e)
+    return 1
 
 
 def _one_line(e: BaseException, limit: int = 400) -> str:

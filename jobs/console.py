@@ -38,6 +38,13 @@ def emit(kind: str, **fields) -> None:
     print(EVENT + json.dumps({"kind": kind, **fields}), flush=True)
 
 
+def _is_tty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def active() -> Console | None:
     """The console capturing this process's output, if any (``run_train`` nests a per-run log)."""
     return _ACTIVE[-1] if _ACTIVE else None
@@ -54,6 +61,7 @@ class Console:
         self._saved: tuple[int, int] | None = None
         self._files: list = []
         self._bar = None
+        self._quarter = -1  # non-TTY progress: the last quarter printed
         self._lock = threading.RLock()
 
     # ---- output ------------------------------------------------------------------------------
@@ -77,14 +85,25 @@ class Console:
         from tqdm import tqdm
 
         with self._lock:
+            term = self._term or sys.stdout
             total = int(e.get("total") or 0) or None
-            if self._bar is None or (total and self._bar.total != total):
-                self._close_bar()
-                self._bar = tqdm(total=total, file=self._term or sys.stdout, unit="step", dynamic_ncols=False,
-                                 ncols=100, desc=e.get("desc", "train"), leave=True, mininterval=0.5)
-            self._bar.update(max(int(e.get("step", 0)) - self._bar.n, 0))  # tqdm's rate and ETA stay right
+            step = int(e.get("step", 0))
             post = {name: fmt.format(e[k]) for k, name, fmt in (("loss", "loss", "{:.4f}"),
                                                                  ("rows_per_s", "rows/s", "{:,.0f}")) if k in e}
+            if not _is_tty(term):  # a file or a pipe: a plain line at each quarter and at the end
+                quarter = 4 * step // total if total else 0
+                if e.get("done") or quarter > self._quarter:
+                    self._quarter = quarter
+                    print(f"  {e.get('desc', 'train')}: step {step:,}" + (f"/{total:,}" if total else "")
+                          + "".join(f", {k} {v}" for k, v in post.items()), file=term, flush=True)
+                if e.get("done"):
+                    self._quarter = -1
+                return
+            if self._bar is None or (total and self._bar.total != total):
+                self._close_bar()
+                self._bar = tqdm(total=total, file=term, unit="step", dynamic_ncols=True, initial=step,
+                                 desc=e.get("desc", "train"), leave=True, mininterval=0.5)
+            self._bar.update(max(step - self._bar.n, 0))  # tqdm's rate and ETA stay right
             if "epoch" in e:
                 post = {"epoch": e["epoch"]} | post
             self._bar.set_postfix(post, refresh=False)
@@ -122,10 +141,13 @@ class Console:
         _ACTIVE.append(self)
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
-        # Python-level writers too (sys.stdout may not write to fd 1: pytest, notebooks)
+        # Python-level writers too (sys.stdout may not write to fd 1: pytest, notebooks), bound to
+        # fds 1 and 2 themselves: a handler that keeps one after the capture writes to the terminal
         streams = (sys.stdout, sys.stderr)
-        sys.stdout = open(f.fileno(), "w", buffering=1, closefd=False, errors="replace")
-        sys.stderr = open(f.fileno(), "w", buffering=1, closefd=False, errors="replace")
+        sys.stdout = open(1, "w", buffering=1, closefd=False, errors="replace")
+        sys.stderr = open(2, "w", buffering=1, closefd=False, errors="replace")
+        import tqdm  # noqa: F401  (imported here, not first inside the tail thread)
+
         stop = threading.Event()
         tail = threading.Thread(target=self._tail, args=(path, f.tell(), stop), daemon=True)
         tail.start()
@@ -135,17 +157,20 @@ class Console:
             sys.stdout.flush()
             sys.stderr.flush()
             sys.stdout, sys.stderr = streams
-            stop.set()
-            tail.join(timeout=5)
-            _ACTIVE.pop()
-            self._files.pop()
-            if self._files:
-                os.dup2(self._files[-1].fileno(), 1)
-                os.dup2(self._files[-1].fileno(), 2)
+            outer = self._files[:-1]
+            if outer:  # hand fds back first, then drain this capture's events
+                os.dup2(outer[-1].fileno(), 1)
+                os.dup2(outer[-1].fileno(), 2)
             else:
-                self._close_bar()
                 os.dup2(self._saved[0], 1)
                 os.dup2(self._saved[1], 2)
+            stop.set()
+            tail.join(timeout=60)  # it ends once it has read what is left
+            with contextlib.suppress(ValueError):
+                _ACTIVE.remove(self)
+            self._files.remove(f)
+            if not self._files:
+                self._close_bar()
                 os.close(self._saved[0])
                 os.close(self._saved[1])
                 if self._own_term:
@@ -162,7 +187,7 @@ class Console:
                 chunk = f.read()
                 if chunk:
                     pending += chunk
-                    *lines, pending = pending.split(b"\n")
+                    *lines, pending = pending.replace(b"\r", b"\n").split(b"\n")
                     for raw in lines:
                         self._event(raw.decode(errors="replace"))
                 elif stop.is_set():

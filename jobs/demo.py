@@ -43,14 +43,19 @@ def run_demo(cfg: JobConfig, req: DemoRequest, log=print) -> dict:
     Raises ``ValueError`` on a config the loop cannot run (evaluation ranges, max_steps)."""
     from jobs.daily import DailyRequest, run_daily
     from jobs.registry import Registry
-    from jobs.tracking import connect, default_tracking_uri
+    from jobs.tracking import connect
     from jobs.train import TrainRequest, eval_spec, run_train
     from pipeline.generator import generate
 
     if cfg.train.eval_ranges:
         raise ValueError("the demo evaluates on the day after each training day; unset [train].eval_ranges")
+    if cfg.train.max_steps:
+        raise ValueError(f"the demo trains whole days; unset [train].max_steps ({cfg.train.max_steps})")
     t0 = time.perf_counter()
     workdir = req.workdir.resolve()
+    if (workdir / "mlflow.db").exists():
+        raise FileExistsError(f"{workdir} holds an earlier demo (its registry already has a champion): use another "
+                              f"--workdir, or delete {workdir}")
     initial = parse_days(cfg.train.days)
     daily = [next_day(initial[-1], k) for k in range(1, req.daily_days + 1)]
     last = next_day(daily[-1] if daily else initial[-1], cfg.train.eval_offset + cfg.train.eval_days - 1)
@@ -62,7 +67,7 @@ def run_demo(cfg: JobConfig, req: DemoRequest, log=print) -> dict:
         f"{len(cfg.schema.sequences)} behaviour sequence(s), labels {', '.join(cfg.schema.labels)} → {data}")
     generate(cfg.schema, cfg.generator, data, days, log=lambda *_: None)
 
-    tracking_uri = default_tracking_uri(workdir)
+    tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"  # its own store, never $MLFLOW_TRACKING_URI
     client, _ = connect(tracking_uri, cfg.tracking.experiment, workdir / "mlartifacts")
     reg = Registry(client, cfg.tracking.model_name)
     log(f"[2/{steps}] train {cfg.model.tower} on {initial[0]}..{initial[-1]} "
@@ -78,7 +83,8 @@ def run_demo(cfg: JobConfig, req: DemoRequest, log=print) -> dict:
             f"evaluate on the next, gate")
         r = run_daily(cfg, day.isoformat(), DailyRequest(data_root=data, workdir=workdir, tracking_uri=tracking_uri),
                       log=_indent(log))
-        log(f"      version {r['model_version']}: {_auc_line(r)} → {'champion' if r['promoted'] else 'challenger'}")
+        state = "champion" if r.get("promoted") else "challenger"
+        log(f"      version {r['model_version']}: {_auc_line(r)} → {state}")
         results.append(r)
     log(f"[{steps}/{steps}] done in {time.perf_counter() - t0:.0f}s; champion: version {reg.champion()}")
     return {"versions": [r["model_version"] for r in results], "champion": reg.champion(),
@@ -91,19 +97,23 @@ def _indent(log):
 
 
 def follow_up_commands(cfg: JobConfig, req: DemoRequest, result: dict) -> list[tuple[str, str]]:
-    """The commands a user runs next, exactly as they work from the current folder: serve the
-    champion, score a day with it, open the MLflow UI."""
-    venv = Path(sys.executable).parent
+    """The commands a user runs next, exactly as they work from any folder (absolute, quoted):
+    serve the champion, score a day with it, open the MLflow UI."""
+    bin_dir = Path(sys.executable).parent
+    tokenrec = ([str(bin_dir / "tokenrec")] if (bin_dir / "tokenrec").exists()
+                else [sys.executable, "-m", "jobs.cli"])  # no console script: the module
+    mlflow = str(bin_dir / "mlflow") if (bin_dir / "mlflow").exists() else f"{sys.executable} -m mlflow"
     uri = result["tracking_uri"]
     model = f"models:/{cfg.tracking.model_name}@champion"
-    score = [str(venv / "tokenrec"), "score", "--model", model, "--data", result["data"], "--days",
-             result["last_eval_day"], "--out", str(req.workdir.resolve() / f"scores-{result['last_eval_day']}"),
+    q = shlex.quote
+    score = [*tokenrec, "score", "--model", model, "--data", result["data"], "--days", result["last_eval_day"],
+             "--out", str(req.workdir.resolve() / f"scores-{result['last_eval_day']}"),
              "--workdir", str(req.workdir.resolve()), "--tracking-uri", uri]
     return [
         ("serve the champion (a REST endpoint on port 5001)",
-         f"MLFLOW_TRACKING_URI={uri} {shlex.quote(str(venv / 'mlflow'))} models serve -m {model} "
-         "--env-manager local --host 127.0.0.1 --port 5001"),
-        (f"score the day {result['last_eval_day']} with it (Parquet out)", " ".join(shlex.quote(x) for x in score)),
+         f"MLFLOW_TRACKING_URI={q(uri)} {mlflow} models serve -m {q(model)} --env-manager local "
+         "--host 127.0.0.1 --port 5001"),
+        (f"score the day {result['last_eval_day']} with it (Parquet out)", " ".join(q(x) for x in score)),
         ("open the MLflow UI (runs, datasets, plots, registry)",
-         f"{shlex.quote(str(venv / 'mlflow'))} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"),
+         f"{mlflow} ui --backend-store-uri {q(uri)} --host 127.0.0.1 --port 5000"),
     ]

@@ -225,6 +225,10 @@ class Registry:
             raise FileNotFoundError(f"version {number}: exported model {export} is missing")
         log(f"evaluating version {number} on {day}")
         m = evaluate_export(export, data_root, day)
+        missing = [k for k in metrics if k not in m]
+        if missing:  # e.g. [gate].label names a label this version was not trained with
+            raise ValueError(f"version {number} has no {missing} on {day} (its labels differ from [gate].label's); "
+                             "choose another [gate].label, or `tokenrec promote --version N --no-gate`")
         for k in dict.fromkeys(GATE_METRICS + tuple(metrics)):
             self.client.set_model_version_tag(self.name, str(number), prefix + k, repr(float(m[k])))
         return m

@@ -48,6 +48,7 @@ class TrainRequest:
     resume_from: str | None = None  # continue a stopped run of the same job from this checkpoint
     tags: dict[str, str] | None = None  # extra MLflow run tags
     register: bool = True  # register the exported model as a new version
+    command: str | None = None  # the command that started it (the run's description); None: the CLI's
 
 
 def planned_steps(files: list[Path], tc) -> int:
@@ -124,17 +125,18 @@ def log_plots(client, run_id: str, tracking_uri: str, cfg, run_dir: Path, log) -
         log(f"collapse diagnostics: effective rank per layer {ranks} (diagnostics/diagnostics.png on the run)")
 
 
-def run_description(cfg, days: list, evals: dict) -> str:
-    """The run page's description: the exact command and what the run is."""
+def run_description(cfg, days: list, evals: dict, command: str | None = None) -> str:
+    """The run page's description: what the run is and the exact command, when known (given, or
+    this process's own ``tokenrec`` command line; not Ray's worker command inside a Tune trial)."""
     import shlex
 
     prog = Path(sys.argv[0]).name if sys.argv else ""
-    prog = "tokenrec" if prog in ("cli.py", "tokenrec") else prog  # `python -m jobs.cli` is `tokenrec`
-    command = " ".join(shlex.quote(a) for a in [prog, *sys.argv[1:]])
+    if command is None and prog in ("cli.py", "tokenrec"):  # `python -m jobs.cli` is `tokenrec`
+        command = " ".join(shlex.quote(a) for a in ["tokenrec", *sys.argv[1:]])
     ranges = ", ".join(f"{name} {spec}" for name, (_, _, spec) in evals.items())
     return (f"**{cfg.model.tower}** trained on {days[0]}..{days[-1]} ({len(cfg.schema.sparse)} sparse fields, "
-            f"{len(cfg.schema.sequences)} sequences, labels {', '.join(cfg.schema.labels)}); evaluated on {ranges}.\n\n"
-            f"Command: `{command}`")
+            f"{len(cfg.schema.sequences)} sequences, labels {', '.join(cfg.schema.labels)}); evaluated on {ranges}."
+            + (f"\n\nCommand: `{command}`" if command else ""))
 
 
 def register_once(client, name: str, model_uri: str, run_id: str, tags: dict):
@@ -170,7 +172,7 @@ def run_train(cfg: JobConfig, req: TrainRequest, log=print) -> dict:
     tracking_uri = req.tracking_uri or default_tracking_uri(req.workdir)
     client, exp_id = connect(tracking_uri, cfg.tracking.experiment, req.workdir / "mlartifacts")
     run = client.create_run(exp_id, run_name=f"{cfg.model.tower} {days[0]}..{days[-1]}", tags={
-        "mlflow.note.content": run_description(cfg, days, evals),
+        "mlflow.note.content": run_description(cfg, days, evals, req.command),
         "tokenrec.days": f"{days[0]}..{days[-1]}", "tokenrec.eval_day": str(eval_day),
         "tokenrec.schema": cfg.schema.fingerprint(), "tokenrec.data_root": str(req.data_root.resolve()),
         "tokenrec.tower": cfg.model.tower,
@@ -180,11 +182,12 @@ def run_train(cfg: JobConfig, req: TrainRequest, log=print) -> dict:
       | (req.tags or {}))
     run_id = run.info.run_id
     log(f"MLflow run {run_id} in {redact(tracking_uri)}")
-    log_day_inputs(client, run_id, req.data_root, {"training": (days, train_files, rows_in)}
-                   | {name: (ranges[name], files, n) for name, (files, n, _) in evals.items()}, cfg.schema)
     console = active()  # the CLI's: this run's library and worker output goes to runs/<id>/run.log
     run_log = (req.workdir / "runs" / run_id / "run.log").resolve()
     try:
+        with_retries(log_day_inputs, client, run_id, req.data_root, {"training": (days, train_files, rows_in)}
+                     | {name: (ranges[name], files, n) for name, (files, n, _) in evals.items()}, cfg.schema,
+                     what="logging the dataset inputs")
         with console.capture(run_log) if console else contextlib.nullcontext():
             metrics = _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, evals,
                                           rows_in, eval_day, log)
@@ -297,7 +300,10 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
     export_dir = export_checkpoint(cfg.schema, cfg.model, checkpoint, run_dir / "export", program=req.register)
     client.set_tag(run_id, "tokenrec.export", str(export_dir))
     m["export_dir"] = str(export_dir)
-    log_plots(client, run_id, tracking_uri, cfg, run_dir, log)
+    try:  # images for the run page: never the reason a trained run fails
+        log_plots(client, run_id, tracking_uri, cfg, run_dir, log)
+    except Exception as e:  # noqa: BLE001
+        log(f"warning: the run's plots were not logged ({type(e).__name__}: {e})")
     if not req.register:
         return m
     def log_model():

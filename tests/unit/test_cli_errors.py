@@ -40,3 +40,25 @@ def test_expected_errors_keep_their_codes(monkeypatch, tmp_path: Path, capsys, e
     monkeypatch.setattr(cli, "cmd_models", fail)
     assert cli.main(["models", "--workdir", str(tmp_path)]) == code
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_ray_error_names_its_cause_without_colour_codes(monkeypatch, tmp_path: Path, capsys) -> None:
+    """Ray re-raises a worker's ValueError as a RayError that is also a ValueError: it is still a
+    library error (exit 1, traceback log), reported by its cause, without ANSI colour codes."""
+    import ray.exceptions
+
+    class WorkerFailed(ray.exceptions.RayError, ValueError):
+        cause = ValueError("\x1b[36mbad row\x1b[39m in part-0.parquet")
+
+    def fail(a):
+        raise WorkerFailed("ray::Scorer() (pid=1) long wrapped message")
+    monkeypatch.setattr(cli, "cmd_models", fail)
+    assert cli.main(["models", "--workdir", str(tmp_path)]) == 1
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.endswith("): bad row in part-0.parquet") and "\x1b" not in first
+
+
+def test_verbose_is_accepted_after_the_subcommand(monkeypatch, tmp_path: Path, capsys) -> None:
+    monkeypatch.setattr(cli, "cmd_models", _raise)
+    assert cli.main(["models", "--workdir", str(tmp_path), "--verbose"]) == 1
+    assert "Traceback (most recent call last)" in capsys.readouterr().err

@@ -34,7 +34,8 @@ def test_library_output_goes_to_the_log_and_the_job_to_the_terminal(tmp_path: Pa
     out, err = capfd.readouterr()
     shown = out + err
     assert "data check: 8,000 rows" in shown and "  evaluate eval: 4,000 rows" in shown
-    assert "10/10" in shown and "rows/s=1,234" in shown  # the progress bar
+    # not a terminal here: the progress is plain lines (a tqdm bar on a TTY)
+    assert "  train: step 5/10, loss 0.5000, rows/s 1,234" in shown and "  train: step 10/10" in shown
     for noise in ("C-level noise", "python noise", "FutureWarning", "tokenrec.event"):
         assert noise not in shown, noise
     text = log.read_text()
@@ -76,3 +77,22 @@ def test_a_stream_without_a_descriptor_is_the_terminal(tmp_path: Path, capsys) -
     out = capsys.readouterr().out
     assert "job line" in out and "library output" not in out
     assert "library output" in (tmp_path / "x.log").read_text()
+
+
+def test_a_handler_kept_from_inside_a_capture_writes_to_the_terminal_after(tmp_path: Path, capfd) -> None:
+    """A logging handler made inside a capture keeps sys.stderr: after the capture its lines must
+    reach the terminal, never a file that reused a closed descriptor."""
+    import logging
+
+    console = Console()
+    with console.capture(tmp_path / "outer.log"):
+        with console.capture(tmp_path / "inner.log"):
+            handler = logging.StreamHandler()  # binds sys.stderr as it is now
+    other = open(tmp_path / "unrelated.txt", "w")  # may reuse a closed descriptor number
+    logger = logging.getLogger("tokenrec-test-stale")
+    logger.addHandler(handler)
+    logger.warning("LATE LOG LINE")
+    logger.removeHandler(handler)
+    other.close()
+    assert "LATE LOG LINE" not in (tmp_path / "unrelated.txt").read_text()
+    assert "LATE LOG LINE" in capfd.readouterr().err
