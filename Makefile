@@ -45,6 +45,8 @@ bench-quality: $(STAMP)
 	  --days 2026-01-01..2026-01-05 --out $(QWORK)/collapse-data; \
 	$(BIN)/tokenrec tune --config configs/collapse.toml --study configs/studies/collapse.toml \
 	  --data $(QWORK)/collapse-data --workdir $(QWORK)/collapse --results benchmarks/results/studies/collapse; \
+	$(BIN)/tokenrec tune --config configs/collapse.toml --study configs/studies/collapse_ablations.toml \
+	  --data $(QWORK)/collapse-data --workdir $(QWORK)/collapse --results benchmarks/results/studies/collapse_ablations; \
 	$(BIN)/tokenrec data fetch ml-100k; \
 	$(BIN)/tokenrec tune --config configs/movielens.toml --study configs/studies/movielens.toml \
 	  --data $$HOME/.cache/tokenrec/ml-100k/logs --workdir $(QWORK)/ml100k --results benchmarks/results/studies/ml100k

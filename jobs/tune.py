@@ -88,6 +88,7 @@ class StudyConfig:
     search_seed: int = 0
     space: dict[str, dict[str, Any]] = field(default_factory=dict)
     common: dict[str, Any] = field(default_factory=dict)  # settings every tower's runs get
+    settings_from: str = ""  # a best/<tower>.toml another study wrote: its settings under common's
     fixed: dict[str, dict[str, Any]] = field(default_factory=dict)  # per tower, on top of common
     pairs: tuple[tuple[str, str], ...] = ()
     analyze: bool = True  # effective rank per layer of each seed run (attention towers)
@@ -166,15 +167,39 @@ def metric_range(metric: str, ranges) -> str | None:
 
 
 def load_study(path: str | Path) -> StudyConfig:
-    """Read the ``[tune]`` table of a study TOML file."""
+    """Read the ``[tune]`` table of a study TOML file. ``settings_from`` (relative to the study
+    file's folder or the current one) is read now: its settings go under ``common``. Raises
+    ``ValueError`` naming a bad key, ``FileNotFoundError`` for a missing ``settings_from``."""
     with open(path, "rb") as f:
         doc = tomllib.load(f)
     if "tune" not in doc:
         raise ValueError(f"{path}: no [tune] table")
     try:
-        return from_dict(StudyConfig, doc["tune"], "tune")
+        study = from_dict(StudyConfig, doc["tune"], "tune")
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+    if study.settings_from:
+        source = next((p for p in (Path(path).parent / study.settings_from, Path(study.settings_from)) if p.exists()),
+                      None)
+        if source is None:
+            raise FileNotFoundError(f"{path}: [tune].settings_from {study.settings_from} does not exist (run the "
+                                    "study that writes it first)")
+        with open(source, "rb") as f:
+            inherited = _flatten(tomllib.load(f))
+        study = dataclasses.replace(study, common={**inherited, **study.common})
+    return study
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested TOML tables → dotted keys (the inverse of ``write_best``'s grouping; a dict value
+    becomes its keys, which ``set_dotted`` puts back the same way)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def sample_points(study: StudyConfig) -> list[dict[str, Any]]:

@@ -265,3 +265,34 @@ def test_tower_costs_count_attention_in_training_mode(tmp_path: Path) -> None:
     with FlopCounterMode(display=False) as m:
         scaled_dot_product_attention(q, q, q)
     assert m.get_total_flops() == 4 * 2 * 2 * 8 * 8 * 4  # Q·Kᵀ and P·V: 2 FLOPs per multiply-add each
+
+
+def test_the_ablation_study_inherits_the_chosen_settings(tmp_path: Path) -> None:
+    """``settings_from``: a best/<tower>.toml written by another study becomes common settings;
+    the ablations are variants of TokenFormer that all build."""
+    from jobs.tune import _check_builds, load_study
+
+    best = tmp_path / "best" / "tokenformer.toml"
+    write_best(best, "tokenformer", {"train.sharding.dense_lr": 0.004, "train.optim.weight_decay": 0.01,
+                                     "model.tokenformer.dropout": 0.1}, "validation_auc", 0.8)
+    text = (ROOT / "configs/studies/collapse_ablations.toml").read_text()
+    shipped = 'settings_from = "../../benchmarks/results/studies/collapse/best/tokenformer.toml"'
+    study_file = tmp_path / "ablations.toml"
+    study_file.write_text(text.replace(shipped, f'settings_from = "{best}"'))
+    study = load_study(study_file)
+    assert study.common["train.sharding.dense_lr"] == 0.004 and study.trials == 0
+    with open(ROOT / "configs/collapse.toml", "rb") as f:
+        base = tomllib.load(f)
+    windows = {}
+    for name in study.towers:
+        cfg = job_config(base, study, Job("check", "seed", name, 1, {"train.seed": 1}), "ablations")
+        _check_builds(cfg, name)
+        assert cfg.model.tower == "tokenformer" and cfg.train.sharding.dense_lr == 0.004
+        tf = cfg.model.tokenformer
+        windows[name] = (tf.num_full_layers, tf.windows, tf.nlir)
+    assert windows["bfts_4F"] == (4, (), True) and windows["bfts_4S"][0] == 0
+    assert windows["nlir_off"][2] is False and windows["uniform_windows"] == (2, (32, 32), True)
+    missing = tmp_path / "missing.toml"
+    missing.write_text(text.replace(shipped, 'settings_from = "no/such/best.toml"'))
+    with pytest.raises(FileNotFoundError, match=r"settings_from no/such/best.toml does not exist"):
+        load_study(missing)
