@@ -35,3 +35,48 @@ def from_dict(cls: type[T], d: dict[str, Any] | None, where: str) -> T:
         return cls(**kwargs)
     except TypeError as e:
         raise ValueError(f"[{where}]: {e}") from None
+
+
+_MISSING = object()
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return _MISSING
+
+
+def non_defaults(obj: Any) -> Any:
+    """``obj`` as plain JSON-able data with every dataclass field that equals its declared default
+    left out, recursively (through nested dataclasses, lists, tuples and dicts); fields without
+    a default are always kept.
+
+    What a value *means* does not change when a later version adds a key with a default, so a
+    hash of this (``jobs.tune.fingerprint``) stays the same for results that are still valid —
+    where a hash of ``dataclasses.asdict`` would make every saved result stale.
+    """
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            default = _field_default(f)
+            if default is not _MISSING and _equal(value, default):
+                continue
+            out[f.name] = non_defaults(value)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [non_defaults(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): non_defaults(v) for k, v in obj.items()}
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def _equal(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # e.g. tensors or arrays: compare what they print as
+        return str(a) == str(b)

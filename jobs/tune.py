@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from embedding.typed_config import from_dict
+from embedding.typed_config import from_dict, non_defaults
 from jobs.config import JobConfig, apply_override, config_from_doc, set_dotted
 from jobs.study_report import _toml_value, best_settings, markdown, summarize, write_best  # noqa: F401
 from model.diagnostics import LAYER_TOWERS  # effective rank per layer for these
@@ -272,8 +272,9 @@ class StudyRequest:
 def fingerprint(cfg: JobConfig, data_root: Path) -> str:
     """What a job's result depends on: its resolved config (schema, model, training, days,
     ranges, seed) and its data (every training and evaluation day's files, by name and size —
-    the same generated data in another folder matches). A saved result with another fingerprint
-    is stale: the job runs again."""
+    the same generated data in another folder matches). Config values equal to their declared
+    defaults are left out (``non_defaults``), so a new config key with a default keeps saved
+    results valid. A saved result with another fingerprint is stale: the job runs again."""
     import hashlib
 
     from jobs.train import eval_ranges
@@ -281,7 +282,8 @@ def fingerprint(cfg: JobConfig, data_root: Path) -> str:
     days = parse_days(cfg.train.days)
     all_days = days + [d for ds in eval_ranges(cfg.train, days).values() for d in ds]
     files = [(f"{f.parent.name}/{f.name}", f.stat().st_size) for f in day_files(data_root, all_days)]
-    return hashlib.sha256((cfg.to_json() + json.dumps(files)).encode()).hexdigest()[:16]
+    settings = json.dumps(non_defaults(cfg), sort_keys=True)  # a key added later with its default
+    return hashlib.sha256((settings + json.dumps(files)).encode()).hexdigest()[:16]  # changes nothing
 
 
 def _atomic_json(path: Path, obj: dict) -> None:

@@ -144,6 +144,48 @@ def test_fingerprints_follow_config_and_data(tmp_path: Path) -> None:
                                          num_categories=4), tmp_path / "b", parse_days("2026-01-03"),
              log=lambda *_: None)
     assert fingerprint(cfg, tmp_path / "b") != stamp  # the evaluation day's data changed
+    from jobs.config import TrainConfig
+    default_clip = TrainConfig().optim.clip_grad_norm  # spelling out a default changes nothing
+    same = load_config(ROOT / "configs/tiny.toml", ['train.eval_ranges.validation="+1"',
+                                                    f"train.optim.clip_grad_norm={default_clip}"])
+    assert fingerprint(same, tmp_path / "a") == stamp
+
+
+def test_a_new_key_with_its_default_keeps_saved_results_valid() -> None:
+    """Saved study results must survive a later version adding a config key (with a default):
+    the fingerprint hashes only values that differ from their defaults."""
+    from dataclasses import dataclass, field
+
+    from embedding.typed_config import non_defaults
+
+    @dataclass(frozen=True)
+    class Inner:
+        a: int = 1
+        b: tuple = (1, 2)
+
+    @dataclass(frozen=True)
+    class Old:
+        name: str
+        inner: Inner = field(default_factory=Inner)
+        items: tuple = ()
+
+    @dataclass(frozen=True)
+    class InnerNew:
+        a: int = 1
+        b: tuple = (1, 2)
+        c: float = 0.5  # added later
+
+    @dataclass(frozen=True)
+    class New:
+        name: str
+        inner: InnerNew = field(default_factory=InnerNew)
+        items: tuple = ()
+        extra: str = ""  # added later
+
+    assert non_defaults(Old("x")) == non_defaults(New("x")) == {"name": "x"}
+    assert non_defaults(Old("x", Inner(a=2), (Inner(),))) == non_defaults(New("x", InnerNew(a=2), (InnerNew(),)))
+    assert non_defaults(Old("x", Inner(a=2))) == {"name": "x", "inner": {"a": 2}}
+    assert non_defaults(New("x", InnerNew(c=0.7))) != non_defaults(Old("x"))  # a changed new key counts
 
 
 def test_best_settings_are_written_as_loadable_toml(tmp_path: Path) -> None:
