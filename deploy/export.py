@@ -294,7 +294,8 @@ class TokenrecPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def register_export(export_dir: Path, tracking_uri: str, experiment: str, model_name: str,
-                    artifact_root: Path, alias: str | None = None) -> int:
+                    artifact_root: Path, alias: str | None = None,
+                    input_example: pd.DataFrame | None = None) -> int:
     """Log an export folder as the model of a new run, register it, optionally alias it;
     returns the version number (what tests and the serving benchmark need; training jobs log
     into their own run, see ``jobs.train``)."""
@@ -302,25 +303,72 @@ def register_export(export_dir: Path, tracking_uri: str, experiment: str, model_
 
     client, exp_id = connect(tracking_uri, experiment, artifact_root)
     with mlflow.start_run(experiment_id=exp_id):
-        info = log_pyfunc(export_dir)
+        info = log_pyfunc(export_dir, input_example=input_example)
     version = mlflow.register_model(info.model_uri, model_name)
     if alias:
         client.set_registered_model_alias(model_name, alias, version.version)
     return int(version.version)
 
 
-def log_pyfunc(export_dir: Path, pip_requirements: list[str] | None = None):
+def request_example(schema: FeatureSchema, files: list[Path], max_rows: int = 3) -> pd.DataFrame | None:
+    """A serving request built from real log rows, for the logged model's input example: the
+    first valid rows of the first of ``files`` that has any (those of its first ``request_id``,
+    when the logs have one), with the columns the model reads (labels and unknown columns
+    dropped). None when no file has a valid row. Reads at most 4,096 rows per file."""
+    import pyarrow.parquet as pq
+
+    needed = canonical_schema(schema, with_labels=False).names
+    for path in files:
+        pf = pq.ParquetFile(path)
+        if pf.metadata.num_rows == 0:
+            continue
+        head = pa.Table.from_batches([next(pf.iter_batches(batch_size=4096))])
+        has_ids = REQUEST_ID in head.column_names and not pa.types.is_null(head.schema.field(REQUEST_ID).type)
+        try:
+            table = to_canonical(head.select(needed + ([REQUEST_ID] if has_ids else [])), schema,
+                                 with_labels=False, keep=(REQUEST_ID,) if has_ids else ())
+        except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            continue  # a file the data check quarantines or refuses: not an example
+        good, _ = split_valid(table, schema, check_labels=False)
+        if has_ids and good.num_rows:
+            first = good.column(REQUEST_ID)[0]
+            good = good.filter(pa.compute.equal(good.column(REQUEST_ID), first)) if first.is_valid else good
+        if good.num_rows:
+            return good.slice(0, max_rows).to_pandas()
+    return None
+
+
+def pyfunc_signature(schema: FeatureSchema):
+    """The logged model's signature: its outputs (one float64 probability column per label, in
+    the schema's order) and, on purpose, no input schema. MLflow enforces an input schema before
+    ``predict`` runs — it drops columns it does not know (which ``check_request`` refuses by
+    name), refuses missing ones with its own message and casts types — so any input schema would
+    make the served model refuse or answer requests that ``predict`` treats otherwise. The one
+    validation is ``check_request``; the input example shows the request format."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    return ModelSignature(outputs=Schema([ColSpec("double", label) for label in schema.labels]))
+
+
+def log_pyfunc(export_dir: Path, pip_requirements: list[str] | None = None,
+               input_example: pd.DataFrame | None = None):
     """Log the export folder as an MLflow pyfunc in the active run; returns ModelInfo. The
-    requirements default to the lock file (``REQUIREMENTS``).
+    requirements default to the lock file (``REQUIREMENTS``). The model gets the signature of
+    ``pyfunc_signature`` and ``input_example`` (e.g. ``request_example``), which MLflow checks
+    by serving it through the logged model before this returns.
 
     MLflow's own check of the pinned requirements (a ``pip install --dry-run`` against PyPI,
     ~30 s of CPU per model) is skipped: they are the lock file ``make install`` resolved."""
     root = Path(__file__).resolve().parents[1]
     os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
+    schema = FeatureSchema.from_dict(json.loads((Path(export_dir) / "config.json").read_text())["schema"])
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=TokenrecPyfunc(),
         artifacts={"export": str(export_dir)},
         code_paths=[str(root / p) for p in PACKAGES],
         pip_requirements=pip_requirements or REQUIREMENTS.read_text().split(),
+        signature=pyfunc_signature(schema),
+        input_example=input_example,
     )

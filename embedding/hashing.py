@@ -65,12 +65,16 @@ class IdHasher(nn.Module):
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         if kjt.keys() != self.keys:
             raise ValueError(f"IdHasher expects keys {self.keys[:5]}…, got {kjt.keys()[:5]}…")
-        per_key = torch.tensor(kjt.length_per_key(), device=self.salts.device)
-        salt = torch.repeat_interleave(self.salts, per_key)
-        size = torch.repeat_interleave(self.sizes, per_key)
-        rows = torch.remainder(mix64(kjt.values().long() ^ salt), size)
+        # ids per key from the lengths (a tensor op): no Python list of per-key counts, which
+        # torch.export would trace as one data-dependent size per key and sums of them — minutes
+        # of symbolic reasoning for a schema of hundreds of fields
+        values = kjt.values()
+        per_key = kjt.lengths().view(len(self.keys), -1).sum(1).long().to(self.salts.device)
+        salt = torch.repeat_interleave(self.salts, per_key, output_size=values.numel())
+        size = torch.repeat_interleave(self.sizes, per_key, output_size=values.numel())
+        rows = torch.remainder(mix64(values.long() ^ salt), size)
         return KeyedJaggedTensor(
-            keys=kjt.keys(), values=rows, lengths=kjt.lengths(), offsets=kjt.offsets(),
-            stride=kjt.stride(), length_per_key=kjt.length_per_key(),
-            offset_per_key=kjt.offset_per_key(),
+            keys=kjt.keys(), values=rows, lengths=kjt.lengths(), offsets=kjt.offsets_or_none(),
+            stride=kjt.stride(), length_per_key=kjt.length_per_key_or_none(),
+            offset_per_key=kjt.offset_per_key_or_none(),
         )

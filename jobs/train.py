@@ -25,7 +25,7 @@ import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from deploy.export import export_checkpoint, log_pyfunc
+from deploy.export import export_checkpoint, log_pyfunc, request_example
 from jobs.checkpoint import check_layout, read_position
 from jobs.config import JobConfig
 from jobs.console import active
@@ -306,9 +306,11 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
         log(f"warning: the run's plots were not logged ({type(e).__name__}: {e})")
     if not req.register:
         return m
+    example = request_example(cfg.schema, list(next(iter(evals.values()))[0]))  # the first range's rows
+
     def log_model():
         with mlflow.start_run(run_id=run_id):
-            return log_pyfunc(export_dir)
+            return log_pyfunc(export_dir, input_example=example)
 
     info = with_retries(log_model, what="logging the model")
     tags = ({k: str(v) for k, v in m.items() if k.startswith(tuple(f"{name}_" for name in evals))}

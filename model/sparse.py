@@ -124,6 +124,8 @@ class SparseArch(nn.Module):
         the unpooled lookups (sequence columns) when ``need_sequences`` or id-space fields need
         them; missing sequences read as empty histories."""
         hashed = self.field_hasher(fields)
+        if torch.compiler.is_exporting() and _unsharded(self.ebc):
+            return self._lookup_exporting(hashed, sequences, need_sequences)
         if self.mc_ebc is None and not self._shared_keys:
             kt = self.ebc(hashed)
             jts = self._unpooled(self.seq_hasher(sequences)) if need_sequences else {}
@@ -150,6 +152,76 @@ class SparseArch(nn.Module):
                 values.append(_pool(jts[k], self._shared_pooling[k], hashed.stride()))
                 keys.append(k)
         return torch.cat(values, dim=1) if len(values) > 1 else values[0], keys, jts
+
+    def _lookup_exporting(self, hashed: KeyedJaggedTensor, sequences: KeyedJaggedTensor | None,
+                          need_sequences: bool) -> tuple[torch.Tensor, list[str], dict]:
+        """``_lookup`` as ``torch.export`` traces it: the same unsharded modules and weights, the
+        same result, but the fields' ids are grouped by table (a stable sort of the values by
+        their field's group) and each plain table pools all its fields' bags in one
+        ``nn.EmbeddingBag`` call; the managed-collision fields and the id-space fields form one
+        group each. The EBC's ``KeyedJaggedTensor.to_dict`` (and the KJT ``permute``/``split``)
+        would trace every field's offset as a sum of the previous fields' data-dependent sizes:
+        work quadratic in the number of fields (~10 minutes for the demo's 516 fields); here
+        there is one data-dependent size per group. Returns the pooled values [B, F·D] in schema
+        order, the schema's field names and the unpooled lookups."""
+        names, stride = hashed.keys(), hashed.stride()
+        values, lengths_FB = hashed.values(), hashed.lengths().view(len(names), -1)
+        index = {n: i for i, n in enumerate(names)}
+        groups: list[list[str]] = []  # plain tables (schema order inside), managed, id-space
+        if self.ebc is not None:
+            groups += [sorted(cfg.feature_names, key=index.get) for cfg in self.ebc.embedding_bag_configs()]
+        groups += [g for g in (self._mc_keys, self._shared_keys) if g]
+        group_of_key = [0] * len(names)
+        for g, keys in enumerate(groups):
+            for k in keys:
+                group_of_key[index[k]] = g
+        per_key = lengths_FB.sum(1)
+        value_group = torch.repeat_interleave(torch.tensor(group_of_key), per_key.long(),
+                                              output_size=values.numel())
+        grouped = values[torch.argsort(value_group, stable=True)]  # by group, then field, then row
+        ends = torch.zeros(len(groups), dtype=per_key.dtype).index_add(
+            0, torch.tensor(group_of_key), per_key).cumsum(0).tolist()  # one data-dependent size per group
+        pieces, start = [], 0
+        for g, keys in enumerate(groups):
+            stop = ends[g]
+            torch._check(stop >= start)
+            torch._check(stop <= values.numel())
+            lengths = lengths_FB[torch.tensor([index[k] for k in keys])].reshape(-1)
+            pieces.append((grouped[start:stop], lengths))
+            start = stop
+        pooled_FBD, order = [], []
+        n_plain = len(groups) - bool(self._mc_keys) - bool(self._shared_keys)
+        if self.ebc is not None:
+            for cfg, keys, (ids, lengths) in zip(self.ebc.embedding_bag_configs(), groups, pieces):
+                offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+                bags = self.ebc.embedding_bags[cfg.name](input=ids, offsets=offsets).float()
+                pooled_FBD.append(bags.view(len(keys), stride, -1))
+                order += keys
+
+        def kjt(keys: list[str], piece) -> KeyedJaggedTensor:
+            return KeyedJaggedTensor(keys=keys, values=piece[0], lengths=piece[1], stride=stride)
+
+        at = n_plain
+        if self._mc_keys:
+            kt, _ = self.mc_ebc(kjt(self._mc_keys, pieces[at]))
+            kt = _wait(kt)
+            pooled_FBD.append(kt.values().view(stride, len(kt.keys()), -1).transpose(0, 1))
+            order += kt.keys()
+            at += 1
+        jts: dict = {}
+        if self._shared_keys or need_sequences:
+            seq = (_empty_kjt(self.schema.sequence_columns, stride, values) if sequences is None
+                   else self.seq_hasher(sequences))
+            jts = self._unpooled(KeyedJaggedTensor.concat([kjt(self._shared_keys, pieces[at]), seq])
+                                 if self._shared_keys else seq)
+            if self._shared_keys:
+                pooled_FBD.append(torch.stack([_pool(jts[k], self._shared_pooling[k], stride)
+                                               for k in self._shared_keys]))
+                order += self._shared_keys
+        where = {k: i for i, k in enumerate(order)}
+        schema_order = list(self.schema.field_names)
+        fields_FBD = torch.cat(pooled_FBD).index_select(0, torch.tensor([where[n] for n in schema_order]))
+        return fields_FBD.transpose(0, 1).reshape(stride, -1), schema_order, jts
 
     def _unpooled(self, kjt: KeyedJaggedTensor) -> dict:
         """Per key of ``kjt`` (id-space fields and sequence columns, hashed): its JaggedTensor."""
@@ -239,6 +311,13 @@ def _empty_kjt(keys: list[str], batch: int, like: torch.Tensor) -> KeyedJaggedTe
                              lengths=torch.zeros(batch * len(keys), dtype=torch.int32, device=like.device),
                              stride=batch, length_per_key=[0] * len(keys),  # static: export needs
                              offset_per_key=[0] * (len(keys) + 1))          # no data-dependent sizes
+
+
+def _unsharded(ebc) -> bool:
+    """Whether the plain field EBC (or its absence) is TorchRec's unsharded module."""
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    return ebc is None or type(ebc) is EmbeddingBagCollection
 
 
 def _wait(x):

@@ -20,13 +20,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from deploy.export import export_model, load_program, register_export, score_table
+from deploy.export import export_model, load_program, register_export, request_example, score_table
 from jobs.cli import main
 from jobs.config import load_config
 from model.ranking import RankingModel
 from pipeline.days import parse_days
 from pipeline.generator import generate
-from pipeline.validate import to_canonical
+from pipeline.validate import canonical_schema, to_canonical
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "tokenrec-serving-test"
@@ -41,7 +41,9 @@ def registered(tmp_path_factory):
     torch.manual_seed(0)
     export = export_model(RankingModel(cfg.schema, cfg.model), tmp / "export", max_rows=64)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    register_export(export, uri, "serving-test", NAME, tmp / "mlartifacts", alias="champion")
+    files = sorted((tmp / "data" / "day=2026-01-02").glob("*.parquet"))
+    register_export(export, uri, "serving-test", NAME, tmp / "mlartifacts", alias="champion",
+                    input_example=request_example(cfg.schema, files))
     program, schema, _ = load_program(export)
     return {"tmp": tmp, "uri": uri, "cfg": cfg, "program": program, "schema": schema}
 
@@ -110,6 +112,36 @@ def test_mlflow_serve_answers_and_survives_bad_requests(registered) -> None:
         assert status == 400 and "dense_0" in body["message"], body
         status, body = _post(port, {"dataframe_records": records[:1]})  # still serving
         assert status == 200 and abs(body["predictions"][0]["click"] - want[0]) < 1e-5
+
+
+def test_logged_model_has_a_signature_and_an_example_that_never_overrule_predict(registered) -> None:
+    """The signature declares the outputs and no inputs: MLflow's input enforcement would drop
+    unknown columns and refuse or cast others before ``predict`` sees them (issue 18). A request
+    with 64-bit ids and a ``request_id`` column reaches ``predict`` as sent, and an unknown
+    column is still refused by ``predict`` itself."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    tmp, schema = registered["tmp"], registered["schema"]
+    mlflow.set_tracking_uri(registered["uri"])
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    assert model.metadata.signature.inputs is None
+    assert model.metadata.signature.outputs.input_names() == list(schema.labels)
+    example = model.metadata.load_input_example(model.metadata.get_model_info().model_uri)
+    assert example is not None and len(example) >= 1
+    assert set(example.columns) - {"request_id"} == set(canonical_schema(schema, with_labels=False).names)
+    out = model.predict(example)
+    assert list(out.columns) == list(schema.labels) and out.shape[0] == len(example)
+
+    table = pq.read_table(next((tmp / "data" / "day=2026-01-01").glob("*.parquet")))
+    rows = table.slice(0, 4).drop_columns(["click", "p_true"]).to_pandas()
+    rows[schema.user_id] = rows[schema.user_id].astype("int64") + (1 << 62) if schema.user_id_type == "int64" \
+        else rows[schema.user_id]
+    rows["request_id"] = [7, 7, 9, 9]
+    want = model.unwrap_python_model().predict(None, rows)  # predict itself, no MLflow in between
+    np.testing.assert_allclose(model.predict(rows).to_numpy(), want.to_numpy(), atol=0)
+    with pytest.raises(MlflowException, match=r"unknown column\(s\) \['colour'\]"):
+        model.predict(rows.assign(colour="red"))
 
 
 def test_score_writes_every_valid_row_and_quarantines_the_rest(registered, capsys) -> None:
