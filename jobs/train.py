@@ -73,8 +73,11 @@ def init_ray(address: str | None, num_workers: int) -> None:
         ray.init(address=address)
     else:  # a new local Ray (never a `ray start` cluster found on the machine: that needs --address);
         # logical CPUs for the workers plus room for Ray Data's read and quarantine tasks
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_workers + 2), include_dashboard=False,
-                 configure_logging=False)
+        # with the dashboard (on 127.0.0.1): Ray Train's placement-group cleaner asks its state
+        # API every few seconds whether the controller lives; without it each check logged
+        # "Failed to query Ray Train Controller actor state" (~470 lines in a run on real data)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_workers + 2), include_dashboard=True,
+                 dashboard_host="127.0.0.1", configure_logging=False)
 
 
 def oracle_auc(data_root: Path, day: str) -> float | None:
