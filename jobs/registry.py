@@ -223,7 +223,8 @@ class Registry:
         export = self.run_tags(number).get("tokenrec.export")
         if not export or not (Path(export) / "model.pt").exists():
             raise FileNotFoundError(f"version {number}: exported model {export} is missing")
-        log(f"evaluating version {number} on {day}")
+        # detail, not a phase: under a capturing console stdout is the command's log file
+        print(f"[tokenrec] evaluating version {number} on {day}", flush=True)
         m = evaluate_export(export, data_root, day)
         missing = [k for k in metrics if k not in m]
         if missing:  # e.g. [gate].label names a label this version was not trained with

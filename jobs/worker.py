@@ -183,8 +183,7 @@ def train_loop(args: WorkerArgs) -> None:
     elif args.init_from:
         checkpoint.load(args.init_from, dmp, opt, dense_opt)
         if rank == 0:
-            print(f"warm start from {args.init_from}", flush=True)
-            emit("line", text=f"  warm start from {args.init_from}")
+            print(f"warm start from {args.init_from}", flush=True)  # the log; `daily` shows the version
     total_steps = args.total_steps
     if resume_from:
         pos = checkpoint.load(resume_from, dmp, opt, dense_opt, restore_rng=True)
