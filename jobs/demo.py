@@ -111,7 +111,9 @@ def follow_up_commands(cfg: JobConfig, req: DemoRequest, result: dict) -> list[t
              "--workdir", str(req.workdir.resolve()), "--tracking-uri", uri]
     return [
         ("serve the champion (a REST endpoint on port 5001)",
-         f"MLFLOW_TRACKING_URI={q(uri)} {mlflow} models serve -m {q(model)} --env-manager local "
+         # mlflow starts `uvicorn` from PATH: the venv's bin first, activated or not
+         f"PATH={q(str(bin_dir))}:\"$PATH\" MLFLOW_TRACKING_URI={q(uri)} {mlflow} models serve -m {q(model)} "
+         "--env-manager local "
          "--host 127.0.0.1 --port 5001"),
         (f"score the day {result['last_eval_day']} with it (Parquet out)", " ".join(q(x) for x in score)),
         ("open the MLflow UI (runs, datasets, plots, registry)",

@@ -303,11 +303,16 @@ def _run_job(config: dict, *, jobs: dict, base_doc: dict, study: StudyConfig, re
     job: Job = jobs[config["job"]]
     cfg = job_config(base_doc, study, job, str(req.study))
     stamp = fingerprint(cfg, req.data_root)
+    from jobs.console import Console
+
     t0 = time.perf_counter()
-    m = run_train(cfg, TrainRequest(
-        days=cfg.train.days, data_root=req.data_root, workdir=req.workdir, tracking_uri=tracking_uri,
-        address=req.address, register=False,
-        tags={"mlflow.parentRunId": parent_id, "tokenrec.study": study.name, "tokenrec.study_job": job.key}))
+    console = Console()  # this trial's output in a log file, and its run's in runs/<id>/run.log
+    with console.capture(req.workdir / "logs" / f"tune-{study.name}-{job.key}-{os.getpid()}.log"):
+        m = run_train(cfg, TrainRequest(
+            days=cfg.train.days, data_root=req.data_root, workdir=req.workdir, tracking_uri=tracking_uri,
+            address=req.address, register=False,
+            tags={"mlflow.parentRunId": parent_id, "tokenrec.study": study.name, "tokenrec.study_job": job.key}),
+            log=console.line)
     result = {"job": dataclasses.asdict(job), "fingerprint": stamp, "run_id": m["run_id"],
               "seconds": time.perf_counter() - t0,
               "metrics": {k: v for k, v in m.items() if isinstance(v, (int, float))}}

@@ -6,9 +6,14 @@ command works as printed."""
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -68,4 +73,29 @@ def test_demo_runs_the_production_loop_quietly(tmp_path: Path) -> None:
     assert s.returncode == 0, s.stdout[-2000:] + s.stderr[-3000:]
     assert list((work / "scores-2026-01-05").glob("*.parquet"))
     assert any(" ui --backend-store-uri sqlite:///" in line for line in lines)
-    assert any(" models serve -m models:/tokenrec-ranker@champion" in line for line in lines)
+    # the printed serve command, run exactly as printed (by a shell), answers the model's own
+    # input example
+    serve = next(line.strip() for line in lines if " models serve -m models:/tokenrec-ranker@champion" in line)
+    example = mlflow.models.Model.load("models:/tokenrec-ranker@champion").get_serving_input(
+        mlflow.artifacts.download_artifacts("models:/tokenrec-ranker@champion"))
+    server = subprocess.Popen(["bash", "-c", serve], cwd=tmp_path, stdout=subprocess.PIPE, start_new_session=True,
+                              stderr=subprocess.STDOUT, env={k: v for k, v in os.environ.items()
+                                                             if k != "MLFLOW_TRACKING_URI"})
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen("http://127.0.0.1:5001/ping", timeout=5):
+                    break
+            except OSError:
+                assert server.poll() is None, server.stdout.read().decode()[-3000:]
+                assert time.time() < deadline, "the printed serve command did not come up in 180 s"
+                time.sleep(1)
+        req = urllib.request.Request("http://127.0.0.1:5001/invocations", data=example.encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            predictions = json.loads(resp.read())["predictions"]
+        assert predictions and set(predictions[0]) == {"click", "like"}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the shell, mlflow and its uvicorn
+        server.wait(timeout=30)

@@ -74,6 +74,10 @@ def test_tune_chooses_seeds_reports_and_resumes(tmp_path: Path) -> None:
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 5 and {c.data.tags["tokenrec.study_job"] for c in children} >= {"seed-dlrm-1"}
     assert client.get_run(children[0].info.run_id).data.params["train.eval_ranges.test"] == "+2"
+    for child in children:  # every trial's run keeps its library output, as `tokenrec train` runs do
+        run_log = work / "runs" / child.info.run_id / "run.log"
+        assert run_log.exists() and run_log.stat().st_size > 0, run_log
+        assert "logs/run.log" in {f.path for f in client.list_artifacts(child.info.run_id, "logs")}
 
     # an interrupted study: one seed run's result is missing; the rerun runs only that one
     (out / "jobs" / "seed-tokenformer-2.json").unlink()
