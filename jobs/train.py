@@ -300,7 +300,10 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
     log_metrics(client, run_id, m)
     client.log_dict(run_id, all_reasons, "quarantine/reasons.json")
 
+    t_export = time.perf_counter()
     export_dir = export_checkpoint(cfg.schema, cfg.model, checkpoint, run_dir / "export", program=req.register)
+    log(f"  export: {'the serving programs (torch.export)' if req.register else 'the weights'} "
+        f"({time.perf_counter() - t_export:.0f}s)")
     client.set_tag(run_id, "tokenrec.export", str(export_dir))
     m["export_dir"] = str(export_dir)
     try:  # images for the run page: never the reason a trained run fails
