@@ -35,7 +35,8 @@ bench: $(STAMP)
 	  echo "== benchmarks/$$b.py"; $(BIN)/python benchmarks/$$b.py; done; \
 	  echo "== make bench: $$(( $$(date +%s) - t0 )) s"
 
-# Model quality (docs/quality.md, issue 17): the tokenrec tune studies, each resumable — its runs'
+# Model quality (docs/quality.md, issue 17): the tokenrec tune studies (collapse, its ablations, the
+# wave-1 demo world, ML-100K), each resumable — its runs'
 # results are kept under benchmarks/results/studies/<name>/ (summary.json, summary.md), so an
 # interrupted `make bench-quality` goes on where it stopped. Hours on 2 cores.
 QWORK ?= /tmp/tokenrec-quality
@@ -47,6 +48,10 @@ bench-quality: $(STAMP)
 	  --data $(QWORK)/collapse-data --workdir $(QWORK)/collapse --results benchmarks/results/studies/collapse; \
 	$(BIN)/tokenrec tune --config configs/collapse.toml --study configs/studies/collapse_ablations.toml \
 	  --data $(QWORK)/collapse-data --workdir $(QWORK)/collapse --results benchmarks/results/studies/collapse_ablations; \
+	test -d $(QWORK)/demo-world-data || $(BIN)/tokenrec generate --config configs/demo_world.toml \
+	  --days 2026-01-01..2026-01-04 --out $(QWORK)/demo-world-data; \
+	$(BIN)/tokenrec tune --config configs/demo_world.toml --study configs/studies/demo_world.toml \
+	  --data $(QWORK)/demo-world-data --workdir $(QWORK)/demo-world --results benchmarks/results/studies/demo_world; \
 	$(BIN)/tokenrec data fetch ml-100k; \
 	$(BIN)/tokenrec tune --config configs/movielens.toml --study configs/studies/movielens.toml \
 	  --data $$HOME/.cache/tokenrec/ml-100k/logs --workdir $(QWORK)/ml100k --results benchmarks/results/studies/ml100k

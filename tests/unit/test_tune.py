@@ -272,6 +272,21 @@ def test_shipped_studies_load_and_build(name: str) -> None:
         _check_builds(job_config(base, study, Job("check", "seed", tower, 1, points[0]), name), tower)
 
 
+def test_the_demo_world_study_is_seeds_only_with_one_recipe_for_all() -> None:
+    from jobs.tune import _check_builds, load_study
+
+    study = load_study(ROOT / "configs/studies/demo_world.toml")
+    with open(ROOT / "configs/demo_world.toml", "rb") as f:
+        base = tomllib.load(f)
+    assert study.trials == 0 and study.seeds >= 5 and {"tokenformer", "dlrm"} <= set(study.towers)
+    configs = {t: job_config(base, study, Job(f"seed-{t}-1", "seed", t, 1, {"train.seed": 1}), "demo_world")
+               for t in study.towers}
+    recipes = {(c.train.sharding.dense_lr, c.train.optim, c.train.days, c.train.epochs) for c in configs.values()}
+    assert len(recipes) == 1
+    for tower, cfg in configs.items():
+        _check_builds(cfg, tower)
+
+
 def test_variants_of_one_tower_are_ablations() -> None:
     fixed = {"tf_4S": {"model.tower": "tokenformer", "model.tokenformer.schedule": "4S",
                        "model.tokenformer.windows": [6, 6, 3, 3]}}
