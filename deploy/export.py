@@ -43,6 +43,7 @@ from pipeline.validate import (
     REASON,
     REQUEST_ID,
     _kind,
+    accepts,
     canonical_schema,
     expected_kinds,
     split_valid,
@@ -207,6 +208,9 @@ def check_request(table: pa.Table, schema: FeatureSchema, max_rows: int,
     the wrong type, an invalid row, and — with ``request_groups`` (a model that scores a request
     against one prefix) — rows of one request id that disagree on a request-level column
     (``pipeline.requests``)."""
+    repeated = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
+    if repeated:
+        raise RequestError(f"request has column(s) {repeated} more than once; each column once")
     if table.num_rows == 0:
         raise RequestError("request has no rows")
     if table.num_rows > max_rows:
@@ -225,7 +229,7 @@ def check_request(table: pa.Table, schema: FeatureSchema, max_rows: int,
         got = _kind(table.schema.field(col).type)
         if got == "int" and "float" in kinds[col]:
             continue  # JSON numbers without a fraction: cast exactly
-        if got not in kinds[col] and not (got == "null" and table.column(col).null_count):
+        if not accepts(got, kinds[col]):
             raise RequestError(f"column '{col}' has type {table.schema.field(col).type} ({got}); "
                                f"the model expects {' or '.join(sorted(kinds[col]))}")
     if REQUEST_ID in table.column_names:
@@ -275,6 +279,9 @@ class TokenrecPyfunc(mlflow.pyfunc.PythonModel):
         try:
             if not isinstance(model_input, pd.DataFrame):
                 raise RequestError(f"expected rows (a DataFrame), got {type(model_input).__name__}")
+            repeated = sorted({str(c) for c in model_input.columns[model_input.columns.duplicated()]})
+            if repeated:
+                raise RequestError(f"request has column(s) {repeated} more than once; each column once")
             try:
                 table = pa.Table.from_pandas(model_input, preserve_index=False)
             except (pa.ArrowInvalid, pa.ArrowTypeError) as e:

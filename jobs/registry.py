@@ -37,7 +37,7 @@ from deploy.export import load_servable
 from jobs.metrics import evaluate
 from pipeline.collate import collate
 from pipeline.days import day_files, parse_days
-from pipeline.validate import REQUEST_ID, DuplicateFinder, expected_kinds, split_valid, to_canonical
+from pipeline.validate import REQUEST_ID, DuplicateFinder, expected_kinds, normalize, split_valid, to_canonical
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY = "tokenrec.champion_history"
@@ -65,7 +65,7 @@ def evaluate_export(export_dir: str | Path, data_root: str | Path, day: str,
     with torch.no_grad():
         for path in day_files(data_root, parse_days(day)):
             keep = (REQUEST_ID,) if requests is not None and REQUEST_ID in pq.read_schema(path).names else ()
-            table = pq.read_table(path, columns=columns + list(keep))
+            table = normalize(pq.read_table(path, columns=columns + list(keep)), schema)[0]
             good, bad = split_valid(table, schema, duplicate=DuplicateFinder()(table), request_groups=requests)
             invalid += bad.num_rows
             good = to_canonical(good, schema, keep=keep)

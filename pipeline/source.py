@@ -28,6 +28,7 @@ from pipeline.validate import (
     DuplicateFinder,
     QuarantineWriter,
     expected_kinds,
+    normalize,
     request_id_type,
 )
 
@@ -97,6 +98,7 @@ class ParquetReader:
 
     def checked(self, table: pa.Table, path: str, duplicates: DuplicateFinder) -> pa.Table:
         """One chunk of ``path`` tagged with it, its bad rows quarantined, the rest canonical."""
+        table = normalize(table, self.writer.schema)[0]  # duplicates compare logical values
         table = table.append_column(SOURCE, pa.repeat(pa.scalar(path, pa.string()), table.num_rows))
         return self.writer(table, duplicates(table))
 

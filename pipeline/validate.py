@@ -33,15 +33,152 @@ class SchemaMismatchError(ValueError):
 
 
 def _kind(t: pa.DataType) -> str:
+    """The logical kind of an Arrow type, whatever physical type a writer chose: every integer
+    width and signedness is ``int``, ``string``/``large_string``/``string_view`` and dictionaries
+    of them ``string``, every list layout ``list<…>``; an all-null column is ``null`` and an
+    all-empty list column ``list<null>`` (pandas' choices), both compatible with any kind of
+    their shape (``accepts``)."""
+    if pa.types.is_dictionary(t):
+        return _kind(t.value_type)
     if pa.types.is_integer(t):
         return "int"
     if pa.types.is_floating(t):
         return "float"
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or _is_string_view(t):
         return "string"
-    if pa.types.is_list(t) or pa.types.is_large_list(t):
+    if _is_list_like(t):
         return f"list<{_kind(t.value_type)}>"
+    if pa.types.is_null(t):
+        return "null"
     return str(t)
+
+
+def accepts(got: str, kinds: set[str]) -> bool:
+    """Whether a column of logical kind ``got`` (``_kind``) holds values of one of ``kinds``: the
+    same kind, or all nulls (``null``: each row is then quarantined as a null), or all-empty
+    lists (``list<null>``) where a list is expected."""
+    return (got in kinds or got == "null"
+            or (got == "list<null>" and any(k.startswith("list<") for k in kinds)))
+
+
+def _is_string_view(t: pa.DataType) -> bool:
+    return getattr(pa.types, "is_string_view", lambda _: False)(t)
+
+
+def _is_list_like(t: pa.DataType) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+            or getattr(pa.types, "is_list_view", lambda _: False)(t)
+            or getattr(pa.types, "is_large_list_view", lambda _: False)(t))
+
+
+def normalize(table: pa.Table, schema: FeatureSchema) -> tuple[pa.Table, dict[str, np.ndarray]]:
+    """The schema's columns of ``table`` in their canonical physical types wherever the logical
+    kind matches (``_kind``), and the rows that cannot be read as their kind, by reason.
+
+    * integer ids of any width → int64; ``uint64`` ids keep their 64 bits (a value ≥ 2^63 reads
+      as the negative int64 of the same bits: an id is opaque, hashed as its bits everywhere —
+      training, scoring and serving normalise alike);
+    * dictionary-encoded columns are decoded; ``large_string``/``string_view`` → ``string``;
+    * every list layout → ``list<…>`` with its elements normalised; ``list<null>`` (all lists
+      empty) → the schema's list type; an all-``null`` column → the schema's type (all nulls);
+    * boolean labels → float32 (0/1);
+    * string values that are not valid UTF-8 stay as their bytes, and their rows are returned
+      under ``invalid UTF-8 in '<column>'`` (the caller quarantines them, nothing is lost).
+
+    Columns of another kind are left as they are (the type checks name them); columns the schema
+    does not read are untouched. Idempotent."""
+    target = canonical_schema(schema)
+    bad: dict[str, np.ndarray] = {}
+    for i, name in enumerate(table.column_names):
+        if name not in target.names:
+            continue
+        col = table.column(i)
+        want = target.field(name).type
+        chunks = [_to_type(c, want) for c in col.chunks]
+        if any(c is None for c in chunks):
+            continue  # another kind: the type check names it
+        new = pa.chunked_array(chunks, type=chunks[0].type if chunks else col.type)
+        if _has_strings(new.type):
+            invalid = _invalid_utf8_rows(new)
+            if invalid is not None:
+                bad[f"invalid UTF-8 in '{name}'"] = invalid
+        if new.type != col.type or any(a is not b for a, b in zip(chunks, col.chunks)):
+            table = table.set_column(i, table.field(i).with_type(new.type), new)
+    return table, bad
+
+
+def _to_type(arr: pa.Array, want: pa.DataType) -> pa.Array | None:
+    """``arr`` as ``want`` when its logical kind is ``want``'s (``normalize``), else None."""
+    t = arr.type
+    if t == want:
+        return arr
+    if pa.types.is_dictionary(t):
+        return _to_type(arr.dictionary_decode(), want)
+    if pa.types.is_null(t):
+        return pa.nulls(len(arr), want)
+    if pa.types.is_integer(want) and pa.types.is_integer(t):
+        if pa.types.is_uint64(t):
+            return arr.view(pa.int64())  # the same 64 bits
+        return arr.cast(want)  # every other width fits int64 exactly
+    if pa.types.is_floating(want) and pa.types.is_boolean(t):
+        return arr.cast(want)  # a boolean label: 0/1
+    if pa.types.is_floating(want) and (pa.types.is_integer(t) or pa.types.is_floating(t)):
+        return arr  # dense values and labels: the checks read them as written, to_canonical casts
+    if pa.types.is_string(want) and (pa.types.is_large_string(t) or _is_string_view(t)):
+        return _as_string(arr)
+    if pa.types.is_list(want) and _is_list_like(t):
+        if not pa.types.is_list(t):
+            arr = arr.cast(pa.list_(t.value_type))  # large / fixed-size / view layouts: plain offsets
+        values = _to_type(arr.values, want.value_type)
+        if values is None:
+            return None
+        return pa.ListArray.from_arrays(arr.offsets, values, type=want,
+                                        mask=arr.is_null() if arr.null_count else None)
+    return None
+
+
+def _as_string(arr: pa.Array) -> pa.Array:
+    """A large_string / string_view array as ``string`` without validating its bytes (invalid
+    UTF-8 is found and reported by ``normalize``, not an error here)."""
+    binary = arr.cast(pa.large_binary() if pa.types.is_large_string(arr.type) else pa.binary()).cast(pa.binary())
+    return pa.Array.from_buffers(pa.string(), len(binary), binary.buffers(), null_count=binary.null_count,
+                                 offset=binary.offset)
+
+
+def _has_strings(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or (pa.types.is_list(t) and _has_strings(t.value_type))
+
+
+def _invalid_utf8_rows(col: pa.ChunkedArray) -> np.ndarray | None:
+    """Rows of a string (or list<string>) column holding a value that is not valid UTF-8; None
+    when every value is valid (the usual case: one ``validate(full=True)`` pass)."""
+    try:
+        col.validate(full=True)
+        return None
+    except pa.ArrowInvalid:
+        pass
+    out = []
+    for chunk in col.chunks:
+        is_list = pa.types.is_list(chunk.type)
+        flat = chunk.flatten() if is_list else chunk
+        hit = np.array([v is not None and not _utf8(v) for v in _binary_values(flat)], dtype=bool)
+        out.append(_rows_with(chunk, hit) if is_list else hit)
+    return np.concatenate(out) if out else np.zeros(0, dtype=bool)
+
+
+def _binary_values(arr: pa.Array) -> list:
+    return pa.Array.from_buffers(pa.binary(), len(arr), arr.buffers(), null_count=arr.null_count,
+                                 offset=arr.offset).to_pylist()
+
+
+def _utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def expected_kinds(schema: FeatureSchema) -> dict[str, set[str]]:
@@ -50,7 +187,7 @@ def expected_kinds(schema: FeatureSchema) -> dict[str, set[str]]:
     exp: dict[str, set[str]] = {schema.ts: {"int"}}
     exp[schema.user_id] = {id_kind[schema.user_id_type]}
     for label in schema.labels:
-        exp[label] = {"int", "float"}
+        exp[label] = {"int", "float", "bool"}
     for f in schema.dense:
         exp[f.name] = {"float"}
     for f in schema.sparse:
@@ -83,7 +220,7 @@ def to_canonical(table: pa.Table, schema: FeatureSchema, with_labels: bool = Tru
     """The schema's columns in the canonical layout, plus any of ``keep`` the table has (as
     they are, e.g. ``request_id``)."""
     target = canonical_schema(schema, with_labels)
-    out = table.select(target.names).cast(target)
+    out = normalize(table.select(target.names), schema)[0].cast(target)
     for col in keep:
         if col in table.column_names:
             out = out.append_column(col, table.column(col))
@@ -108,12 +245,17 @@ def check_files(files: list[Path], schema: FeatureSchema, unknown: str = "warn",
         except (pa.ArrowInvalid, OSError) as e:
             raise SchemaMismatchError(f"{path}: not a readable Parquet file ({e})") from None
         arrow = meta.schema.to_arrow_schema()
+        repeated = sorted({c for c in arrow.names if arrow.names.count(c) > 1 and (c in exp or c == REQUEST_ID)})
+        if repeated:
+            raise SchemaMismatchError(f"{path}: column(s) {repeated} appear more than once "
+                                      f"({', '.join(f'{c!r} ×{arrow.names.count(c)}' for c in repeated)}); "
+                                      "each column name must be unique in a file")
         for col, kinds in exp.items():
             idx = arrow.get_field_index(col)
             if idx < 0:
                 raise SchemaMismatchError(f"{path}: column '{col}' is missing (schema expects {sorted(kinds)})")
             got = _kind(arrow.field(idx).type)
-            if got not in kinds:
+            if not accepts(got, kinds):
                 raise SchemaMismatchError(
                     f"{path}: column '{col}' has type {arrow.field(idx).type} ({got}), "
                     f"schema expects {' or '.join(sorted(kinds))}"
@@ -188,6 +330,10 @@ def split_valid(table: pa.Table, schema: FeatureSchema, check_labels: bool = Tru
     def nulls(col: str) -> np.ndarray | None:
         c = table.column(col)
         return _np(c.is_null()) if c.null_count else None
+
+    table, unreadable = normalize(table, schema)  # any physical typing of the same logical kinds
+    for why, mask in unreadable.items():
+        flag(mask, why)
 
     for label in schema.labels if check_labels else ():
         flag(nulls(label), f"null label '{label}'")
@@ -289,8 +435,10 @@ def _column_words(arr: pa.Array) -> np.ndarray:
             if nonempty.any():
                 out[nonempty] += np.add.reduceat(elem, starts[nonempty])
         return out
-    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
-        return pd.util.hash_array(arr.fill_null("").to_numpy(zero_copy_only=False).astype(object))
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):  # as bytes: invalid UTF-8 too
+        return pd.util.hash_array(np.array(_binary_values(arr.fill_null("")), dtype=object)
+                                  if pa.types.is_string(arr.type)
+                                  else arr.fill_null("").cast(pa.large_binary()).to_numpy(zero_copy_only=False))
     if arr.null_count:
         arr = arr.fill_null(0)
     if pa.types.is_floating(arr.type):

@@ -1,0 +1,198 @@
+"""Issue 19: the same logical column in every physical typing a common writer produces trains,
+scores and serves alike; values that cannot be read as their kind quarantine their row with a
+reason; a file whose column name repeats is refused naming it.
+
+Kinds covered: integer ids of any width and signedness (uint64 ids ≥ 2^63 keep their 64 bits),
+dictionary-encoded columns, large_string / large_list / fixed layouts, ``list<null>`` (pandas'
+type for all-empty lists) and ``null`` (all-null) columns, boolean labels, string ids that are
+not valid UTF-8, repeated column names (files and serving requests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from jobs.config import load_config
+from pipeline.days import parse_days
+from pipeline.generator import generate
+from pipeline.validate import (
+    REASON,
+    DuplicateFinder,
+    QuarantineWriter,
+    SchemaMismatchError,
+    check_files,
+    normalize,
+    split_valid,
+    to_canonical,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+CFG = load_config(ROOT / "configs/tiny.toml", ["generator.rows_per_day=40", "generator.files_per_day=1"])
+SCHEMA = CFG.schema
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory) -> pa.Table:
+    """A generated day with ids small enough for every integer width (ids mod 100)."""
+    out = tmp_path_factory.mktemp("kinds")
+    generate(SCHEMA, CFG.generator, out, parse_days("2026-01-01"), log=lambda *_: None)
+    t = pq.read_table(next(out.glob("day=*/*.parquet")))
+    for i, field in enumerate(t.schema):
+        if field.name in ("ts", "p_true"):
+            continue
+        if pa.types.is_integer(field.type):
+            t = t.set_column(i, field.name, pa.array(np.abs(t.column(i).to_numpy()) % 100))
+        elif pa.types.is_list(field.type):
+            col = t.column(i).combine_chunks()
+            t = t.set_column(i, field.name, pa.ListArray.from_arrays(
+                col.offsets, pa.array(np.abs(col.values.to_numpy()) % 100)))
+    return t.drop_columns(["p_true"])
+
+
+def _canonical(table: pa.Table) -> pa.Table:
+    good, bad = split_valid(table, SCHEMA, duplicate=DuplicateFinder()(normalize(table, SCHEMA)[0]))
+    assert bad.num_rows == 0, bad.column(REASON).to_pylist()[:3]
+    return to_canonical(good, SCHEMA)
+
+
+def _set(table: pa.Table, name: str, col) -> pa.Table:
+    return table.set_column(table.column_names.index(name), name, col)
+
+
+INT_TYPES = [pa.int8(), pa.int16(), pa.int32(), pa.int64(), pa.uint8(), pa.uint16(), pa.uint32(), pa.uint64()]
+
+
+def _retype_int(col: pa.ChunkedArray, how: tuple) -> pa.ChunkedArray | pa.Array:
+    width, dictionary = how
+    out = col.cast(width)
+    return out.dictionary_encode() if dictionary else out
+
+
+def _retype_list(col: pa.ChunkedArray, how: tuple) -> pa.Array:
+    width, layout = how
+    arr = col.combine_chunks()
+    values = arr.values.cast(width)
+    plain = pa.ListArray.from_arrays(arr.offsets, values)
+    return plain.cast(pa.large_list(width)) if layout == "large" else plain
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_every_physical_typing_of_the_same_values_gives_the_same_canonical_rows(logs, data) -> None:
+    """The property: retype each integer and list column to any width / signedness /
+    dictionary / list layout a writer may choose; the canonical rows are the int64 ones."""
+    want = _canonical(logs)
+    table = logs
+    for field in logs.schema:
+        if field.name == "ts":
+            continue
+        if pa.types.is_integer(field.type):
+            how = data.draw(st.tuples(st.sampled_from(INT_TYPES), st.booleans()), label=field.name)
+            table = _set(table, field.name, _retype_int(logs.column(field.name), how))
+        elif pa.types.is_list(field.type):
+            how = data.draw(st.tuples(st.sampled_from(INT_TYPES), st.sampled_from(["plain", "large"])),
+                            label=field.name)
+            table = _set(table, field.name, _retype_list(logs.column(field.name), how))
+    assert _canonical(table).equals(want)
+
+
+def test_uint64_ids_at_or_above_2_63_are_their_64_bits(logs, tmp_path) -> None:
+    """A hash written as uint64 is the same id as the int64 of the same bits, through the footer
+    check, validation, the canonical cast and the quarantine writer (kind 1)."""
+    big = np.array([(1 << 63) + 7, (1 << 64) - 1] + [5] * (logs.num_rows - 2), dtype=np.uint64)
+    as_u64 = _set(logs, "item_id", pa.array(big, pa.uint64()))
+    as_i64 = _set(logs, "item_id", pa.array(big.view(np.int64), pa.int64()))
+    pq.write_table(as_u64, tmp_path / "u64.parquet")
+    assert check_files([tmp_path / "u64.parquet"], SCHEMA, unknown="error") == logs.num_rows
+    got = _canonical(as_u64)
+    assert got.equals(_canonical(as_i64))
+    assert got.column("item_id")[0].as_py() == -(1 << 63) + 7 and got.column("item_id")[1].as_py() == -1
+    out = QuarantineWriter(SCHEMA, str(tmp_path / "q"))(normalize(as_u64, SCHEMA)[0])
+    assert out.num_rows == logs.num_rows and not (tmp_path / "q").exists()
+
+
+def test_all_empty_and_all_null_columns_are_read_by_their_shape(logs, tmp_path) -> None:
+    """pandas types a column whose every list is empty ``list<null>`` and an all-None column
+    ``null``: the first is valid (empty lists), the second quarantines every row as a null id —
+    neither stops the job (kind 2)."""
+    frame = logs.to_pandas()
+    frame["item_tags"] = [[] for _ in range(len(frame))]
+    for col in ("hist_item_id", "hist_category"):
+        frame[col] = [[] for _ in range(len(frame))]
+    empty = pa.Table.from_pandas(frame, preserve_index=False)
+    assert str(empty.schema.field("item_tags").type) == "list<item: null>"
+    pq.write_table(empty, tmp_path / "empty.parquet")
+    check_files([tmp_path / "empty.parquet"], SCHEMA, unknown="error")
+    got = _canonical(empty)
+    assert got.num_rows == logs.num_rows and got.schema.field("item_tags").type == pa.list_(pa.int64())
+    assert all(len(v) == 0 for v in got.column("hist_item_id").to_pylist())
+
+    nulls = _set(logs, "item_category", pa.nulls(logs.num_rows))
+    pq.write_table(nulls, tmp_path / "nulls.parquet")
+    check_files([tmp_path / "nulls.parquet"], SCHEMA, unknown="error")
+    good, bad = split_valid(nulls, SCHEMA)
+    assert good.num_rows == 0 and set(bad.column(REASON).to_pylist()) == {"null id 'item_category'"}
+
+
+def test_boolean_labels_are_0_and_1(logs) -> None:
+    as_bool = _set(logs, "click", logs.column("click").cast(pa.bool_()))
+    assert _canonical(as_bool).column("click").equals(_canonical(logs).column("click"))
+
+
+def test_invalid_utf8_quarantines_the_row_with_its_bytes(logs, tmp_path) -> None:
+    """One string id with stray bytes: that row is quarantined with a reason naming the column,
+    its bytes kept in the quarantine file; the other rows go on (kind 3)."""
+    schema = load_config(ROOT / "configs/tiny.toml", ['schema.user_id_type="string"']).schema
+    raw = [f"u{i}".encode() for i in range(logs.num_rows)]
+    raw[3] = b"bad\xff\xfe"
+    for kind, (binary_type, string_type) in {"string": (pa.binary(), pa.string()),
+                                             "large_string": (pa.large_binary(), pa.large_string())}.items():
+        binary = pa.array(raw, binary_type)
+        users = pa.Array.from_buffers(string_type, len(binary), binary.buffers())
+        table = normalize(_set(logs, "user_id", users), schema)[0]
+        writer = QuarantineWriter(schema, str(tmp_path / kind))
+        out = writer(table, DuplicateFinder()(table))
+        assert out.num_rows == logs.num_rows - 1, kind
+        (part,) = (tmp_path / kind).glob("part-*.parquet")
+        bad = pq.read_table(part)
+        assert bad.column(REASON).to_pylist() == ["invalid UTF-8 in 'user_id'"]
+        assert bad.column("user_id").cast(pa.binary()).to_pylist() == [b"bad\xff\xfe"]
+
+
+def test_a_repeated_column_is_named_as_repeated(logs, tmp_path) -> None:
+    """Not 'column is missing' (kind 4): the footer check and a serving request both name it."""
+    from deploy.export import RequestError, check_request
+
+    pq.write_table(logs.append_column("item_id", logs.column("item_id")), tmp_path / "dup.parquet")
+    with pytest.raises(SchemaMismatchError, match=r"dup.parquet: column\(s\) \['item_id'\] appear more than once"):
+        check_files([tmp_path / "dup.parquet"], SCHEMA)
+    request = logs.drop_columns(["click"]).slice(0, 2)
+    with pytest.raises(RequestError, match=r"column\(s\) \['item_id'\] more than once"):
+        check_request(request.append_column("item_id", request.column("item_id")), SCHEMA, 10)
+
+
+def test_serving_requests_of_any_typing_are_scored_alike(logs, tmp_path) -> None:
+    """The serving path (``check_request``): a cold-start request — a new user, empty history
+    lists, pandas' ``list<null>`` — is scored, as are uint64 and small-int ids (kind 2 in
+    serving, which answered HTTP 400)."""
+    from deploy.export import check_request
+
+    request = logs.drop_columns(["click"]).slice(0, 4)
+    want = to_canonical(request, SCHEMA, with_labels=False)
+    frame = request.to_pandas()
+    for col in ("hist_item_id", "hist_category", "item_tags"):
+        frame[col] = [[] for _ in range(len(frame))]
+    cold = check_request(pa.Table.from_pandas(frame, preserve_index=False), SCHEMA, 10)
+    assert cold.num_rows == 4 and all(v == [] for v in cold.column("hist_item_id").to_pylist())
+    typed = _set(request, "item_id", request.column("item_id").cast(pa.uint64()))
+    typed = _set(typed, "user_id", typed.column("user_id").cast(pa.int16()))
+    assert check_request(typed, SCHEMA, 10).equals(want)
+    assert check_request(pa.Table.from_pandas(pd.DataFrame(request.to_pandas()), preserve_index=False),
+                         SCHEMA, 10).equals(want)
