@@ -29,7 +29,9 @@ def gauc(labels: np.ndarray, probs: np.ndarray, users: np.ndarray) -> float:
 
 def evaluate(labels: np.ndarray, probs: np.ndarray, users: np.ndarray, prefix: str = "eval_",
              names: list[str] | tuple[str, ...] | None = None) -> dict:
-    """AUC, GAUC, logloss, calibration (mean prediction / mean label) per label column.
+    """AUC, GAUC, logloss, calibration (mean prediction / mean label) and the positive rate
+    per label column. A label with one class on these rows has AUC, GAUC (and, without a
+    positive, calibration) NaN: undefined, reported as such (``one_class_labels``).
 
     ``labels``, ``probs``: [N] or [N, T]; ``users``: [N]. Keys: ``<prefix>auc`` … for the first
     (primary) label — what the gate compares — and, given the label ``names``, ``<prefix>auc_<name>``
@@ -40,10 +42,24 @@ def evaluate(labels: np.ndarray, probs: np.ndarray, users: np.ndarray, prefix: s
     out: dict[str, float] = {f"{prefix}rows": float(len(labels))}
     for t in range(labels.shape[1]):
         y, p = labels[:, t], probs[:, t]
+        rate = float(y.mean()) if len(y) else float("nan")
         m = {"auc": auc(y, p), "gauc": gauc(y, p, users), "logloss": logloss(y, p),
-             "calibration": float(p.mean() / max(y.mean(), 1e-12))}
+             # undefined without a positive (not a huge ratio that reads like a miscalibration)
+             "calibration": float(p.mean() / rate) if rate > 0 else float("nan"),
+             "positive_rate": rate}
         suffixes = ([""] if t == 0 else []) + ([f"_{names[t]}"] if names is not None else
                                                ([f"_task{t}"] if t else []))
         for sfx in suffixes:
             out |= {f"{prefix}{k}{sfx}": v for k, v in m.items()}
+    return out
+
+
+def one_class_labels(metrics: dict[str, float], prefix: str, names: list[str] | tuple[str, ...]) -> dict[str, float]:
+    """The labels whose evaluation rows (``<prefix>…`` metrics of ``evaluate``) are all one
+    class, with their positive rate (0.0 or 1.0): their AUC and calibration are undefined."""
+    out = {}
+    for name in names:
+        rate = metrics.get(f"{prefix}positive_rate_{name}")
+        if rate is not None and (rate == 0.0 or rate == 1.0):
+            out[name] = rate
     return out

@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -99,6 +100,11 @@ def gate(candidate: dict[str, float], champion: dict[str, float] | None, cfg) ->
     on = f" ({cfg.label})" if getattr(cfg, "label", "") else ""
     lo, hi = cfg.calibration_band
     cal = candidate[cal_k]
+    if math.isnan(candidate[auc_k]):  # nothing to judge by: say why, not "calibration outside"
+        reasons.append(f"AUC{on} undefined on these rows: every label is one class "
+                       f"(or there are no rows: {int(candidate.get('eval_rows', 0)):,}); gate on a day "
+                       "with both classes, or promote without the gate (`tokenrec promote --version N --no-gate`)")
+        return Decision(False, reasons, candidate, champion)
     if lo <= cal <= hi:
         reasons.append(f"calibration {cal:.3f} inside [{lo}, {hi}]")
     else:

@@ -32,7 +32,7 @@ from embedding.sharding import dense_optimizer, shard, zero_miss_rows
 from jobs import checkpoint
 from jobs.config import JobConfig
 from jobs.console import emit
-from jobs.metrics import evaluate
+from jobs.metrics import evaluate, one_class_labels
 from jobs.optim import clip, decays, lr_factor, set_lr
 from jobs.tracking import StepLogger
 from model.ranking import RankingModel, RankingTrain
@@ -294,6 +294,9 @@ def train_loop(args: WorkerArgs) -> None:
                   flush=True)
             emit("line", text=f"  evaluate {name}: {int(metrics[f'{name}_rows']):,} rows, AUC "
                               f"{metrics[f'{name}_auc']:.4f} ({time.perf_counter() - t_eval:.0f}s)")
+            for label, rate in one_class_labels(metrics, f"{name}_", cfg.schema.labels).items():
+                emit("line", text=f"  warning: every '{label}' label of the {name} rows is {int(rate)}: "
+                                  "AUC, GAUC and calibration are undefined (NaN) for it")
     if rank == 0:
         slots = (step - start_step) * tc.batch_size * dist.get_world_size()
         new_samples = int(totals[0]) - pos.rows

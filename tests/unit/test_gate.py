@@ -21,6 +21,24 @@ def test_first_version_needs_only_calibration() -> None:
     assert not d.promote and "outside" in d.summary()
 
 
+@pytest.mark.parametrize("champion", [None, CHAMP])
+def test_a_one_class_day_is_refused_for_that_reason(champion) -> None:
+    """Issue 19 (kind 5): every label 0 on the evaluation day gives AUC NaN; the gate refuses
+    because the AUC is undefined — not "calibration outside the band" — with or without a
+    champion."""
+    import numpy as np
+
+    from jobs.metrics import evaluate, one_class_labels
+
+    m = evaluate(np.zeros(50), np.full(50, 0.1), np.arange(50) % 5, names=["click"])
+    assert np.isnan(m["eval_auc"]) and np.isnan(m["eval_calibration"]) and m["eval_positive_rate"] == 0.0
+    assert one_class_labels(m, "eval_", ["click"]) == {"click": 0.0}
+    d = gate(m, champion, GateConfig())
+    assert not d.promote and "every label is one class" in d.summary() and "outside" not in d.summary()
+    both = evaluate(np.arange(50) % 2, np.full(50, 0.5), np.arange(50) % 5, names=["click"])
+    assert one_class_labels(both, "eval_", ["click"]) == {} and both["eval_calibration"] == 1.0
+
+
 @pytest.mark.parametrize("change, promote", [
     ({}, True),
     ({"auc": 0.7985}, True),                     # 0.0015 worse: inside the 0.002 margin
