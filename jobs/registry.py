@@ -309,9 +309,15 @@ class Registry:
             raise ValueError(f"model '{self.name}' has no champion to roll back")
         if history and history[-1] == current:
             history.pop()
+        existing = {int(v.version) for v in self.versions()}
+        deleted = [v for v in history if v not in existing]
+        if deleted:  # a version deleted from the registry since it was champion: not a target
+            log(f"skipping deleted version(s) {deleted} in the champion history of '{self.name}'")
+            history = [v for v in history if v in existing]
         if not history:
-            raise ValueError(f"version {current} is the first champion of '{self.name}'; "
-                             f"there is no previous one to roll back to")
+            raise ValueError(f"version {current} is the first champion of '{self.name}'"
+                             + (f" still in the registry (earlier champions {deleted} were deleted)" if deleted else "")
+                             + "; there is no previous one to roll back to")
         previous = history[-1]
         self.client.set_registered_model_alias(self.name, CHAMPION, str(previous))
         self.client.set_registered_model_tag(self.name, HISTORY, json.dumps(history))

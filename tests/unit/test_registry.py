@@ -34,3 +34,20 @@ def test_gate_refuses_a_day_a_model_trained_on(reg: Registry) -> None:
     d = reg.decide(1, "/nonexistent", "2026-01-02", GateConfig(), log=lambda *_: None)
     assert not d.promote and "not comparable" in d.summary()
     assert reg.champion() == 3 and reg.alias("challenger") == 1
+
+
+def test_rollback_skips_a_version_deleted_since_it_was_champion(reg: Registry) -> None:
+    """Issue 19 (kind 6): champion history [1, 2, 3] with version 2 deleted: rollback goes to 1
+    and says it skipped 2; with [1, 3] and 1 deleted it says in one message why it cannot."""
+    for v in (1, 2, 3):
+        reg.set_champion(v, "test")
+    reg.client.delete_model_version("m", "2")
+    said: list[str] = []
+    assert reg.rollback(log=said.append) == 1
+    assert reg.champion() == 1 and any("skipping deleted version(s) [2]" in s for s in said)
+
+    reg.set_champion(3, "test")
+    reg.client.delete_model_version("m", "1")
+    with pytest.raises(ValueError, match=r"version 3 is the first champion of 'm' still in the registry "
+                                         r"\(earlier champions \[1\] were deleted\)"):
+        reg.rollback(log=lambda *_: None)
