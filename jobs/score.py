@@ -112,7 +112,7 @@ def run_score(req: ScoreRequest, log=print) -> dict:
     if not (export_dir / "candidates.pt2").exists():
         groups = None  # this tower scores rows one by one: request ids change nothing
     days = parse_days(req.days)
-    files = day_files(req.data_root, days)
+    files = day_files(req.data_root, days, log=log)
     rows_in = check_files(files, schema)  # schema problems stop here, naming the file and column
     log(f"scoring {req.model_uri} on {days[0]}..{days[-1]}: {len(files)} files, {rows_in:,} rows, "
         f"{req.num_actors} actors")

@@ -159,12 +159,12 @@ def run_train(cfg: JobConfig, req: TrainRequest, log=print) -> dict:
         if ds[0] < days[0]:
             log(f"warning: evaluation range '{name}' ({eval_spec(ds)}) starts before the training days "
                 f"{days[0]}..{days[-1]}: its rows' histories may include days the model trained on")
-    train_files = day_files(req.data_root, days)
+    train_files = day_files(req.data_root, days, log=log)
     # schema problems stop here, before training
     rows_in = check_files(train_files, cfg.schema, cfg.train.unknown_columns, log)
     evals = {}  # name → (files, rows_in, day spec)
     for name, ds in ranges.items():
-        files = day_files(req.data_root, ds)
+        files = day_files(req.data_root, ds, log=log)
         evals[name] = (files, check_files(files, cfg.schema, cfg.train.unknown_columns, log=lambda *_: None),
                        eval_spec(ds))
     eval_day = next(iter(evals.values()))[2]  # the first range: registry tags, daily gate

@@ -52,14 +52,36 @@ def day_dir(root: str | Path, day: dt.date) -> Path:
     return Path(root) / f"day={day.isoformat()}"
 
 
-def day_files(root: str | Path, days: list[dt.date]) -> list[Path]:
-    """Every Parquet file of the given days, in day order; a missing day is an error."""
+MARKER_PREFIXES = (".", "_")  # hidden and marker files and folders: _SUCCESS, .crc, _temporary …
+
+
+def _marker(rel: Path) -> bool:
+    """Whether a path under a day folder is a writer's marker or hidden file (any part of it
+    starts with ``.`` or ``_``: ``_SUCCESS``, ``.part-0.parquet.crc``, ``_temporary/…``) —
+    ignored, as Spark, Hadoop and pyarrow datasets ignore them."""
+    return any(part.startswith(MARKER_PREFIXES) for part in rel.parts)
+
+
+def day_files(root: str | Path, days: list[dt.date], log=None) -> list[Path]:
+    """Every Parquet file of the given days, in day order, then path order: files in
+    sub-folders of a day (``day=…/hour=23/part-0.parquet``) included. Marker and hidden files
+    (``_marker``) are ignored; any other file that is not ``*.parquet`` is not read and, given
+    ``log``, reported (nothing under a day folder is skipped silently). A missing day, or a day
+    without a Parquet file, raises ``FileNotFoundError``."""
     files: list[Path] = []
     for day in days:
         d = day_dir(root, day)
         if not d.is_dir():
             raise FileNotFoundError(f"no data for day {day}: folder {d} does not exist")
-        found = sorted(d.glob("*.parquet"))
+        found, other = [], []
+        for p in sorted(d.rglob("*")):
+            if not p.is_file() or _marker(p.relative_to(d)):
+                continue
+            (found if p.suffix == ".parquet" else other).append(p)
+        if other and log is not None:
+            log(f"warning: {len(other)} file(s) under {d} are not read (only *.parquet files are; names "
+                f"starting with '.' or '_' are markers): {', '.join(str(p.relative_to(d)) for p in other[:3])}"
+                + (" …" if len(other) > 3 else ""))
         if not found:
             raise FileNotFoundError(f"no data for day {day}: {d} holds no *.parquet file")
         files += found

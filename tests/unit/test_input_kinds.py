@@ -196,3 +196,25 @@ def test_serving_requests_of_any_typing_are_scored_alike(logs, tmp_path) -> None
     assert check_request(typed, SCHEMA, 10).equals(want)
     assert check_request(pa.Table.from_pandas(pd.DataFrame(request.to_pandas()), preserve_index=False),
                          SCHEMA, 10).equals(want)
+
+
+def test_files_in_sub_folders_are_read_markers_ignored_others_reported(logs, tmp_path) -> None:
+    """Kind 8: a day folder with ``hour=23/part-….parquet`` (read), Spark/Hadoop markers
+    (``_SUCCESS``, ``.part-0.parquet.crc``, ``_temporary/…``: ignored by the documented rule) and a
+    stray CSV (not read, and said so)."""
+    from pipeline.days import day_files
+
+    day = tmp_path / "day=2026-01-01"
+    (day / "hour=23").mkdir(parents=True)
+    (day / "_temporary" / "0").mkdir(parents=True)
+    pq.write_table(logs, day / "part-0.parquet")
+    pq.write_table(logs, day / "hour=23" / "part-1.parquet")
+    pq.write_table(logs, day / "_temporary" / "0" / "part-2.parquet")  # an unfinished write
+    (day / "_SUCCESS").write_text("")
+    (day / ".part-0.parquet.crc").write_bytes(b"\0")
+    (day / "export.csv").write_text("a,b\n")
+    said: list[str] = []
+    files = day_files(tmp_path, parse_days("2026-01-01"), log=said.append)
+    assert [str(f.relative_to(day)) for f in files] == ["hour=23/part-1.parquet", "part-0.parquet"]
+    assert len(said) == 1 and "1 file(s)" in said[0] and "export.csv" in said[0]
+    assert check_files(files, SCHEMA, unknown="error") == 2 * logs.num_rows
