@@ -152,7 +152,20 @@ def register_once(client, name: str, model_uri: str, run_id: str, tags: dict):
     return with_retries(attempt, what="registering the model")
 
 
+def worker_model_template(cfg: JobConfig) -> RankingTrain:
+    """The model as each worker builds it (world size, step rows), on the meta device (no
+    memory). A configuration error — e.g. a managed-collision ``hash_size`` the worker count
+    does not divide — raises ``ValueError`` here, on the driver, before any worker starts:
+    inside the workers Ray Train would restart the group ``max_failures`` times for an error that
+    recurs every time."""
+    with torch.device("meta"):
+        return RankingTrain(RankingModel(cfg.schema, cfg.model, sparse_device=torch.device("meta"),
+                                         num_shards=cfg.train.num_workers,
+                                         batch_rows=max(cfg.train.batch_size, cfg.train.eval_batch_size)))
+
+
 def run_train(cfg: JobConfig, req: TrainRequest, log=print) -> dict:
+    worker_model_template(cfg)  # deterministic model errors: before the MLflow run and the workers
     days = parse_days(req.days or cfg.train.days)
     ranges = eval_ranges(cfg.train, days)
     for name, ds in ranges.items():
@@ -224,13 +237,12 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
     datasets = {"train": read_logs(train_files, cfg.schema, quarantine / "train")} | {
         name: read_logs(files, cfg.schema, quarantine / name, request_groups=requests)
         for name, (files, _, _) in evals.items()}
+    template = worker_model_template(cfg)
     for path, flag in ((req.init_from, "--init-from"), (req.resume_from, "--resume")):
         if path and not (Path(path) / "meta.json").exists():
             raise FileNotFoundError(f"checkpoint {path} does not exist or was never published "
                                     f"(no meta.json)")
         if path:  # another tower layout stops here, naming the difference, not inside the workers
-            with torch.device("meta"):
-                template = RankingTrain(RankingModel(cfg.schema, cfg.model, sparse_device=torch.device("meta")))
             check_layout(path, template, flag=flag)
     if req.resume_from:
         pos = read_position(req.resume_from)

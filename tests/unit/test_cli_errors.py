@@ -62,3 +62,18 @@ def test_verbose_is_accepted_after_the_subcommand(monkeypatch, tmp_path: Path, c
     monkeypatch.setattr(cli, "cmd_models", _raise)
     assert cli.main(["models", "--workdir", str(tmp_path), "--verbose"]) == 1
     assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_a_model_error_stops_train_before_any_worker_or_run(tmp_path: Path, capsys) -> None:
+    """Issue 19 (kind 7): a managed-collision hash_size that 3 workers do not divide was found
+    inside the workers, and Ray Train restarted them twice. Now it stops on the driver — no
+    MLflow run, no Ray — with the message, exit code 2."""
+    import ray
+
+    code = cli.main(["train", "--config", str(Path(__file__).resolve().parents[2] / "configs/demo.toml"),
+                     "--set", "train.num_workers=3",
+                     "--data", str(tmp_path / "none"), "--workdir", str(tmp_path / "w"),
+                     "--days", "2026-01-01"])
+    err = capsys.readouterr().err
+    assert code == 2 and "hash_size must be divisible by the number of workers (3)" in err, err
+    assert not ray.is_initialized() and not (tmp_path / "w" / "mlflow.db").exists()
