@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 import torch
-from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from deploy.export import export_checkpoint, log_pyfunc, request_example
@@ -152,6 +152,60 @@ def register_once(client, name: str, model_uri: str, run_id: str, tags: dict):
     return with_retries(attempt, what="registering the model")
 
 
+# Exceptions that recur on every attempt: a bad value, a wrong type, a missing key — raised by
+# this project's checks or by code given the same inputs. A lost worker (RayActorError), a broken
+# collective (RuntimeError from gloo/NCCL) or an OS error may pass on a retry.
+DETERMINISTIC_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError,
+                        AssertionError, ZeroDivisionError)
+
+
+class DeterministicWorkerError(RuntimeError):
+    """A worker raised an exception that would recur on a retry (``DETERMINISTIC_ERRORS``)."""
+
+
+def worker_cause(e: BaseException) -> BaseException:
+    """The exception a worker raised, out of Ray's wrappers (``RayTaskError.cause``)."""
+    seen = 0
+    while getattr(e, "cause", None) is not None and seen < 8:
+        e, seen = e.cause, seen + 1
+    return e
+
+
+class StopOnDeterministicError(UserCallback):
+    """Ray Train's failure policy restarts the worker group after any worker exception, up to
+    ``[train].max_failures`` times — right for a lost worker, wrong for an error that recurs
+    (the issue-19 example: 76 s and two restarts for a configuration error). Called on the Ray
+    Train controller when workers raise: a deterministic exception (``DETERMINISTIC_ERRORS``)
+    ends the run at once — a callback that raises is a controller error, which Ray Train does
+    not retry — naming the rank and the worker's message. Other failures are left to the
+    policy."""
+
+    def after_exception(self, run_context, worker_exceptions: dict) -> None:
+        for rank, e in sorted(worker_exceptions.items()):
+            cause = worker_cause(e)
+            if isinstance(cause, DETERMINISTIC_ERRORS) and not _is_system_error(cause):
+                text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+                raise DeterministicWorkerError(f"worker {rank}: {type(cause).__name__}: {text} "
+                                               "(an error that would recur: not retried)")
+
+
+def _find(e: BaseException | None, kind: type) -> BaseException | None:
+    """``e`` or the first exception of ``kind`` it wraps (causes, Ray's ``controller_failure``
+    and ``cause``)."""
+    for _ in range(16):
+        if e is None or isinstance(e, kind):
+            return e
+        e = (getattr(e, "controller_failure", None) or getattr(e, "cause", None) or e.__cause__
+             or e.__context__)
+    return None
+
+
+def _is_system_error(e: BaseException) -> bool:
+    """Ray's own errors can subclass a builtin (``as_instanceof_cause``): those that mean a lost
+    worker or actor are system errors whatever else they are."""
+    return isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError))
+
+
 def worker_model_template(cfg: JobConfig) -> RankingTrain:
     """The model as each worker builds it (world size, step rows), on the meta device (no
     memory). A configuration error — e.g. a managed-collision ``hash_size`` the worker count
@@ -266,10 +320,17 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
             "train": (train_files, cfg.schema, quarantine / "train")} | {
             name: (files, cfg.schema, quarantine / name, requests) for name, (files, _, _) in evals.items()}),
         run_config=RunConfig(name=f"train-{run_id}", storage_path=str(req.workdir.resolve() / "ray_results"),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             callbacks=[StopOnDeterministicError()]),
     )
     t0 = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # a deterministic worker error: its own message, one line (exit 2)
+        stop = _find(e, DeterministicWorkerError)
+        if stop is not None:
+            raise ValueError(str(stop)) from None
+        raise
     if result.checkpoint is None or not result.metrics:
         raise RuntimeError(f"training returned no checkpoint/metrics (Ray Train result: {result})")
     m = dict(result.metrics)
