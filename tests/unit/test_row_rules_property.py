@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -165,3 +166,31 @@ def test_every_row_is_kept_or_quarantined_exactly_as_the_rules_say(plan: list[st
     assert sorted(bad.column(REASON).to_pylist()) == sorted(w for w in want if w)
     kept = [r for r, w in zip(rows, want) if not w]
     assert to_canonical(good, SCHEMA).equals(to_canonical(_arrow(kept, "int64"), SCHEMA))
+
+
+SERVING_CORRUPTIONS = [c for c in CORRUPTIONS if c not in ("null_label", "label_2", "duplicate")]
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(plan=st.lists(st.sampled_from(["none"] * 4 + SERVING_CORRUPTIONS), min_size=1, max_size=12),
+       typing=st.sampled_from(sorted(TYPINGS)))
+def test_a_serving_request_is_scored_whole_or_refused_naming_its_first_bad_row(plan: list[str], typing: str) -> None:
+    """The same property for serving (``check_request``, which the pyfunc calls): requests carry
+    no labels and are not checked for duplicates; a request of valid rows in any typing becomes
+    the same canonical rows, one with a bad row is refused whole naming the first one."""
+    from deploy.export import RequestError, check_request
+
+    rows = [_corrupt(_base_row(i), how, None) for i, how in enumerate(plan)]
+    for r in rows:
+        r["click"] = 0.0  # the reference's label rule passes; the column is dropped below
+    want = [w for w in reference(rows) if not w.startswith("duplicate")]  # serving has no duplicate rule
+    request = _arrow(rows, typing).drop_columns(["click"])
+    bad = [w for w in want if w]
+    if not any(want):
+        got = check_request(request, SCHEMA, 100)
+        assert got.equals(to_canonical(_arrow(rows, "int64"), SCHEMA, with_labels=False))
+    else:
+        with pytest.raises(RequestError) as info:
+            check_request(request, SCHEMA, 100)
+        first = next(w for w in want if w)
+        assert f"{len(bad)} invalid request row(s), first: {first}" in str(info.value)
