@@ -62,6 +62,25 @@ def test_pyfunc_answers_rows_without_labels(exported) -> None:
     assert exported.pyfunc.predict(None, with_label)["click"].to_numpy() == pytest.approx(want, abs=1e-5)
 
 
+def test_pyfunc_scores_a_cold_start_request(exported) -> None:
+    """Issue 19 (kind 2): one new user with an empty history scored against several items — as
+    a DataFrame every history list is empty, which pandas types ``list<null>``; it was refused
+    (HTTP 400) though the same rows with one non-empty list were scored. Scores equal the eager
+    model's on the same rows."""
+    rows = exported.table.slice(0, 5).drop_columns(["click", "p_true"])
+    request = rows.to_pandas()
+    for col in ("hist_item_id", "hist_category"):
+        request[col] = [[] for _ in range(len(request))]
+    got = exported.pyfunc.predict(None, request)["click"].to_numpy()
+    empty = pa.array([[]] * 5, pa.list_(pa.int64()))
+    cold = rows.set_column(rows.column_names.index("hist_item_id"), "hist_item_id", empty)
+    cold = cold.set_column(cold.column_names.index("hist_category"), "hist_category", empty)
+    with torch.no_grad():
+        want = torch.sigmoid(exported.model(collate(to_canonical(cold, SCHEMA, with_labels=False), SCHEMA,
+                                                    with_labels=False))).numpy()[:, 0]
+    assert got == pytest.approx(want, abs=1e-5)
+
+
 def _bad(request, match: str, exported) -> None:
     with pytest.raises(MlflowException, match=match) as e:
         exported.pyfunc.predict(None, request)
