@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -147,6 +148,9 @@ def _registry(a: argparse.Namespace):
 
     cfg = load_config(a.config, a.overrides)
     uri = a.tracking_uri or default_tracking_uri(a.workdir)
+    if not a.verbose:  # the registry commands print their answer only, not MLflow's store set-up
+        for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     client, _ = connect(uri, cfg.tracking.experiment, a.workdir / "mlartifacts")
     return cfg, Registry(client, cfg.tracking.model_name)
 

@@ -77,3 +77,13 @@ def test_a_model_error_stops_train_before_any_worker_or_run(tmp_path: Path, caps
     err = capsys.readouterr().err
     assert code == 2 and "hash_size must be divisible by the number of workers (3)" in err, err
     assert not ray.is_initialized() and not (tmp_path / "w" / "mlflow.db").exists()
+
+
+def test_a_registry_command_prints_one_line_not_mlflow_store_set_up(tmp_path: Path, capfd) -> None:
+    """`tokenrec rollback` on a new store: one line saying why (no champion), not MLflow's
+    "Creating initial MLflow database tables…" INFO lines first."""
+    code = cli.main(["rollback", "--workdir", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    out, err = capfd.readouterr()
+    assert code == 2 and out == ""
+    want = "tokenrec rollback: error: model 'tokenrec-ranker' has no champion to roll back"
+    assert err.strip().splitlines() == [want]
