@@ -218,3 +218,30 @@ def test_files_in_sub_folders_are_read_markers_ignored_others_reported(logs, tmp
     assert [str(f.relative_to(day)) for f in files] == ["hour=23/part-1.parquet", "part-0.parquet"]
     assert len(said) == 1 and "1 file(s)" in said[0] and "export.csv" in said[0]
     assert check_files(files, SCHEMA, unknown="error") == 2 * logs.num_rows
+
+
+STRING_TYPINGS = ["string", "large_string", "dictionary<string>", "dictionary<large_string>", "string_view"]
+
+
+@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(typing=st.sampled_from(STRING_TYPINGS), nulls=st.booleans())
+def test_string_ids_in_every_string_layout_give_the_same_rows(logs, typing: str, nulls: bool) -> None:
+    """String ids as a writer may store them (pyarrow/Polars large_string, pandas categoricals as
+    dictionaries, string_view): the same canonical rows and the same quarantine reasons."""
+    schema = load_config(ROOT / "configs/tiny.toml", ['schema.user_id_type="string"']).schema
+    values = [None if nulls and i % 7 == 3 else f"user-{i % 9}" for i in range(logs.num_rows)]
+    plain = pa.array(values, pa.string())
+    if typing == "string_view" and not hasattr(pa, "string_view"):
+        return
+    typed = {"string": plain, "large_string": plain.cast(pa.large_string()),
+             "dictionary<string>": plain.dictionary_encode(),
+             "dictionary<large_string>": plain.cast(pa.large_string()).dictionary_encode(),
+             "string_view": plain.cast(pa.string_view()) if hasattr(pa, "string_view") else plain}[typing]
+
+    def rows(column):
+        good, bad = split_valid(_set(logs, "user_id", column), schema)
+        return to_canonical(good, schema), sorted(bad.column(REASON).to_pylist())
+
+    got, want = rows(typed), rows(plain)
+    assert got[0].equals(want[0]) and got[1] == want[1]
+    assert len(want[1]) == (sum(v is None for v in values))
