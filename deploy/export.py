@@ -35,6 +35,8 @@ from torch.export import Dim
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from deploy.candidates import export_candidate_program, has_candidate_path, load_candidate_program, score_requests
+from deploy.tracking import connect
+from embedding.checkpoint_safety import verify_metadata
 from embedding.schema import FeatureSchema
 from embedding.typed_config import from_dict
 from model.ranking import ModelConfig, RankingModel, RankingTrain
@@ -171,8 +173,6 @@ def export_checkpoint(schema: FeatureSchema, model_cfg: ModelConfig, checkpoint_
     (``export_model``)."""
     train = RankingTrain(RankingModel(schema, model_cfg))
     state = {"model": train.state_dict()}  # the optimizer part of the checkpoint is not read
-    from jobs.checkpoint import verify_metadata
-
     verify_metadata(checkpoint_dir)  # DCP unpickles .metadata: allow-list it first
     dcp.load(state, checkpoint_id=str(checkpoint_dir))
     train.load_state_dict(state["model"])
@@ -306,8 +306,6 @@ def register_export(export_dir: Path, tracking_uri: str, experiment: str, model_
     """Log an export folder as the model of a new run, register it, optionally alias it;
     returns the version number (what tests and the serving benchmark need; training jobs log
     into their own run, see ``jobs.train``)."""
-    from jobs.tracking import connect
-
     client, exp_id = connect(tracking_uri, experiment, artifact_root)
     with mlflow.start_run(experiment_id=exp_id):
         info = log_pyfunc(export_dir, input_example=input_example)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import shutil
 import time
@@ -44,6 +43,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
+
+from embedding.checkpoint_safety import UnsafeCheckpointError, verify_metadata  # noqa: F401  (re-exported)
 
 _WRAPPERS = re.compile(r"(^|\.)(?:_dmp_wrapped_module|module)\.")
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -140,41 +141,6 @@ def read_position(ckpt: str | Path) -> Position:
         raise FileNotFoundError(f"{ckpt} is not a published tokenrec checkpoint (no meta.json)")
     doc = json.loads(meta.read_text())
     return Position(**{k: doc[k] for k in Position.__dataclass_fields__ if k in doc})
-
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint's DCP metadata names a Python object outside the allow-list."""
-
-
-_SAFE_MODULES = ("torch.distributed.checkpoint.",)  # Metadata, TensorStorageMetadata, _StorageInfo, …
-_SAFE_GLOBALS = {("collections", "OrderedDict"), ("torch", "Size"), ("torch", "device"),
-                 ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "Path")}
-
-
-class _AllowListUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if module.startswith(_SAFE_MODULES) or (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise UnsafeCheckpointError(f"'{module}.{name}'")
-
-    def persistent_load(self, pid):  # DCP metadata has none; refuse rather than guess
-        raise UnsafeCheckpointError(f"persistent id {pid!r}")
-
-
-def verify_metadata(ckpt: str | Path) -> None:
-    """Refuse a checkpoint whose DCP ``.metadata`` pickle would construct anything but DCP
-    metadata (DCP itself reads it with plain ``pickle.load``)."""
-    path = Path(ckpt) / ".metadata"
-    if not path.exists():
-        raise FileNotFoundError(f"{ckpt} has no DCP .metadata: not a complete checkpoint")
-    try:
-        with open(path, "rb") as f:
-            _AllowListUnpickler(f).load()
-    except UnsafeCheckpointError as e:
-        raise UnsafeCheckpointError(f"{path} would unpickle {e}, which is not DCP checkpoint metadata; "
-                                    f"refusing to load it (was the file written by tokenrec?)") from None
 
 
 def _layout_diff(meta, model, prefix: str, keep=lambda k: True) -> list[str]:
