@@ -3,7 +3,8 @@
 ``uint64`` with ids ≥ 2^63, a user id with bytes that are not UTF-8, a file in a sub-folder
 (``hour=23/``), Spark's ``_SUCCESS`` marker and a stray CSV. The job finishes; every row is
 trained or quarantined with its reason (``rows_in = rows_trained + rows_quarantined``); the
-sub-folder's rows are counted; the CSV is named; scoring reads the same files."""
+sub-folder's rows are counted; the CSV is named; scoring reads the same files. The evaluation
+day has one class (every click 0): the run warns, and the gate refuses for that reason."""
 
 from __future__ import annotations
 
@@ -65,11 +66,16 @@ def test_wild_inputs_train_and_score(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     for day in ("2026-01-01", "2026-01-02"):
         _wild(data / f"day={day}")
+    for path in (data / "day=2026-01-02").rglob("*.parquet"):  # the evaluation day: one class
+        t = pq.read_table(path)
+        pq.write_table(t.set_column(t.column_names.index("click"), "click", pa.array([0.0] * t.num_rows, pa.float32())),
+                       path)
     r = tokenrec("train", "--config", str(_string_user_config(tmp_path)), "--days", "2026-01-01",
                  "--data", str(data), "--workdir", str(work))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Traceback" not in r.stdout + r.stderr
     assert "1 file(s) under" in r.stdout and "export.csv" in r.stdout  # said, not silently skipped
+    assert "warning: every 'click' label of the eval rows is 0" in r.stdout  # kind 5
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("tokenrec").experiment_id])
     m = run.data.metrics
@@ -77,6 +83,11 @@ def test_wild_inputs_train_and_score(tmp_path: Path) -> None:
     assert m["rows_quarantined"] == 1 and m["rows_in"] == m["rows_trained"] + m["rows_quarantined"]
     reasons = client.download_artifacts(run.info.run_id, "quarantine/reasons.json", str(tmp_path))
     assert "invalid UTF-8 in 'user_id'" in Path(reasons).read_text()
+
+    promote = tokenrec("promote", "--version", "1", "--workdir", str(work),
+                       "--config", str(_string_user_config(tmp_path)))
+    assert promote.returncode == 2 and "every label is one class" in promote.stderr, promote.stderr[-2000:]
+    assert "calibration" not in promote.stderr.split("gate kept the champion:")[1].split(";")[0]
 
     out = tmp_path / "scores"
     r = tokenrec("score", "--model", "models:/tokenrec-ranker/1", "--data", str(data), "--days", "2026-01-02",
