@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -208,7 +209,8 @@ def check_request(table: pa.Table, schema: FeatureSchema, max_rows: int,
     the wrong type, an invalid row, and — with ``request_groups`` (a model that scores a request
     against one prefix) — rows of one request id that disagree on a request-level column
     (``pipeline.requests``)."""
-    repeated = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
+    names = table.schema.names  # once: Table.column_names rebuilds the list at every call
+    repeated = sorted(c for c, n in Counter(names).items() if n > 1)
     if repeated:
         raise RequestError(f"request has column(s) {repeated} more than once; each column once")
     if table.num_rows == 0:

@@ -69,6 +69,8 @@ class IdHasher(nn.Module):
         # torch.export would trace as one data-dependent size per key and sums of them — minutes
         # of symbolic reasoning for a schema of hundreds of fields
         values = kjt.values()
+        if kjt.variable_stride_per_key():
+            raise ValueError("IdHasher: variable batch size per feature is not supported")
         per_key = kjt.lengths().view(len(self.keys), -1).sum(1).long().to(self.salts.device)
         salt = torch.repeat_interleave(self.salts, per_key, output_size=values.numel())
         size = torch.repeat_interleave(self.sizes, per_key, output_size=values.numel())

@@ -42,7 +42,7 @@ from pipeline.validate import REQUEST_ID, DuplicateFinder, expected_kinds, norma
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY = "tokenrec.champion_history"
-GATE_METRICS = ("eval_auc", "eval_logloss", "eval_calibration", "eval_rows")
+GATE_METRICS = ("eval_auc", "eval_logloss", "eval_calibration", "eval_rows", "eval_positive_rate")
 
 
 def gate_metrics(cfg=None) -> tuple[str, ...]:
@@ -50,7 +50,8 @@ def gate_metrics(cfg=None) -> tuple[str, ...]:
     label = getattr(cfg, "label", "") if cfg is not None else ""
     if not label:
         return GATE_METRICS
-    return tuple(f"eval_{k}_{label}" for k in ("auc", "logloss", "calibration")) + ("eval_rows",)
+    return (tuple(f"eval_{k}_{label}" for k in ("auc", "logloss", "calibration")) + ("eval_rows",)
+            + (f"eval_positive_rate_{label}",))
 
 
 def evaluate_export(export_dir: str | Path, data_root: str | Path, day: str,
@@ -101,9 +102,13 @@ def gate(candidate: dict[str, float], champion: dict[str, float] | None, cfg) ->
     lo, hi = cfg.calibration_band
     cal = candidate[cal_k]
     if math.isnan(candidate[auc_k]):  # nothing to judge by: say why, not "calibration outside"
-        reasons.append(f"AUC{on} undefined on these rows: every label is one class "
-                       f"(or there are no rows: {int(candidate.get('eval_rows', 0)):,}); gate on a day "
-                       "with both classes, or promote without the gate (`tokenrec promote --version N --no-gate`)")
+        rate = candidate.get(auc_k.replace("_auc", "_positive_rate", 1), float("nan"))
+        if rate in (0.0, 1.0) or not candidate.get("eval_rows"):
+            reasons.append(f"AUC{on} undefined on these rows: every label is one class "
+                           f"({int(candidate.get('eval_rows', 0)):,} rows); gate on a day with both classes, "
+                           "or promote without the gate (`tokenrec promote --version N --no-gate`)")
+        else:
+            reasons.append(f"AUC{on} undefined: the model's predictions are not finite (NaN or inf) on these rows")
         return Decision(False, reasons, candidate, champion)
     if lo <= cal <= hi:
         reasons.append(f"calibration {cal:.3f} inside [{lo}, {hi}]")

@@ -164,10 +164,18 @@ class DeterministicWorkerError(RuntimeError):
 
 
 def worker_cause(e: BaseException) -> BaseException:
-    """The exception a worker raised, out of Ray's wrappers (``RayTaskError.cause``)."""
-    seen = 0
-    while getattr(e, "cause", None) is not None and seen < 8:
-        e, seen = e.cause, seen + 1
+    """The exception a worker raised, out of Ray's wrappers: ``RayTaskError.cause``, and the
+    ``__cause__`` of Ray Data's ``UserCodeException`` ("UDF failed to process a data block"),
+    which wraps an error raised in the reader or the quarantine step."""
+    import ray.exceptions
+
+    for _ in range(16):
+        if getattr(e, "cause", None) is not None:
+            e = e.cause
+        elif isinstance(e, ray.exceptions.RayError) and e.__cause__ is not None:
+            e = e.__cause__
+        else:
+            break
     return e
 
 
@@ -181,8 +189,10 @@ class StopOnDeterministicError(UserCallback):
     policy."""
 
     def after_exception(self, run_context, worker_exceptions: dict) -> None:
-        for rank, e in sorted(worker_exceptions.items()):
-            cause = worker_cause(e)
+        causes = {rank: worker_cause(e) for rank, e in worker_exceptions.items()}
+        if any(_is_system_error(c) for c in causes.values()):
+            return  # a lost worker: other ranks' errors may be its knock-on effects — retry
+        for rank, cause in sorted(causes.items()):
             if isinstance(cause, DETERMINISTIC_ERRORS) and not _is_system_error(cause):
                 text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
                 raise DeterministicWorkerError(f"worker {rank}: {type(cause).__name__}: {text} "

@@ -176,17 +176,17 @@ class SparseArch(nn.Module):
             for k in keys:
                 group_of_key[index[k]] = g
         per_key = lengths_FB.sum(1)
-        value_group = torch.repeat_interleave(torch.tensor(group_of_key), per_key.long(),
-                                              output_size=values.numel())
+        key_group = torch.tensor(group_of_key, device=values.device)
+        value_group = torch.repeat_interleave(key_group, per_key.long(), output_size=values.numel())
         grouped = values[torch.argsort(value_group, stable=True)]  # by group, then field, then row
-        ends = torch.zeros(len(groups), dtype=per_key.dtype).index_add(
-            0, torch.tensor(group_of_key), per_key).cumsum(0).tolist()  # one data-dependent size per group
+        ends = torch.zeros(len(groups), dtype=per_key.dtype, device=values.device).index_add(
+            0, key_group, per_key).cumsum(0).tolist()  # one data-dependent size per group
         pieces, start = [], 0
         for g, keys in enumerate(groups):
             stop = ends[g]
             torch._check(stop >= start)
             torch._check(stop <= values.numel())
-            lengths = lengths_FB[torch.tensor([index[k] for k in keys])].reshape(-1)
+            lengths = lengths_FB[torch.tensor([index[k] for k in keys], device=values.device)].reshape(-1)
             pieces.append((grouped[start:stop], lengths))
             start = stop
         pooled_FBD, order = [], []
@@ -220,7 +220,8 @@ class SparseArch(nn.Module):
                 order += self._shared_keys
         where = {k: i for i, k in enumerate(order)}
         schema_order = list(self.schema.field_names)
-        fields_FBD = torch.cat(pooled_FBD).index_select(0, torch.tensor([where[n] for n in schema_order]))
+        fields_FBD = torch.cat(pooled_FBD).index_select(
+            0, torch.tensor([where[n] for n in schema_order], device=values.device))
         return fields_FBD.transpose(0, 1).reshape(stride, -1), schema_order, jts
 
     def _unpooled(self, kjt: KeyedJaggedTensor) -> dict:

@@ -63,7 +63,9 @@ def group_requests(table: pa.Table, schema: FeatureSchema, target_groups: tuple[
         null = ids.is_null().to_numpy(zero_copy_only=False) if ids.null_count else np.zeros(len(ids), dtype=bool)
         words = _column_words(ids)
     key = np.empty(len(ids), dtype=[("null", "u1"), ("word", "u8")])
-    key["null"], key["word"] = null, np.where(null, np.arange(len(ids)), words)  # null: alone
+    # null: a request alone (uint64 both sides: mixed with int64 NumPy would go through float64
+    # and merge ids above 2^53)
+    key["null"], key["word"] = null, np.where(null, np.arange(len(ids), dtype=np.uint64), words)
     _, first_idx, inverse = np.unique(key, return_index=True, return_inverse=True)
     rank = np.argsort(np.argsort(first_idx, kind="stable"), kind="stable")  # group → order of appearance
     group = rank[inverse]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -90,23 +91,35 @@ def normalize(table: pa.Table, schema: FeatureSchema) -> tuple[pa.Table, dict[st
     Columns of another kind are left as they are (the type checks name them); columns the schema
     does not read are untouched. Idempotent."""
     target = canonical_schema(schema)
+    wanted = {f.name: f.type for f in target} | {REQUEST_ID: None}
     bad: dict[str, np.ndarray] = {}
-    for i, name in enumerate(table.column_names):
-        if name not in target.names:
+    for i, name in enumerate(table.schema.names):
+        if name not in wanted:
             continue
         col = table.column(i)
-        want = target.field(name).type
-        chunks = [_to_type(c, want) for c in col.chunks]
-        if any(c is None for c in chunks):
-            continue  # another kind: the type check names it
-        new = pa.chunked_array(chunks, type=chunks[0].type if chunks else col.type)
-        if _has_strings(new.type):
+        want = wanted[name] if name != REQUEST_ID else _request_id_target(col.type)
+        if want is None:
+            continue
+        new = col
+        if col.type != want:
+            chunks = [_to_type(c, want) for c in col.chunks]
+            if any(c is None for c in chunks):
+                continue  # another kind: the type check names it
+            typ = chunks[0].type if chunks else want  # dense and label floats keep their width
+            if typ != col.type:
+                new = pa.chunked_array(chunks, type=typ)
+                table = table.set_column(i, table.schema.field(i).with_type(typ), new)
+        if name != REQUEST_ID and _has_strings(new.type):
             invalid = _invalid_utf8_rows(new)
             if invalid is not None:
                 bad[f"invalid UTF-8 in '{name}'"] = invalid
-        if new.type != col.type or any(a is not b for a, b in zip(chunks, col.chunks)):
-            table = table.set_column(i, table.field(i).with_type(new.type), new)
     return table, bad
+
+
+def _request_id_target(t: pa.DataType) -> pa.DataType | None:
+    """``request_id`` as int64 or string, whatever the writer's integer or string layout."""
+    kind = _kind(t)
+    return {"int": pa.int64(), "string": pa.string()}.get(kind)
 
 
 def _to_type(arr: pa.Array, want: pa.DataType) -> pa.Array | None:
@@ -129,12 +142,12 @@ def _to_type(arr: pa.Array, want: pa.DataType) -> pa.Array | None:
     if pa.types.is_string(want) and (pa.types.is_large_string(t) or _is_string_view(t)):
         return _as_string(arr)
     if pa.types.is_list(want) and _is_list_like(t):
-        if not pa.types.is_list(t):
-            arr = arr.cast(pa.list_(t.value_type))  # large / fixed-size / view layouts: plain offsets
-        values = _to_type(arr.values, want.value_type)
+        values = _to_type(pc.list_flatten(arr), want.value_type)  # every layout, any slice offset
         if values is None:
             return None
-        return pa.ListArray.from_arrays(arr.offsets, values, type=want,
+        lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        return pa.ListArray.from_arrays(offsets, values, type=want,
                                         mask=arr.is_null() if arr.null_count else None)
     return None
 
@@ -245,10 +258,11 @@ def check_files(files: list[Path], schema: FeatureSchema, unknown: str = "warn",
         except (pa.ArrowInvalid, OSError) as e:
             raise SchemaMismatchError(f"{path}: not a readable Parquet file ({e})") from None
         arrow = meta.schema.to_arrow_schema()
-        repeated = sorted({c for c in arrow.names if arrow.names.count(c) > 1 and (c in exp or c == REQUEST_ID)})
+        counts = Counter(arrow.names)
+        repeated = sorted(c for c, n in counts.items() if n > 1 and (c in exp or c == REQUEST_ID))
         if repeated:
             raise SchemaMismatchError(f"{path}: column(s) {repeated} appear more than once "
-                                      f"({', '.join(f'{c!r} ×{arrow.names.count(c)}' for c in repeated)}); "
+                                      f"({', '.join(f'{c!r} ×{counts[c]}' for c in repeated)}); "
                                       "each column name must be unique in a file")
         for col, kinds in exp.items():
             idx = arrow.get_field_index(col)

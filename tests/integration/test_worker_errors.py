@@ -43,3 +43,17 @@ def test_the_callback_leaves_lost_workers_to_the_failure_policy() -> None:
     callback.after_exception(None, {0: ray.exceptions.RayActorError(), 1: RuntimeError("gloo: connection reset")})
     with pytest.raises(DeterministicWorkerError, match=r"worker 1: KeyError: 'hist_item_id'"):
         callback.after_exception(None, {0: RuntimeError("peer closed"), 1: KeyError("hist_item_id")})
+
+
+def test_an_error_in_the_data_pipeline_is_found_under_ray_datas_wrapper() -> None:
+    """Ray Data wraps a reader/quarantine-step error as ``UserCodeException(...) from e``: the
+    cause is followed, so a bad-input error raised there is not retried either; a lost worker
+    on another rank defers to the failure policy (its errors may be knock-on effects)."""
+    import pyarrow as pa
+    import ray.exceptions
+
+    wrapped = ray.exceptions.UserCodeException("UDF failed to process a data block.")
+    wrapped.__cause__ = pa.ArrowInvalid("Integer value 9223372036854775809 not in range")
+    with pytest.raises(DeterministicWorkerError, match=r"worker 0: ArrowInvalid: Integer value"):
+        StopOnDeterministicError().after_exception(None, {0: wrapped})
+    StopOnDeterministicError().after_exception(None, {0: ValueError("knock-on"), 1: ray.exceptions.RayActorError()})

@@ -39,6 +39,16 @@ def test_a_one_class_day_is_refused_for_that_reason(champion) -> None:
     assert one_class_labels(both, "eval_", ["click"]) == {} and both["eval_calibration"] == 1.0
 
 
+def test_nan_predictions_are_not_called_one_class() -> None:
+    import numpy as np
+
+    from jobs.metrics import evaluate
+
+    m = evaluate(np.arange(50) % 2, np.full(50, np.nan), np.arange(50) % 5, names=["click"])
+    d = gate(m, CHAMP, GateConfig())
+    assert not d.promote and "predictions are not finite" in d.summary() and "one class" not in d.summary()
+
+
 @pytest.mark.parametrize("change, promote", [
     ({}, True),
     ({"auc": 0.7985}, True),                     # 0.0015 worse: inside the 0.002 margin

@@ -245,3 +245,45 @@ def test_string_ids_in_every_string_layout_give_the_same_rows(logs, typing: str,
     got, want = rows(typed), rows(plain)
     assert got[0].equals(want[0]) and got[1] == want[1]
     assert len(want[1]) == (sum(v is None for v in values))
+
+
+def test_a_converted_list_column_sliced_with_a_null_row(logs) -> None:
+    """A chunk that starts mid-array (the reader re-cuts chunks at request boundaries) with a
+    null list row, in a layout that needs converting: rebuilt, not 'Null bitmap with offsets
+    slice not supported' (review of issue 19)."""
+    tags = logs.column("item_tags").to_pylist()
+    tags[5] = None
+    for typ in (pa.list_(pa.uint64()), pa.large_list(pa.int32())):
+        table = _set(logs, "item_tags", pa.array(tags, typ)).slice(3)
+        good, bad = split_valid(table, SCHEMA)
+        assert bad.column(REASON).to_pylist() == ["null id 'item_tags'"]
+        want = split_valid(_set(logs, "item_tags", pa.array(tags, pa.list_(pa.int64()))).slice(3), SCHEMA)[0]
+        assert to_canonical(good, SCHEMA).equals(to_canonical(want, SCHEMA))
+
+
+@pytest.mark.parametrize("typing", ["uint64", "dictionary<string>", "large_string", "int16"])
+def test_request_ids_in_any_layout_group_alike(logs, typing: str) -> None:
+    """``request_id`` is normalised like the ids (a pandas Categorical is a dictionary; a hash a
+    uint64 ≥ 2^63): the same requests as int64 / string ids, no crash (review of issue 19)."""
+    from pipeline.requests import group_requests
+    from pipeline.validate import REQUEST_ID
+
+    n = logs.num_rows
+    base = [(1 << 63) + i // 4 for i in range(n)] if typing == "uint64" else [i // 4 for i in range(n)]
+    ids = {"uint64": lambda: pa.array(base, pa.uint64()), "int16": lambda: pa.array(base, pa.int16()),
+           "dictionary<string>": lambda: pa.array([f"r{v}" for v in base]).dictionary_encode(),
+           "large_string": lambda: pa.array([f"r{v}" for v in base], pa.large_string())}[typing]()
+    table = normalize(logs.append_column(REQUEST_ID, ids), SCHEMA)[0]
+    assert table.schema.field(REQUEST_ID).type in (pa.int64(), pa.string())
+    groups = group_requests(table, SCHEMA, ("item",))
+    assert len(groups.counts) == (n + 3) // 4
+
+
+def test_request_ids_above_2_53_stay_apart(logs) -> None:
+    """Request-id words mixed with row numbers went through float64 and merged ids above 2^53."""
+    from pipeline.requests import group_requests
+    from pipeline.validate import REQUEST_ID
+
+    n = logs.num_rows
+    ids = pa.array([(1 << 62) + i // 4 for i in range(n)], pa.int64())
+    assert len(group_requests(logs.append_column(REQUEST_ID, ids), SCHEMA, ("item",)).counts) == (n + 3) // 4
