@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jobs.config import config_from_doc
+from pipeline.collate import collate
 from pipeline.validate import REASON, DuplicateFinder, normalize, split_valid, to_canonical
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -165,7 +166,11 @@ def test_every_row_is_kept_or_quarantined_exactly_as_the_rules_say(plan: list[st
     want = reference(rows)
     assert sorted(bad.column(REASON).to_pylist()) == sorted(w for w in want if w)
     kept = [r for r, w in zip(rows, want) if not w]
-    assert to_canonical(good, SCHEMA).equals(to_canonical(_arrow(kept, "int64"), SCHEMA))
+    canonical = to_canonical(good, SCHEMA)
+    assert canonical.equals(to_canonical(_arrow(kept, "int64"), SCHEMA))
+    if kept:  # what is trained: the collated batch of the kept rows
+        batch = collate(canonical, SCHEMA)
+        assert batch.labels.shape[0] == len(kept)
 
 
 SERVING_CORRUPTIONS = [c for c in CORRUPTIONS if c not in ("null_label", "label_2", "duplicate")]
