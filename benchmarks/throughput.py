@@ -156,8 +156,9 @@ def work_per_row(files: list[Path], cfg: JobConfig) -> dict:
     with no Ray: validation + duplicate check + quarantine (``ParquetReader``'s steps) and
     ``collate_blocks`` over the whole stream, as a worker runs it."""
     from pipeline.collate import collate_blocks
+    from pipeline.row_hash import DuplicateFinder
     from pipeline.source import ParquetReader, chunk_rows
-    from pipeline.validate import DuplicateFinder, QuarantineWriter
+    from pipeline.validate import QuarantineWriter
 
     columns = list(expected_kinds(cfg.schema))
     cost = {"validate": 0.0, "collate": 0.0}

@@ -38,7 +38,8 @@ from deploy.export import load_servable
 from jobs.metrics import evaluate
 from pipeline.collate import collate
 from pipeline.days import day_files, parse_days
-from pipeline.validate import REQUEST_ID, DuplicateFinder, expected_kinds, normalize, split_valid, to_canonical
+from pipeline.row_hash import DuplicateFinder
+from pipeline.validate import REQUEST_ID, expected_kinds, normalize, split_valid, to_canonical
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY = "tokenrec.champion_history"

@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow as pa
 
 from embedding.schema import FeatureSchema
-from pipeline.validate import REQUEST_ID, _column_words, row_hashes
+from pipeline.row_hash import _column_words, row_hashes
+from pipeline.validate import REQUEST_ID
 
 
 def request_level_columns(schema: FeatureSchema, target_groups: tuple[str, ...]) -> list[str]:

@@ -22,15 +22,8 @@ import ray.data
 from ray.train import DataConfig
 
 from embedding.schema import FeatureSchema
-from pipeline.validate import (
-    REQUEST_ID,
-    SOURCE,
-    DuplicateFinder,
-    QuarantineWriter,
-    expected_kinds,
-    normalize,
-    request_id_type,
-)
+from pipeline.row_hash import DuplicateFinder
+from pipeline.validate import REQUEST_ID, SOURCE, QuarantineWriter, expected_kinds, normalize, request_id_type
 
 READ_TASKS = 16  # many small files (a day each) are read a few per task: task start-up dominates otherwise
 

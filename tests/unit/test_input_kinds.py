@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from jobs.config import load_config
 from pipeline.days import parse_days
 from pipeline.generator import generate
+from pipeline.row_hash import DuplicateFinder
 from pipeline.validate import (
     REASON,
-    DuplicateFinder,
     QuarantineWriter,
     SchemaMismatchError,
     check_files,

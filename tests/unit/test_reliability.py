@@ -23,15 +23,8 @@ from jobs.tracking import RetryingClient, StepLogger, connect, log_metrics, with
 from pipeline.collate import collate_blocks
 from pipeline.days import day_files, parse_days
 from pipeline.generator import GeneratorConfig, generate
-from pipeline.validate import (
-    REASON,
-    DuplicateFinder,
-    SchemaMismatchError,
-    check_files,
-    row_hashes,
-    split_valid,
-    to_canonical,
-)
+from pipeline.row_hash import DuplicateFinder, row_hashes
+from pipeline.validate import REASON, SchemaMismatchError, check_files, split_valid, to_canonical
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = load_schema(ROOT / "configs/tiny.toml")

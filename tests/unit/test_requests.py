@@ -23,15 +23,8 @@ from model.ranking import ModelConfig, RankingModel
 from model.tokenformer import TokenFormerConfig
 from pipeline.generator import GeneratorConfig, World
 from pipeline.requests import group_requests, request_level_columns
-from pipeline.validate import (
-    REASON,
-    REQUEST_ID,
-    QuarantineWriter,
-    SchemaMismatchError,
-    _column_words,
-    request_id_type,
-    to_canonical,
-)
+from pipeline.row_hash import _column_words
+from pipeline.validate import REASON, REQUEST_ID, QuarantineWriter, SchemaMismatchError, request_id_type, to_canonical
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = load_schema(ROOT / "configs/tiny.toml")

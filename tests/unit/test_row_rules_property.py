@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from jobs.config import config_from_doc
 from pipeline.collate import collate
-from pipeline.validate import REASON, DuplicateFinder, normalize, split_valid, to_canonical
+from pipeline.row_hash import DuplicateFinder
+from pipeline.validate import REASON, normalize, split_valid, to_canonical
 
 ROOT = Path(__file__).resolve().parents[2]
 def _schema():
