@@ -131,3 +131,23 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {p['a']} − {p['b']} | {p['mean']:+.4f} ± {p['se']:.4f} | {len(p['seeds'])} | "
                          f"{'yes' if p['more_than_2se'] else 'no'} |")
     return "\n".join(lines)
+
+
+def tower_costs(configs: dict[str, JobConfig], data_root: Path, rows: int = 256) -> dict[str, dict]:
+    """Per tower (or variant): dense parameters and FLOPs per example of one training step
+    (``model.cost.tower_cost``) on ``rows`` rows of its first training day."""
+    import torch
+
+    from jobs.analyze import held_out_batch
+    from model.cost import tower_cost
+    from model.ranking import RankingModel
+    from pipeline.days import parse_days
+
+    out = {}
+    for name, cfg in configs.items():
+        torch.manual_seed(0)
+        model = RankingModel(cfg.schema, cfg.model)
+        batch = held_out_batch(cfg.schema, data_root, parse_days(cfg.train.days)[0].isoformat(), rows)
+        params, fwd, train = tower_cost(model, batch)
+        out[name] = {"dense_params": params, "forward_flops_per_example": fwd, "train_flops_per_example": train}
+    return out

@@ -60,7 +60,7 @@ import numpy as np
 
 from embedding.typed_config import from_dict, non_defaults
 from jobs.config import JobConfig, apply_override, config_from_doc, set_dotted
-from jobs.study_report import _toml_value, best_settings, markdown, summarize, write_best  # noqa: F401
+from jobs.study_report import _toml_value, best_settings, markdown, summarize, tower_costs, write_best  # noqa: F401
 from model.diagnostics import LAYER_TOWERS  # effective rank per layer for these
 from pipeline.days import day_files, parse_days
 
@@ -338,36 +338,14 @@ def _effective_ranks(run_id: str, tracking_uri: str) -> list[float]:
 
 
 def _check_builds(cfg: JobConfig, where: str) -> None:
-    """Build the job's model on the meta device (no memory, no data): configuration errors of the
-    tower raise ``ValueError`` here, not inside the workers."""
-    import torch
-
-    from model.ranking import RankingModel
+    """The job's model as its workers will build it (``jobs.train.worker_model_template``: meta
+    device, world size): configuration errors raise ``ValueError`` here, naming ``where``."""
+    from jobs.train import worker_model_template
 
     try:
-        with torch.device("meta"):
-            RankingModel(cfg.schema, cfg.model, sparse_device=torch.device("meta"))
+        worker_model_template(cfg)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
-
-
-def tower_costs(configs: dict[str, JobConfig], data_root: Path, rows: int = 256) -> dict[str, dict]:
-    """Per tower (or variant): dense parameters and FLOPs per example of one training step
-    (``model.cost.tower_cost``) on ``rows`` rows of its first training day."""
-    import torch
-
-    from jobs.analyze import held_out_batch
-    from model.cost import tower_cost
-    from model.ranking import RankingModel
-
-    out = {}
-    for name, cfg in configs.items():
-        torch.manual_seed(0)
-        model = RankingModel(cfg.schema, cfg.model)
-        batch = held_out_batch(cfg.schema, data_root, parse_days(cfg.train.days)[0].isoformat(), rows)
-        params, fwd, train = tower_cost(model, batch)
-        out[name] = {"dense_params": params, "forward_flops_per_example": fwd, "train_flops_per_example": train}
-    return out
 
 
 def _parent_run(client, exp_id: str, study: StudyConfig) -> str:
