@@ -6,7 +6,9 @@ The one place outside ``jobs/`` that touches ``torch.distributed``. Passes, in o
    applied inside the backward by the FBGEMM kernels (no dense gradient for tables);
 2. ``shard`` — the planner proposes a plan (optionally restricted to some sharding types) and
    ``DistributedModelParallel`` replaces the EBC/EC with sharded twins, materializing only the
-   local shards of tables built on ``meta``; dense parameters are wrapped in DDP;
+   local shards of tables built on ``meta``; the dense parameters are made data-parallel by the
+   wrapper ``embedding.dense_parallel`` gives for ``[train].dense_parallel``: DDP replicas
+   (default) or FSDP2 shards;
 3. ``dense_optimizer`` — Adam (or SGD) over every parameter that has no fused optimizer.
 """
 
@@ -40,6 +42,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from embedding.dense_parallel import DenseParallelConfig, data_parallel_wrapper
 from embedding.modules import zero_unsharded_miss_rows, zero_unsharded_miss_rows_ec
 
 SHARDING_TYPES = tuple(t.value for t in ShardingType)
@@ -189,25 +192,32 @@ def sharders() -> list:
             CPUManagedCollisionECSharder()]
 
 
-def _constraints(model: nn.Module, cfg: ShardingConfig, device: torch.device):
+def _constraints(model: nn.Module, cfg: ShardingConfig, device: torch.device, fsdp: bool = False):
+    """Per-table planner constraints. ``fsdp``: no table may be data-parallel (a replicated
+    table is a dense parameter DDP would average; FSDP2 does not take it over)."""
     constraints = {}
     managed = {name for m in model.modules()
                if isinstance(m, (ManagedCollisionEmbeddingBagCollection, ManagedCollisionEmbeddingCollection))
                for name in _table_names(m._embedding_module)}
     for module, sharder in _modules_and_sharders(model):
         supported = sharder.sharding_types(device.type)
+        if fsdp:
+            supported = [t for t in supported if t != ShardingType.DATA_PARALLEL.value]
         for table in _table_names(module):
             if table in managed:  # MCH: id ranges follow row ranges
                 constraints[table] = ParameterConstraints(sharding_types=[ShardingType.ROW_WISE.value])
                 continue
             wanted = cfg.table_sharding_types.get(table, cfg.sharding_types)
             if not wanted:
+                if fsdp:
+                    constraints[table] = ParameterConstraints(sharding_types=supported)
                 continue
             allowed = [t for t in wanted if t in supported]
             if not allowed:
                 raise ValueError(
                     f"sharding: table '{table}' ({type(module).__name__}) cannot use {list(wanted)} on "
-                    f"{device.type}; supported there: {supported}"
+                    f"{device.type}" + (" with [train].dense_parallel = 'fsdp'" if fsdp else "")
+                    + f"; supported there: {supported}"
                 )
             constraints[table] = ParameterConstraints(sharding_types=allowed)
     return constraints or None
@@ -220,11 +230,11 @@ def _modules_and_sharders(model: nn.Module):
 
 
 def plan(model: nn.Module, cfg: ShardingConfig, device: torch.device,
-         pg: dist.ProcessGroup | None = None) -> ShardingPlan:
+         pg: dist.ProcessGroup | None = None, fsdp: bool = False) -> ShardingPlan:
     pg = pg or dist.group.WORLD
     world = dist.get_world_size(pg)
     topology = Topology(world_size=world, compute_device=device.type, local_world_size=world)
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=_constraints(model, cfg, device))
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=_constraints(model, cfg, device, fsdp))
     return planner.collective_plan(model, sharders(), pg)
 
 
@@ -235,11 +245,16 @@ def _table_names(module: nn.Module) -> list[str]:
 
 
 def shard(model: nn.Module, cfg: ShardingConfig, device: torch.device,
-          pg: dist.ProcessGroup | None = None) -> DistributedModelParallel:
-    """Fused optimizer, plan, DMP — in that order (the optimizer must be attached first)."""
+          pg: dist.ProcessGroup | None = None,
+          dense: DenseParallelConfig | None = None) -> DistributedModelParallel:
+    """Fused optimizer, plan, DMP with the dense wrapper of ``dense`` (DDP by default) — in that
+    order (the optimizer must be attached first). Raises ``ValueError`` when a table's allowed
+    sharding types cannot be used here (e.g. ``data_parallel`` under FSDP2)."""
+    dense = dense or DenseParallelConfig()
     apply_sparse_optimizer(model, cfg)
-    sharding_plan = plan(model, cfg, device, pg)
-    dmp = DistributedModelParallel(module=model, device=device, plan=sharding_plan, sharders=sharders())
+    sharding_plan = plan(model, cfg, device, pg, fsdp=dense.dense_parallel == "fsdp")
+    dmp = DistributedModelParallel(module=model, device=device, plan=sharding_plan, sharders=sharders(),
+                                   data_parallel_wrapper=data_parallel_wrapper(dense))
     zero_miss_rows(dmp)
     return dmp
 

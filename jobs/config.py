@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from embedding.dense_parallel import DenseParallelConfig
 from embedding.schema import FeatureSchema
 from embedding.sharding import ShardingConfig
 from embedding.typed_config import from_dict
@@ -57,6 +58,11 @@ class TrainConfig:
     max_failures: int = 2
     unknown_columns: str = "warn"  # columns in the logs the schema does not read: warn | error | ignore
     diagnostics_rows: int = 1024  # after training: collapse diagnostics on this many held-out rows (0: off)
+    # the dense tower's data parallelism (embedding/dense_parallel.py, docs/architecture.md):
+    # ddp = replicated on every worker; fsdp = parameters, gradients and optimizer state sharded (FSDP2)
+    dense_parallel: str = "ddp"
+    mixed_precision: str = "fp32"  # fsdp on GPUs: bf16 = bf16 parameters and activations, fp32 gradient reduction
+    activation_checkpointing: bool = False  # recompute each tower block's activations in the backward (long sequences)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)  # [train.optim]: the dense recipe
 
@@ -81,6 +87,16 @@ class TrainConfig:
         for key in ("checkpoint_every", "max_steps", "max_failures", "diagnostics_rows"):
             if getattr(self, key) < 0:
                 raise ValueError(f"[train].{key}: must be >= 0 (0 turns it off), got {getattr(self, key)}")
+        self.dense  # noqa: B018 - validates the three dense-parallel keys
+        if self.mixed_precision != "fp32" and not self.use_gpu:
+            raise ValueError("[train].mixed_precision = 'bf16' is for GPUs (set [train].use_gpu = true); "
+                             "on CPU the dense tower trains in fp32")
+
+    @property
+    def dense(self) -> DenseParallelConfig:
+        """The dense tower's parallelism (``embedding.dense_parallel``)."""
+        return DenseParallelConfig(dense_parallel=self.dense_parallel, mixed_precision=self.mixed_precision,
+                                   activation_checkpointing=self.activation_checkpointing)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -163,7 +163,7 @@ def train_loop(args: WorkerArgs) -> None:
     model = RankingTrain(RankingModel(cfg.schema, cfg.model, sparse_device=torch.device("meta"),
                                       num_shards=dist.get_world_size(),
                                       batch_rows=max(tc.batch_size, tc.eval_batch_size)))
-    dmp = shard(model, tc.sharding, device)
+    dmp = shard(model, tc.sharding, device, dense=tc.dense)
     # after the (identical) initialisation: each worker draws its own dropout masks
     torch.manual_seed(tc.seed + 1_000_003 * (rank + 1))
     opt = dense_optimizer(dmp, tc.sharding, tc.optim.weight_decay, decays)

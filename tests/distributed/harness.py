@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def _free_port() -> int:
@@ -54,7 +55,9 @@ def copy_into_sharded(sharded_state: dict, full_state: dict) -> None:
     """Copy full (unsharded) tensors into a sharded state dict's local shards, in place."""
     for key, dst in sharded_state.items():
         src = full_state[key]
-        if isinstance(dst, ShardedTensor):
+        if isinstance(dst, DTensor):  # an FSDP2-sharded dense parameter
+            dst.detach().copy_(distribute_tensor(src.to(dst.dtype), dst.device_mesh, dst.placements))
+        elif isinstance(dst, ShardedTensor):
             for shard in dst.local_shards():
                 sl = tuple(slice(o, o + n) for o, n in
                            zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
@@ -63,3 +66,8 @@ def copy_into_sharded(sharded_state: dict, full_state: dict) -> None:
             dst.detach().copy_(src)
         else:
             raise TypeError(f"{key}: unsupported state type {type(dst)}")
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (collective), or the tensor itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
