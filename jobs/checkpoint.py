@@ -183,10 +183,17 @@ def check_layout(ckpt: str | Path, model, prefix: str = "model.tower.", flag: st
                          "(`tokenrec daily --cold-start`, or no --init-from).")
 
 
-def load(ckpt: str | Path, model, opt=None, dense_opt=None, restore_rng: bool = False) -> Position:
+def load(ckpt: str | Path, model, opt=None, dense_opt=None, restore_rng: bool = False,
+         partial_optim: bool = False, log=None) -> Position:
     """Load weights (and, given ``opt``, optimizer state) in place; any world size. ``dense_opt``
     (the lazily initialized dense part of ``opt``) gets its state created first so that it can
-    be loaded into. Returns the saved position."""
+    be loaded into. Returns the saved position.
+
+    ``partial_optim`` (warm starts): optimizer state the checkpoint does not hold starts fresh,
+    named through ``log``, instead of failing. That happens when a table changes optimizer between
+    the runs: TorchRec's planner may make a small table data-parallel (a dense parameter, under the
+    dense optimizer) with ``dense_parallel = "ddp"`` but never with ``"fsdp"``, where every table
+    keeps its fused optimizer. Exact resume loads strictly (``RuntimeError`` naming the key)."""
     pos = read_position(ckpt)
     verify_metadata(ckpt)
     model_sd, model_names = _normalized(model.state_dict())
@@ -198,10 +205,21 @@ def load(ckpt: str | Path, model, opt=None, dense_opt=None, restore_rng: bool = 
         if dense_opt is not None and not dense_opt.state:
             dense_opt.init_state()  # zero-gradient step: creates the state, leaves weights alone
         state["optim"], optim_names = _optim_state(opt)
+        if partial_optim:
+            saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+            fresh = sorted(k for k, v in state["optim"].items() if any(f"optim.{k}.{s}" not in saved for s in v))
+            for k in fresh:
+                del state["optim"][k]
+            if fresh and log is not None:
+                log(f"warm start: no optimizer state in {ckpt} for {len(fresh)} parameter(s), which start "
+                    f"fresh: {', '.join(fresh[:4])}{', …' if len(fresh) > 4 else ''} (a table with another "
+                    "optimizer in this run, e.g. data-parallel under dense_parallel = 'ddp' only)")
     dcp.load(state, checkpoint_id=str(ckpt))
     model.load_state_dict({model_names[k]: v for k, v in state["model"].items()})
     if opt is not None:
-        opt.load_state_dict({"state": {optim_names[k]: v for k, v in state["optim"].items()}})
+        loaded = {optim_names[k]: v for k, v in state["optim"].items()}
+        current = opt.state_dict()["state"]
+        opt.load_state_dict({"state": {k: loaded.get(k, v) for k, v in current.items()}})
     if restore_rng:
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0

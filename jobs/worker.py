@@ -181,7 +181,8 @@ def train_loop(args: WorkerArgs) -> None:
             print(f"worker group restarted after a failure: going on from {restarted}", flush=True)
             emit("line", text=f"  worker group restarted after a failure: going on from {restarted}")
     elif args.init_from:
-        checkpoint.load(args.init_from, dmp, opt, dense_opt)
+        checkpoint.load(args.init_from, dmp, opt, dense_opt, partial_optim=True,
+                        log=(lambda m: print(m, flush=True)) if rank == 0 else None)
         if rank == 0:
             print(f"warm start from {args.init_from}", flush=True)  # the log; `daily` shows the version
     total_steps = args.total_steps

@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch.distributed.checkpoint as dcp
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -172,3 +173,34 @@ def test_two_sequences_hyformer_end_to_end(tmp_path: Path) -> None:
     r = tokenrec("analyze", "--run", run.info.run_id, "--workdir", str(work), "--rows", "256")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "layer 1 (window None): effective rank" in r.stdout
+
+
+def test_fsdp_tower_trains_registers_serves_and_warm_starts_ddp(data: Path, tmp_path: Path) -> None:
+    """``[train].dense_parallel = "fsdp"`` through Ray Train: the registered version serves; the
+    next day's run warm-starts from its sharded checkpoint with the tower replicated (DDP)."""
+    work = tmp_path / "work"
+    r = tokenrec("train", "--config", str(TINY), "--days", "2026-01-01", "--data", str(data),
+                 "--workdir", str(work), *TOKENFORMER, "--set", "train.dense_parallel=fsdp")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    (v1,) = client.search_model_versions("name='tokenrec-ranker'")
+    assert client.get_run(v1.run_id).data.params["train.dense_parallel"] == "fsdp"
+    ckpt = client.get_run(v1.run_id).data.tags["tokenrec.checkpoint"]
+    meta = dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata
+    layers = [v for k, v in meta.items() if k.startswith("model.model.tower.layers.") and k.endswith("weight")]
+    assert layers and all(len(v.chunks) == 2 for v in layers), "the tower was not sharded over the 2 workers"
+
+    r = tokenrec("daily", "--config", str(TINY), "--date", "2026-01-02", "--data", str(data),
+                 "--workdir", str(work), *TOKENFORMER, "--set", "train.dense_parallel=ddp")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert "warm start from version 1" in r.stdout
+    versions = {int(v.version): v for v in client.search_model_versions("name='tokenrec-ranker'")}
+    assert versions[2].tags["tokenrec.parent_version"] == "1"
+    assert client.get_run(versions[2].run_id).data.tags["tokenrec.init_from"] == ckpt
+
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    rows = pq.read_table(next((data / "day=2026-01-03").glob("*.parquet"))).slice(0, 16).to_pandas()
+    for version in (1, 2):
+        probs = mlflow.pyfunc.load_model(f"models:/tokenrec-ranker/{version}").predict(
+            rows.drop(columns=["click", "p_true"]))
+        assert len(probs) == 16 and ((probs["click"] > 0) & (probs["click"] < 1)).all()
