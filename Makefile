@@ -29,7 +29,7 @@ demo: $(STAMP)
 
 # The performance suite (issue 7): each script prints its table and rewrites its JSON under
 # benchmarks/results/, which docs/benchmarks.md quotes. Under 20 minutes on 2 cores.
-PERF_BENCH := generator attention tokenformer throughput torchrec_reference field_scale serving candidates export
+PERF_BENCH := generator attention tokenformer throughput torchrec_reference field_scale serving candidates export dense_parallel
 bench: $(STAMP)
 	@set -e; t0=$$(date +%s); for b in $(PERF_BENCH); do \
 	  echo "== benchmarks/$$b.py"; $(BIN)/python benchmarks/$$b.py; done; \

@@ -193,7 +193,7 @@ def load(ckpt: str | Path, model, opt=None, dense_opt=None, restore_rng: bool = 
     named through ``log``, instead of failing. That happens when a table changes optimizer between
     the runs: TorchRec's planner may make a small table data-parallel (a dense parameter, under the
     dense optimizer) with ``dense_parallel = "ddp"`` but never with ``"fsdp"``, where every table
-    keeps its fused optimizer. Exact resume loads strictly (``RuntimeError`` naming the key)."""
+    keeps its fused optimizer. Exact resume loads strictly (``RuntimeError`` naming the keys)."""
     pos = read_position(ckpt)
     verify_metadata(ckpt)
     model_sd, model_names = _normalized(model.state_dict())
@@ -205,9 +205,14 @@ def load(ckpt: str | Path, model, opt=None, dense_opt=None, restore_rng: bool = 
         if dense_opt is not None and not dense_opt.state:
             dense_opt.init_state()  # zero-gradient step: creates the state, leaves weights alone
         state["optim"], optim_names = _optim_state(opt)
+        saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+        fresh = sorted(k for k, v in state["optim"].items() if any(f"optim.{k}.{s}" not in saved for s in v))
+        if fresh and not partial_optim:
+            raise RuntimeError(f"{ckpt} holds no optimizer state for {len(fresh)} parameter(s) of this model: "
+                               f"{', '.join(fresh[:4])}{', …' if len(fresh) > 4 else ''}. Resume with the "
+                               "[train] settings it was written with (dense_parallel, sharding types), or "
+                               "warm-start from it instead (--init-from)")
         if partial_optim:
-            saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
-            fresh = sorted(k for k, v in state["optim"].items() if any(f"optim.{k}.{s}" not in saved for s in v))
             for k in fresh:
                 del state["optim"][k]
             if fresh and log is not None:

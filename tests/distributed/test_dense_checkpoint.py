@@ -32,13 +32,13 @@ CFG = ShardingConfig(sharding_types=("row_wise",), dense_optimizer="adamw")
 MODEL = ModelConfig(tower="tokenformer", tokenformer=TokenFormerConfig(windows=(8, 4), dropout=0.0))
 
 
-def _build(mode: str):
+def _build(mode: str, cfg: ShardingConfig = CFG):
     schema = load_schema(ROOT / "configs/tiny.toml")
     torch.manual_seed(0)
     model = RankingTrain(RankingModel(schema, MODEL, sparse_device=torch.device("meta"),
                                       num_shards=dist.get_world_size()))
-    dmp = shard(model, CFG, torch.device("cpu"), dense=DenseParallelConfig(dense_parallel=mode))
-    return schema, dmp, dense_optimizer(dmp, CFG, 0.01, decays)
+    dmp = shard(model, cfg, torch.device("cpu"), dense=DenseParallelConfig(dense_parallel=mode))
+    return schema, dmp, dense_optimizer(dmp, cfg, 0.01, decays)
 
 
 def _predict(dmp, schema, data_file: str) -> torch.Tensor:
@@ -143,3 +143,37 @@ def test_fsdp_checkpoint_exports_unsharded(saved: Path, data_file: str, tmp_path
     with torch.no_grad():
         preds = torch.sigmoid(model(collate(pq.read_table(data_file).slice(0, BATCH), schema)))
     torch.testing.assert_close(preds, torch.sigmoid(state["preds"]), atol=1e-6, rtol=1e-5)
+
+
+# DDP with the ``category`` table data-parallel (a dense parameter under AdamW); FSDP2 never plans
+# that type, so there the table keeps its fused row-wise Adagrad
+DP_TABLE = ShardingConfig(sharding_types=("row_wise",), table_sharding_types={"category": ("data_parallel",)},
+                          dense_optimizer="adamw")
+
+
+def _save_with_a_data_parallel_table(rank: int, world: int, data_file: str, out: str) -> None:
+    schema, dmp, opt = _build("ddp", DP_TABLE)
+    assert any("embedding_bags.category" in k for k in opt._optims[0][1].params)
+    loss, _ = dmp(collate(pq.read_table(data_file).slice(rank * BATCH, BATCH), schema))
+    loss.backward()
+    opt.step()  # the optimizer state exists once it has stepped
+    checkpoint.save(Path(out) / "dp-table", dmp, opt, checkpoint.Position(step=1, world_size=world))
+
+
+def _warm_start_into_fsdp(rank: int, world: int, out: str) -> None:
+    _, dmp, opt = _build("fsdp")
+    ckpt = checkpoint.latest(Path(out) / "dp-table")
+    with pytest.raises(Exception, match="category"):  # exact resume: strict
+        checkpoint.load(ckpt, dmp, opt, dense_opt=opt._optims[0][1])
+    said = []
+    checkpoint.load(ckpt, dmp, opt, dense_opt=opt._optims[0][1], partial_optim=True, log=said.append)
+    assert len(said) == 1 and "embedding_bags.category.weight" in said[0] and "start fresh" in said[0], said
+
+
+def test_warm_start_across_modes_gives_a_table_that_changed_optimizer_fresh_state(data_file: str,
+                                                                                 tmp_path: Path) -> None:
+    """A warm start (``daily``) from a DDP run whose planner made a small table data-parallel into
+    an FSDP2 run (where it is fused): the weights load, that table's optimizer state starts fresh
+    and is named; exact resume refuses the same checkpoint."""
+    run_multiprocess(_save_with_a_data_parallel_table, 2, data_file, str(tmp_path))
+    run_multiprocess(_warm_start_into_fsdp, 2, str(tmp_path))
