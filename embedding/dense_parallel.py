@@ -21,8 +21,11 @@ moments: about (N − 1)/N of the replicated dense state is gone from each worke
 ``DTensor`` shards with their global shapes, so a checkpoint moves between world sizes, between
 ``ddp`` and ``fsdp``, and into the unsharded export (``jobs.checkpoint``).
 
-Mixed precision (``bf16``): parameters all-gathered in bfloat16, gradients reduced in float32
-(``MixedPrecisionPolicy``); meant for GPUs, where it halves the all-gather and the activations.
+Mixed precision (``bf16``, the blocks only): a block's parameters are all-gathered and used in
+bfloat16, its input cast to bfloat16 and its output back to float32, its gradients reduced in
+float32 (``MixedPrecisionPolicy``); the root group (projections of TorchRec's fp32 embeddings,
+norms, heads) stays fp32. Meant for GPUs, where it halves the all-gathers and the blocks'
+activations; ``jobs.config`` refuses it on CPU.
 
 In ``eval()`` the blocks' parameters are all-gathered once and kept until the next training
 forward (``_GatherInEval``): request-level candidate scoring reads a block's weights without
@@ -104,7 +107,9 @@ class FSDP2Wrapper(DataParallelWrapper):
         ignored = {p for name, p in root.named_parameters() if name in sharded_names}
         root.to(device)
         mesh = DeviceMesh.from_group(pg, device_type=device.type)
-        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # bf16: the blocks take their input in bf16 and give fp32 back; the root group (projections
+        # of TorchRec's fp32 embeddings, norms, heads) stays fp32
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32)
               if self.cfg.mixed_precision == "bf16" else MixedPrecisionPolicy())
         blocks = tower_blocks(root)
         if self.cfg.activation_checkpointing:
@@ -112,7 +117,7 @@ class FSDP2Wrapper(DataParallelWrapper):
                 checkpoint_activations(block)
         for block in blocks:
             fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(root, mesh=mesh, mp_policy=mp, ignored_params=ignored)
+        fully_shard(root, mesh=mesh, ignored_params=ignored)
         if blocks:
             root.register_forward_pre_hook(_GatherInEval(blocks))
 

@@ -131,3 +131,30 @@ def data_file(tmp_path_factory) -> str:
 def test_dense_parallel_equals_unsharded(tower: str, mode: str, ac: bool, world: int, data_file: str) -> None:
     """``ac``: activation checkpointing per block (recomputed activations, the same gradients)."""
     run_multiprocess(_check, world, tower, mode, ac, data_file)
+
+
+def _check_bf16(rank: int, world: int, data_file: str) -> None:
+    schema = load_schema(ROOT / "configs/tiny.toml")
+    local_batch = collate(pq.read_table(data_file).slice(rank * BATCH, BATCH), schema)
+    torch.manual_seed(0)
+    ref = RankingTrain(RankingModel(schema, _cfg("tokenformer")))
+    dmp = shard(RankingTrain(RankingModel(schema, _cfg("tokenformer"), sparse_device=torch.device("meta"),
+                                          num_shards=world)),
+                ShardingConfig(sharding_types=("row_wise",)), torch.device("cpu"),
+                dense=DenseParallelConfig(dense_parallel="fsdp", mixed_precision="bf16"))
+    state = dmp.state_dict()
+    copy_into_sharded(state, {f"_dmp_wrapped_module.{k}": v for k, v in ref.state_dict().items()} | ref.state_dict())
+    dmp.load_state_dict(state)
+    loss, out = dmp(local_batch)
+    loss.backward()
+    ref_out = ref(local_batch)[1]
+    assert out.dtype == torch.float32 and not torch.equal(out, ref_out), "bf16 blocks should round"
+    torch.testing.assert_close(out, ref_out, atol=0.05, rtol=0.05)  # bfloat16: 8 bits of mantissa
+    grads = [p.grad for p in dmp.parameters() if isinstance(p, DTensor) and p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 for g in grads), "sharded gradients stay fp32"
+
+
+def test_bf16_blocks_keep_fp32_weights_and_gradients(data_file: str) -> None:
+    """``mixed_precision = "bf16"`` (meant for GPUs; the mechanism runs on gloo too): the blocks
+    compute in bfloat16, outputs and the sharded weights and gradients stay float32."""
+    run_multiprocess(_check_bf16, 2, data_file)
