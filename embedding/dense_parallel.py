@@ -102,10 +102,9 @@ class FSDP2Wrapper(DataParallelWrapper):
         pg = env.process_group
         if pg is None:
             raise RuntimeError("FSDP2 needs a process-group sharding environment")
-        root = dmp._dmp_wrapped_module
+        root = dmp._dmp_wrapped_module.to(device)
         sharded_names = set(DistributedModelParallel._sharded_parameter_names(root))
         ignored = {p for name, p in root.named_parameters() if name in sharded_names}
-        root.to(device)
         mesh = DeviceMesh.from_group(pg, device_type=device.type)
         # bf16: the blocks take their input in bf16 and give fp32 back; the root group (projections
         # of TorchRec's fp32 embeddings, norms, heads) stays fp32
@@ -132,15 +131,29 @@ class _GatherInEval:
         self.blocks, self.gathered = blocks, False
 
     def __call__(self, module: nn.Module, args) -> None:
-        if self.gathered != module.training:  # gathered in eval, sharded in training: as wanted
-            return
-        for block in self.blocks:
-            block.set_reshard_after_forward(module.training, recurse=False)
-            if module.training:
+        if not module.training:  # every eval forward: FSDP2 may have resharded (state_dict, load)
+            for block in self.blocks:
+                block.set_reshard_after_forward(False, recurse=False)
+                block.unshard()  # a no-op when already gathered
+            self.gathered = True
+        elif self.gathered:
+            for block in self.blocks:
+                block.set_reshard_after_forward(True, recurse=False)
                 block.reshard()
-            else:
-                block.unshard()
-        self.gathered = not module.training
+            self.gathered = False
+
+
+def check_tower(model: nn.Module, cfg: DenseParallelConfig) -> None:
+    """Raises ``ValueError`` when ``cfg`` asks for a per-block option (bf16 blocks, activation
+    checkpointing) that ``model``'s tower cannot take: it has no ``layers``/``blocks`` list (DLRM,
+    DCNv2, DIN, HyFormer), so the option would silently do nothing. Called on the driver."""
+    wants = [k for k, on in (("mixed_precision = 'bf16'", cfg.mixed_precision == "bf16"),
+                             ("activation_checkpointing = true", cfg.activation_checkpointing)) if on]
+    if wants and not tower_blocks(model):
+        tower = next((type(m).__name__ for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "tower"), "?")
+        raise ValueError(f"[train].{' and '.join(wants)} applies to a tower's blocks, and {tower} has no block "
+                         f"list (layers/blocks): remove it, or use a tower with blocks (tokenformer, "
+                         f"naive_transformer, hstu, rankmixer_longer, onetrans)")
 
 
 def data_parallel_wrapper(cfg: DenseParallelConfig) -> DataParallelWrapper:
@@ -162,4 +175,5 @@ class _CheckpointedDDPWrapper(DefaultDataParallelWrapper):
 
 
 def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
+    """The FSDP2 groups of ``model``, the root first (pre-order); [] under DDP."""
     return [m for m in model.modules() if isinstance(m, FSDPModule)]

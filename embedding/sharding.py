@@ -1,6 +1,7 @@
 """Sharding: planner + ``DistributedModelParallel`` + the fused sparse optimizer.
 
-The one place outside ``jobs/`` that touches ``torch.distributed``. Passes, in order:
+With ``embedding/dense_parallel.py`` (the dense tower's DDP/FSDP2 wrapper it hands to DMP), the
+only place outside ``jobs/`` that touches ``torch.distributed``. Passes, in order:
 
 1. ``apply_sparse_optimizer`` — tables get a fused optimizer (row-wise Adagrad by default),
    applied inside the backward by the FBGEMM kernels (no dense gradient for tables);

@@ -26,6 +26,7 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from deploy.export import export_checkpoint, log_pyfunc, request_example
+from embedding.dense_parallel import check_tower
 from jobs.checkpoint import check_layout, read_position
 from jobs.config import JobConfig
 from jobs.console import active
@@ -223,9 +224,11 @@ def worker_model_template(cfg: JobConfig) -> RankingTrain:
     inside the workers Ray Train would restart the group ``max_failures`` times for an error that
     recurs every time."""
     with torch.device("meta"):
-        return RankingTrain(RankingModel(cfg.schema, cfg.model, sparse_device=torch.device("meta"),
-                                         num_shards=cfg.train.num_workers,
-                                         batch_rows=max(cfg.train.batch_size, cfg.train.eval_batch_size)))
+        model = RankingTrain(RankingModel(cfg.schema, cfg.model, sparse_device=torch.device("meta"),
+                                          num_shards=cfg.train.num_workers,
+                                          batch_rows=max(cfg.train.batch_size, cfg.train.eval_batch_size)))
+    check_tower(model, cfg.train.dense)  # per-block options on a tower without blocks
+    return model
 
 
 def run_train(cfg: JobConfig, req: TrainRequest, log=print) -> dict:

@@ -79,6 +79,7 @@ def build_prefix_cache(tower: TokenFormer, dense_RDd: torch.Tensor, sparse_R: Sp
     cache, plan = [], tower.plan(x.shape[1] + T, trimmed=True)
     for layer, (keys, queries) in zip(tower.layers, plan):
         kp, qp = max(keys - T, 0), max(queries - T, 0)  # prefix rows among the layer's keys / queries
+        x = x.to(_dtype(layer))  # bf16 blocks (FSDP2 mixed precision) read bf16 inputs
         x, pos, valid = x[:, x.shape[1] - kp:], pos[:, pos.shape[1] - kp:], valid[:, valid.shape[1] - kp:]
         k, v = layer.keys_values(x, pos)
         cache.append((k, v, valid))
@@ -102,12 +103,18 @@ def score_with_cache(tower: TokenFormer, cache: PrefixCache, fields_NFD: torch.T
     tpos = tpos.expand(-1, T)  # [1, T] for one request: RoPE tables once, broadcast over candidates
     for layer, (keys, queries), (kp, vp, valid_p) in zip(tower.layers, cache.plan, cache.layers):
         kt, qt = min(keys, T), min(queries, T)
-        h, tpos = h[:, h.shape[1] - kt:], tpos[:, tpos.shape[1] - kt:]
+        h, tpos = h[:, h.shape[1] - kt:].to(_dtype(layer)), tpos[:, tpos.shape[1] - kt:]
         k, v = layer.keys_values(h, tpos)
         q = layer.queries(h[:, kt - qt:], tpos[:, kt - qt:])
         a = prefix_candidate_attention(q, kp, vp, valid_p, request_N, k, v, layer.window)
         h = layer.feed_forward(layer.mix(h[:, kt - qt:], a))
-    return tower.head(tower.final_norm(h[:, -1]))
+    return tower.head(tower.final_norm(h[:, -1].to(_dtype(tower.head))))
+
+
+def _dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype a module computes in: its weights' (bfloat16 for blocks under FSDP2's mixed
+    precision, whose hooks cast inputs only when the block itself is called)."""
+    return next(module.parameters()).dtype
 
 
 def score_candidates(tower: TokenFormer, dense_RDd: torch.Tensor, sparse_R: SparseOutput,

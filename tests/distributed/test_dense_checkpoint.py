@@ -24,7 +24,7 @@ from model.tokenformer import TokenFormerConfig
 from pipeline.collate import collate
 from pipeline.days import parse_days
 from pipeline.generator import GeneratorConfig, generate
-from tests.distributed.harness import run_multiprocess
+from tests.distributed.harness import full, run_multiprocess
 
 ROOT = Path(__file__).resolve().parents[2]
 BATCH = 32
@@ -163,11 +163,17 @@ def _save_with_a_data_parallel_table(rank: int, world: int, data_file: str, out:
 def _warm_start_into_fsdp(rank: int, world: int, out: str) -> None:
     _, dmp, opt = _build("fsdp")
     ckpt = checkpoint.latest(Path(out) / "dp-table")
-    with pytest.raises(Exception, match="category"):  # exact resume: strict
+    with pytest.raises(RuntimeError, match="holds no optimizer state for 1 parameter.*category"):  # resume: strict
         checkpoint.load(ckpt, dmp, opt, dense_opt=opt._optims[0][1])
     said = []
     checkpoint.load(ckpt, dmp, opt, dense_opt=opt._optims[0][1], partial_optim=True, log=said.append)
     assert len(said) == 1 and "embedding_bags.category.weight" in said[0] and "start fresh" in said[0], said
+    state = opt.state_dict()["state"]
+    fused = [v for k, d in state.items() if "embedding_bags.category" in k for v in d.values()]
+    adam = [v for k, d in state.items() if k.startswith("dense.") and "tower" in k for v in d.values()]
+    assert fused and all(not s.tensor.any() for v in fused for s in v.local_shards()), \
+        "the table's fused state should start fresh"
+    assert adam and any(full(v).any() for v in adam), "the tower's AdamW moments should be loaded"
 
 
 def test_warm_start_across_modes_gives_a_table_that_changed_optimizer_fresh_state(data_file: str,

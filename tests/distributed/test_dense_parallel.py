@@ -112,6 +112,8 @@ def _check(rank: int, world: int, tower: str, mode: str, ac: bool, data_file: st
         ref.train()
         with torch.no_grad():
             torch.testing.assert_close(dmp(local_batch)[1], after, atol=1e-6, rtol=1e-6)
+        if mode == "fsdp":  # back in training, every block holds only its shard again
+            assert all(isinstance(p, DTensor) for b in tower_blocks(dmp) for p in b.parameters())
 
 
 @pytest.fixture(scope="module")
@@ -145,13 +147,27 @@ def _check_bf16(rank: int, world: int, data_file: str) -> None:
     state = dmp.state_dict()
     copy_into_sharded(state, {f"_dmp_wrapped_module.{k}": v for k, v in ref.state_dict().items()} | ref.state_dict())
     dmp.load_state_dict(state)
+    # evaluation scores the rows of a request together, reading the blocks' (bf16) weights directly
+    dmp.eval()
+    ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dmp(local_batch)[1], ref(local_batch)[1], atol=0.05, rtol=0.05)
+    dmp.train()
+    ref.train()
+    seen = []  # the dtype each block computes with, and the head's
+    for b in tower_blocks(dmp):
+        b.register_forward_pre_hook(lambda m, _: seen.append(next(iter(m.parameters())).dtype))
+    head = dmp.module.model.tower.head
+    head.register_forward_pre_hook(lambda m, _: seen.append(("head", m.weight.dtype)))
     loss, out = dmp(local_batch)
     loss.backward()
+    assert set(seen) == {torch.bfloat16, ("head", torch.float32)}, seen
     ref_out = ref(local_batch)[1]
     assert out.dtype == torch.float32 and not torch.equal(out, ref_out), "bf16 blocks should round"
     torch.testing.assert_close(out, ref_out, atol=0.05, rtol=0.05)  # bfloat16: 8 bits of mantissa
-    grads = [p.grad for p in dmp.parameters() if isinstance(p, DTensor) and p.grad is not None]
-    assert grads and all(g.dtype == torch.float32 for g in grads), "sharded gradients stay fp32"
+    weights = [p for p in dmp.parameters() if isinstance(p, DTensor)]
+    assert weights and all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in weights)
+
 
 
 def test_bf16_blocks_keep_fp32_weights_and_gradients(data_file: str) -> None:

@@ -39,7 +39,8 @@ def test_fsdp_plans_no_data_parallel_table() -> None:
     free = _constraints(model, ShardingConfig(), torch.device("cpu"), fsdp=True)
     assert free and all("data_parallel" not in c.sharding_types for c in free.values())
     assert _constraints(model, ShardingConfig(), torch.device("cpu"), fsdp=False) is None  # ddp: the planner's choice
-    with pytest.raises(ValueError, match="cannot use \\['data_parallel'\\] on cpu with \\[train\\].dense_parallel = 'fsdp'"):
+    refused = "cannot use \\['data_parallel'\\] on cpu with \\[train\\].dense_parallel = 'fsdp'"
+    with pytest.raises(ValueError, match=refused):
         _constraints(model, ShardingConfig(table_sharding_types={"user": ("data_parallel",)}), torch.device("cpu"),
                      fsdp=True)
 
@@ -48,3 +49,14 @@ def test_tower_blocks_are_the_layers_or_none() -> None:
     assert len(tower_blocks(_model("tokenformer"))) == 4
     assert len(tower_blocks(_model("rankmixer_longer"))) > 0
     assert tower_blocks(_model("dlrm")) == [] and tower_blocks(_model("hyformer")) == []
+
+
+def test_per_block_options_need_a_tower_with_blocks() -> None:
+    from embedding.dense_parallel import DenseParallelConfig, check_tower
+
+    check_tower(_model("tokenformer"), DenseParallelConfig(dense_parallel="fsdp", activation_checkpointing=True))
+    check_tower(_model("dlrm"), DenseParallelConfig(dense_parallel="fsdp"))  # sharded as one group: fine
+    with pytest.raises(ValueError, match="DLRMTower has no block list"):
+        check_tower(_model("dlrm"), DenseParallelConfig(dense_parallel="fsdp", mixed_precision="bf16"))
+    with pytest.raises(ValueError, match="activation_checkpointing = true applies to a tower's blocks"):
+        check_tower(_model("hyformer"), DenseParallelConfig(activation_checkpointing=True))
