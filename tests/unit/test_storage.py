@@ -1,0 +1,74 @@
+"""``embedding.storage`` on a local folder and on a real S3-compatible server (moto, 127.0.0.1):
+the same files, listings, atomic single-file writes, deletes, uploads and downloads; transient
+errors retried with backoff, others raised at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from embedding import storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def base(request, tmp_path: Path) -> str:
+    return str(tmp_path / "store") if request.param == "local" else request.getfixturevalue("s3_bucket") + "/store"
+
+
+def test_write_list_read_delete(base: str, tmp_path: Path) -> None:
+    assert not storage.exists(base) and storage.files_under(base) == [] and not storage.isdir(base)
+    storage.write_text(storage.join(base, "day=2026-01-01", "part-0.parquet"), "a")
+    storage.write_text(storage.join(base, "day=2026-01-01", "hour=23", "part-1.parquet"), "b")
+    storage.write_bytes(storage.join(base, "meta.json"), b"{}")
+    assert storage.isdir(base) and storage.isdir(storage.join(base, "day=2026-01-01"))
+    assert storage.files_under(base) == ["day=2026-01-01/hour=23/part-1.parquet", "day=2026-01-01/part-0.parquet",
+                                         "meta.json"]
+    assert storage.names(base) == ["day=2026-01-01", "meta.json"]
+    assert storage.read_text(storage.join(base, "day=2026-01-01", "hour=23", "part-1.parquet")) == "b"
+    storage.write_text(storage.join(base, "meta.json"), "{\"v\": 2}")  # overwritten as a whole
+    assert storage.read_text(storage.join(base, "meta.json")) == "{\"v\": 2}"
+    with pytest.raises(FileNotFoundError):
+        storage.read_text(storage.join(base, "missing.json"))
+
+    local = tmp_path / "down"
+    storage.download(storage.join(base, "day=2026-01-01"), local)
+    assert sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()) == \
+        ["hour=23/part-1.parquet", "part-0.parquet"]
+    storage.upload(local, storage.join(base, "copy"))
+    assert storage.files_under(storage.join(base, "copy")) == ["hour=23/part-1.parquet", "part-0.parquet"]
+
+    storage.delete(storage.join(base, "day=2026-01-01"))
+    storage.delete(storage.join(base, "never-written"))  # nothing there: not an error
+    assert storage.files_under(base) == ["copy/hour=23/part-1.parquet", "copy/part-0.parquet", "meta.json"]
+
+
+def test_uri_helpers() -> None:
+    assert storage.is_uri("s3://b/k") and not storage.is_uri("/tmp/x") and not storage.is_uri("file:///tmp/x")
+    assert storage.join("s3://b/k/", "day=1", "f") == "s3://b/k/day=1/f"
+    with pytest.raises(ValueError, match="cannot open this location"):
+        storage.filesystem("nosuchscheme://x/y")
+
+
+def test_transient_errors_are_retried_and_others_are_not() -> None:
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("When reading information for key 'x': AWS Error SLOW_DOWN (HTTP 503): SlowDown")
+        return "ok"
+    assert storage.retry(flaky, "reading x", base_delay=0.001) == "ok" and len(calls) == 3
+
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError("x")
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        storage.retry(missing, "reading x", base_delay=0.001)
+    assert len(calls) == 1
+
+    def always():
+        raise OSError("connection reset by peer")
+    with pytest.raises(OSError, match="reading x: failed after 3 attempts"):
+        storage.retry(always, "reading x", attempts=3, base_delay=0.001)
