@@ -95,12 +95,13 @@ def isdir(path: str | Path) -> bool:
 
 def files_under(path: str | Path) -> list[str]:
     """Every file under ``path`` (recursively), as paths relative to it with ``/`` separators,
-    sorted. [] when nothing is there."""
+    sorted part by part. [] when nothing is there."""
     fs, p = filesystem(path)
     infos = retry(lambda: fs.get_file_info(pafs.FileSelector(p, allow_not_found=True, recursive=True)),
                   f"listing {path}")
     root = p.rstrip("/") + "/"
-    return sorted(i.path[len(root):] for i in infos if i.type == pafs.FileType.File and i.path.startswith(root))
+    found = [i.path[len(root):] for i in infos if i.type == pafs.FileType.File and i.path.startswith(root)]
+    return sorted(found, key=lambda rel: rel.split("/"))  # folder by folder, as sorted(Path.rglob(…))
 
 
 def names(path: str | Path) -> list[str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+from embedding import storage
+
 
 def parse_day(s: str) -> dt.date:
     try:
@@ -48,41 +50,48 @@ def next_day(day: dt.date, offset: int = 1) -> dt.date:
     return day + dt.timedelta(days=offset)
 
 
-def day_dir(root: str | Path, day: dt.date) -> Path:
+def day_dir(root: str | Path, day: dt.date) -> Path | str:
+    """``<root>/day=YYYY-MM-DD``: a ``Path`` under a local root, a URI string under an
+    object-store root (``s3://bucket/logs``)."""
+    if storage.is_uri(root):
+        return storage.join(root, f"day={day.isoformat()}")
     return Path(root) / f"day={day.isoformat()}"
 
 
 MARKER_PREFIXES = (".", "_")  # hidden and marker files and folders: _SUCCESS, .crc, _temporary …
 
 
-def _marker(rel: Path) -> bool:
-    """Whether a path under a day folder is a writer's marker or hidden file (any part of it
-    starts with ``.`` or ``_``: ``_SUCCESS``, ``.part-0.parquet.crc``, ``_temporary/…``) —
-    ignored, as Spark, Hadoop and pyarrow datasets ignore them."""
-    return any(part.startswith(MARKER_PREFIXES) for part in rel.parts)
+def _marker(rel: str) -> bool:
+    """Whether a path under a day folder (``/``-separated, relative) is a writer's marker or
+    hidden file (any part of it starts with ``.`` or ``_``: ``_SUCCESS``, ``.part-0.parquet.crc``,
+    ``_temporary/…``) — ignored, as Spark, Hadoop and pyarrow datasets ignore them."""
+    return any(part.startswith(MARKER_PREFIXES) for part in rel.split("/"))
 
 
-def day_files(root: str | Path, days: list[dt.date], log=None) -> list[Path]:
+def day_files(root: str | Path, days: list[dt.date], log=None) -> list[Path] | list[str]:
     """Every Parquet file of the given days, in day order, then path order: files in
     sub-folders of a day (``day=…/hour=23/part-0.parquet``) included. Marker and hidden files
     (``_marker``) are ignored; any other file that is not ``*.parquet`` is not read and, given
     ``log``, reported (nothing under a day folder is skipped silently). A missing day, or a day
-    without a Parquet file, raises ``FileNotFoundError``."""
-    files: list[Path] = []
+    without a Parquet file, raises ``FileNotFoundError``.
+
+    ``root`` may be a local folder (``Path`` results) or an object-store URI such as
+    ``s3://bucket/logs`` (URI strings; listed through ``embedding.storage``, where a "folder" is
+    a key prefix)."""
+    files = []
     for day in days:
         d = day_dir(root, day)
-        if not d.is_dir():
+        if not storage.isdir(d):
             raise FileNotFoundError(f"no data for day {day}: folder {d} does not exist")
         found, other = [], []
-        for p in sorted(d.rglob("*")):
-            if not p.is_file() or _marker(p.relative_to(d)):
+        for rel in storage.files_under(d):
+            if _marker(rel):
                 continue
-            (found if p.suffix == ".parquet" else other).append(p)
+            (found if rel.endswith(".parquet") else other).append(rel)
         if other and log is not None:
             log(f"warning: {len(other)} file(s) under {d} are not read (only *.parquet files are; names "
-                f"starting with '.' or '_' are markers): {', '.join(str(p.relative_to(d)) for p in other[:3])}"
-                + (" …" if len(other) > 3 else ""))
+                f"starting with '.' or '_' are markers): {', '.join(other[:3])}" + (" …" if len(other) > 3 else ""))
         if not found:
             raise FileNotFoundError(f"no data for day {day}: {d} holds no *.parquet file")
-        files += found
+        files += [storage.join(d, *rel.split("/")) if storage.is_uri(d) else Path(d, rel) for rel in found]
     return files

@@ -72,3 +72,27 @@ def test_transient_errors_are_retried_and_others_are_not() -> None:
         raise OSError("connection reset by peer")
     with pytest.raises(OSError, match="reading x: failed after 3 attempts"):
         storage.retry(always, "reading x", attempts=3, base_delay=0.001)
+
+
+def test_day_partitions_on_s3_list_and_check_like_the_same_files_on_disk(s3_bucket: str, tmp_path: Path) -> None:
+    from jobs.config import load_config
+    from pipeline.days import day_files, parse_days
+    from pipeline.generator import generate
+    from pipeline.validate import check_files
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs/tiny.toml")
+    local = tmp_path / "logs"
+    generate(cfg.schema, cfg.generator, local, parse_days("2026-01-01..2026-01-02"), log=lambda *_: None)
+    (local / "day=2026-01-02" / "_SUCCESS").write_text("")  # a writer's marker: ignored
+    (local / "day=2026-01-02" / "notes.txt").write_text("x")  # not Parquet: reported
+    storage.upload(local, s3_bucket + "/logs")
+    days = parse_days("2026-01-01..2026-01-02")
+    said_local, said_s3 = [], []
+    on_disk = day_files(local, days, log=said_local.append)
+    on_s3 = day_files(s3_bucket + "/logs", days, log=said_s3.append)
+    assert [str(p.relative_to(local)) for p in on_disk] == [f.removeprefix(s3_bucket + "/logs/") for f in on_s3]
+    assert len(on_s3) >= 2 and all(f.startswith("s3://") for f in on_s3)
+    assert len(said_s3) == len(said_local) == 1 and "notes.txt" in said_s3[0]
+    assert check_files(on_s3, cfg.schema, log=lambda *_: None) == check_files(on_disk, cfg.schema, log=lambda *_: None)
+    with pytest.raises(FileNotFoundError, match="no data for day 2026-01-03"):
+        day_files(s3_bucket + "/logs", parse_days("2026-01-03"))
