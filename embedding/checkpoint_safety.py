@@ -7,10 +7,13 @@ and kept here, below both, so serving does not import the trainer.
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 
 import torch
+
+from embedding import storage
 
 
 class UnsafeCheckpointError(ValueError):
@@ -37,12 +40,11 @@ class _AllowListUnpickler(pickle.Unpickler):
 def verify_metadata(ckpt: str | Path) -> None:
     """Refuse a checkpoint whose DCP ``.metadata`` pickle would construct anything but DCP
     metadata (DCP itself reads it with plain ``pickle.load``)."""
-    path = Path(ckpt) / ".metadata"
-    if not path.exists():
+    path = storage.join(ckpt, ".metadata")  # a local path or an object-store URI
+    if not storage.exists(path):
         raise FileNotFoundError(f"{ckpt} has no DCP .metadata: not a complete checkpoint")
     try:
-        with open(path, "rb") as f:
-            _AllowListUnpickler(f).load()
+        _AllowListUnpickler(io.BytesIO(storage.read_bytes(path))).load()
     except UnsafeCheckpointError as e:
         raise UnsafeCheckpointError(f"{path} would unpickle {e}, which is not DCP checkpoint metadata; "
                                     f"refusing to load it (was the file written by tokenrec?)") from None

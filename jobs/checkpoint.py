@@ -10,9 +10,14 @@ A checkpoint is a folder ``<root>/step-00000123/`` holding
 * ``rng-rank{r}.pt``: each rank's torch RNG state, and its CUDA one on a GPU (restored only on
   the same world size).
 
-All ranks write into ``<root>/.tmp-step-…``; after a barrier rank 0 renames it to ``step-…`` (one
-atomic ``rename`` on a POSIX filesystem shared by the workers), so a reader never sees a partial
-checkpoint, and deletes all but the newest ``keep`` published ones.
+Publication: on a POSIX filesystem shared by the workers, all ranks write into
+``<root>/.tmp-step-…`` and after a barrier rank 0 renames it to ``step-…`` (one atomic
+``rename``). On an object store (``root`` an ``s3://`` URI, ``embedding.storage``), which has no
+rename, all ranks write straight into ``step-…/`` and rank 0 writes ``meta.json`` last, after a
+barrier: **``meta.json`` is the commit marker** — a folder without it is not a checkpoint, so a
+crash between the shards and the marker leaves the previous checkpoint as the newest, and the next
+save deletes such orphaned objects. Either way a reader never sees a partial checkpoint, and rank 0
+deletes all but the newest ``keep`` published ones (the marker first).
 
 Managed-collision (MCH) tables: TorchRec can merge their row-wise shards (N → a divisor of N
 workers) but not split them, because each shard owns the ids of one input range. Loading on a
@@ -31,10 +36,13 @@ RNG states are read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import posixpath
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +52,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
 
+from embedding import storage
 from embedding.checkpoint_safety import UnsafeCheckpointError, verify_metadata  # noqa: F401  (re-exported)
 
 _WRAPPERS = re.compile(r"(^|\.)(?:_dmp_wrapped_module|module)\.")
@@ -90,6 +99,8 @@ def _optim_state(opt) -> tuple[dict, dict[str, str]]:
 def save(root: str | Path, model, opt, pos: Position, keep: int = 3) -> Path:
     """Write a checkpoint of ``model`` (a DMP or a plain module) and ``opt`` (a KeyedOptimizer);
     collective: every rank calls it. Returns the published folder."""
+    if storage.is_uri(root):
+        return _save_uri(str(root), model, opt, pos, keep)
     root = Path(root)
     rank = dist.get_rank() if dist.is_initialized() else 0
     name = f"step-{pos.step:08d}"
@@ -122,8 +133,53 @@ def save(root: str | Path, model, opt, pos: Position, keep: int = 3) -> Path:
     return final
 
 
-def published(root: str | Path) -> list[Path]:
-    """Published checkpoints under ``root``, oldest first (temporary folders are ignored)."""
+def _rng_state() -> dict:
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout on a GPU draws from it
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return rng
+
+
+def _save_uri(root: str, model, opt, pos: Position, keep: int) -> str:
+    """``save`` on an object store: shards into ``step-…/``, then ``meta.json`` as the commit
+    marker (module docstring). Uncommitted step folders are deleted first."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    name = f"step-{pos.step:08d}"
+    final = storage.join(root, name)
+    if rank == 0:
+        committed = {str(p) for p in published(root)}
+        if final in committed:  # the same step saved again: unpublish it, the older ones stay
+            storage.delete(storage.join(final, "meta.json"))
+        for entry in storage.names(root):
+            if STEP_DIR.match(entry) and storage.join(root, entry) not in committed - {final}:
+                storage.delete(storage.join(root, entry))  # orphans of an uncommitted write
+    _barrier()
+    model_sd, _ = _normalized(model.state_dict())
+    optim_sd, _ = _optim_state(opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=final)
+    buf = io.BytesIO()
+    torch.save(_rng_state(), buf)
+    storage.write_bytes(storage.join(final, f"rng-rank{rank}.pt"), buf.getvalue())
+    _barrier()
+    if rank == 0:
+        storage.write_text(storage.join(final, "meta.json"),
+                           json.dumps(asdict(pos) | {"saved_at": time.time()}, indent=1))  # the commit
+        for gone in published(root)[:-keep] if keep > 0 else []:
+            storage.delete(storage.join(gone, "meta.json"))
+            storage.delete(gone)
+            for entry in storage.names(root):
+                if entry.startswith(f".{posixpath.basename(gone)}-mc-world"):
+                    storage.delete(storage.join(root, entry))
+    _barrier()
+    return final
+
+
+def published(root: str | Path) -> list[Path] | list[str]:
+    """Published checkpoints under ``root``, oldest first (temporary folders and, on an object
+    store, folders without their ``meta.json`` commit marker are ignored)."""
+    if storage.is_uri(root):
+        return [storage.join(root, n) for n in storage.names(root)
+                if STEP_DIR.match(n) and storage.exists(storage.join(root, n, "meta.json"))]
     root = Path(root)
     if not root.is_dir():
         return []
@@ -135,11 +191,16 @@ def latest(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def is_published(ckpt: str | Path) -> bool:
+    """Whether ``ckpt`` (a local folder or a URI) holds a complete checkpoint: its ``meta.json``."""
+    return storage.exists(storage.join(ckpt, "meta.json"))
+
+
 def read_position(ckpt: str | Path) -> Position:
-    meta = Path(ckpt) / "meta.json"
-    if not meta.exists():
+    meta = storage.join(ckpt, "meta.json")
+    if not storage.exists(meta):
         raise FileNotFoundError(f"{ckpt} is not a published tokenrec checkpoint (no meta.json)")
-    doc = json.loads(meta.read_text())
+    doc = json.loads(storage.read_text(meta))
     return Position(**{k: doc[k] for k in Position.__dataclass_fields__ if k in doc})
 
 
@@ -167,7 +228,7 @@ def check_layout(ckpt: str | Path, model, prefix: str = "model.tower.", flag: st
     Raises ``ValueError`` naming what differs and how to go on. ``model`` is the training wrapper
     (``RankingTrain``), e.g. built on the meta device."""
     verify_metadata(ckpt)
-    meta = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    meta = _reader(ckpt).read_metadata().state_dict_metadata
     parts = _layout_diff(meta, model, prefix)
     if parts:
         raise ValueError(f"{flag} {ckpt}: the checkpoint's dense tower has another layout than this [model] config — "
@@ -199,13 +260,13 @@ def load(ckpt: str | Path, model, opt=None, dense_opt=None, restore_rng: bool = 
     model_sd, model_names = _normalized(model.state_dict())
     world = dist.get_world_size() if dist.is_initialized() else 1
     if any(k.endswith(MC_IDS) for k in model_sd) and pos.world_size % world:
-        ckpt = _resharded_copy(Path(ckpt), world)
+        ckpt = _resharded_copy(ckpt if storage.is_uri(ckpt) else Path(ckpt), world)
     state = {"model": model_sd}
     if opt is not None:
         if dense_opt is not None and not dense_opt.state:
             dense_opt.init_state()  # zero-gradient step: creates the state, leaves weights alone
         state["optim"], optim_names = _optim_state(opt)
-        saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+        saved = _reader(ckpt).read_metadata().state_dict_metadata
         fresh = sorted(k for k, v in state["optim"].items() if any(f"optim.{k}.{s}" not in saved for s in v))
         if fresh and not partial_optim:
             raise RuntimeError(f"{ckpt} holds no optimizer state for {len(fresh)} parameter(s) of this model: "
@@ -228,13 +289,22 @@ def load(ckpt: str | Path, model, opt=None, dense_opt=None, restore_rng: bool = 
     if restore_rng:
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
-        rng = Path(ckpt) / f"rng-rank{rank}.pt"
-        if world == pos.world_size and rng.exists():
-            state = torch.load(rng, weights_only=True)
+        rng = storage.join(ckpt, f"rng-rank{rank}.pt")
+        if world == pos.world_size and storage.exists(rng):
+            state = torch.load(io.BytesIO(storage.read_bytes(rng)), weights_only=True)
             torch.set_rng_state(state["torch"])
             if "cuda" in state and torch.cuda.is_available():
                 torch.cuda.set_rng_state(state["cuda"])
     return pos
+
+
+def _reader(ckpt: str | Path):
+    """DCP's reader for a local folder or an object-store URI (fsspec: s3fs, gcsfs, …)."""
+    if storage.is_uri(ckpt):
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+        return FsspecReader(str(ckpt))
+    return dcp.FileSystemReader(str(ckpt))
 
 
 def _barrier() -> None:
@@ -246,16 +316,31 @@ MC_IDS = "._mch_sorted_raw_ids"
 I64MAX = torch.iinfo(torch.int64).max
 
 
-def _resharded_copy(ckpt: Path, world: int) -> Path:
+def _resharded_copy(ckpt: Path | str, world: int) -> Path | str:
     """The checkpoint rewritten for ``world`` shards, next to it; rebuilt when the checkpoint was
     re-saved since (its ``saved_at`` differs)."""
-    out = ckpt.parent / f".{ckpt.name}-mc-world{world}"
+    if storage.is_uri(ckpt):  # rewritten in a local temporary folder, uploaded next to it
+        parent, name = posixpath.split(str(ckpt).rstrip("/"))
+        out = storage.join(parent, f".{name}-mc-world{world}")
+    else:
+        out = ckpt.parent / f".{ckpt.name}-mc-world{world}"
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
-        saved_at = json.loads((ckpt / "meta.json").read_text()).get("saved_at")
-        meta = out / "meta.json"
-        if not meta.exists() or json.loads(meta.read_text()).get("saved_at") != saved_at:
-            reshard_managed(ckpt, world, out)
+        saved_at = json.loads(storage.read_text(storage.join(ckpt, "meta.json"))).get("saved_at")
+        meta = storage.join(out, "meta.json")
+        if not storage.exists(meta) or json.loads(storage.read_text(meta)).get("saved_at") != saved_at:
+            if storage.is_uri(ckpt):
+                with tempfile.TemporaryDirectory() as tmp:
+                    storage.download(ckpt, Path(tmp, "in"))
+                    reshard_managed(Path(tmp, "in"), world, Path(tmp, "out"))
+                    storage.delete(out)
+                    marker = Path(tmp, "out", "meta.json")
+                    doc = marker.read_text()
+                    marker.unlink()
+                    storage.upload(Path(tmp, "out"), out)
+                    storage.write_text(storage.join(out, "meta.json"), doc)  # the commit marker, last
+            else:
+                reshard_managed(ckpt, world, out)
     _barrier()
     return out
 

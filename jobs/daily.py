@@ -24,6 +24,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from jobs.checkpoint import is_published
 from jobs.config import JobConfig
 from jobs.registry import Registry
 from jobs.tracking import connect, default_tracking_uri, log_metrics
@@ -86,7 +87,7 @@ def run_daily(cfg: JobConfig, day: str, req: DailyRequest, log=print) -> dict:
                              f"{tags.get('tokenrec.schema')} vs {cfg.schema.fingerprint()}): its tables "
                              f"do not fit this model; rerun with --cold-start to train from scratch")
         init_from = tags.get("tokenrec.checkpoint")
-        if not init_from or not (Path(init_from) / "meta.json").exists():
+        if not init_from or not is_published(init_from):
             raise FileNotFoundError(f"version {parent}'s checkpoint {init_from} is missing; "
                                     f"restore it or rerun with --cold-start")
         log(f"day {day}: warm start from version {parent} ({'champion' if parent == reg.champion() else 'latest'})")

@@ -27,7 +27,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from deploy.export import export_checkpoint, log_pyfunc, request_example
 from embedding.dense_parallel import check_tower
-from jobs.checkpoint import check_layout, read_position
+from jobs.checkpoint import check_layout, is_published, read_position
 from jobs.config import JobConfig
 from jobs.console import active
 from jobs.tracking import connect, default_tracking_uri, flatten, log_day_inputs, log_metrics, redact, with_retries
@@ -306,7 +306,7 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
         for name, (files, _, _) in evals.items()}
     template = worker_model_template(cfg)
     for path, flag in ((req.init_from, "--init-from"), (req.resume_from, "--resume")):
-        if path and not (Path(path) / "meta.json").exists():
+        if path and not is_published(path):
             raise FileNotFoundError(f"checkpoint {path} does not exist or was never published "
                                     f"(no meta.json)")
         if path:  # another tower layout stops here, naming the difference, not inside the workers

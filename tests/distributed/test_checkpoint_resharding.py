@@ -61,7 +61,9 @@ def _predict(dmp, schema, data_file: str) -> torch.Tensor:
         return dmp(batch)[1]
 
 
-def _train_and_save(rank: int, world: int, data_file: str, out: str) -> None:
+def _train_and_save(rank: int, world: int, data_file: str, out: str, ckpt_root: str | None = None) -> None:
+    """Three steps, then a checkpoint under ``ckpt_root`` (default ``<out>/ckpts``; an ``s3://``
+    URI in ``test_checkpoint_s3``) and the predictions in ``<out>/saved.pt``."""
     schema, dmp, opt = _build()
     table = pq.read_table(data_file)
     for step in range(3):
@@ -71,7 +73,7 @@ def _train_and_save(rank: int, world: int, data_file: str, out: str) -> None:
         loss.backward()
         opt.step()
         zero_miss_rows(dmp)  # as the worker's step does
-    ckpt = checkpoint.save(Path(out) / "ckpts", dmp, opt, checkpoint.Position(step=3, world_size=world))
+    ckpt = checkpoint.save(ckpt_root or Path(out) / "ckpts", dmp, opt, checkpoint.Position(step=3, world_size=world))
     preds = _predict(dmp, schema, data_file)
     if rank == 0:
         torch.save({"preds": preds, "ckpt": str(ckpt)}, Path(out) / "saved.pt")
