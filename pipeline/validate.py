@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from embedding import storage
 from embedding.schema import FeatureSchema
 
 REASON = "_reason"
@@ -434,7 +435,8 @@ class QuarantineWriter:
                  request_groups: tuple[str, ...] | None = None, request_type: pa.DataType | None = None) -> None:
         """``request_groups``: check requests (``split_valid``) and keep ``request_id``, cast to
         ``request_type`` (nulls for a file without the column, so blocks concatenate)."""
-        self.schema, self.dir, self.request_groups = schema, Path(quarantine_dir), request_groups
+        self.schema, self.request_groups = schema, request_groups
+        self.dir = str(quarantine_dir) if storage.is_uri(quarantine_dir) else Path(quarantine_dir)
         self.request_type = request_type
 
     def __call__(self, table: pa.Table, duplicate: np.ndarray | None = None) -> pa.Table:
@@ -451,9 +453,15 @@ class QuarantineWriter:
     def write(self, bad: pa.Table, block: pa.Table) -> None:
         """Publish ``bad`` rows (with ``REASON``) atomically, named by the whole ``block``'s content
         (rows and their source path): a block re-read (next epoch, retried task) rewrites the same
-        file; two different blocks never share a name, even when their bad rows are identical."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        file; two different blocks never share a name, even when their bad rows are identical.
+        Locally a temporary file is renamed; on an object store one object is written (visible
+        whole or not at all), retried on transient errors."""
         name = _block_name(block)
+        if isinstance(self.dir, str):
+            fs, path = storage.filesystem(storage.join(self.dir, name))
+            storage.retry(lambda: pq.write_table(bad, path, filesystem=fs), f"writing {self.dir}/{name}")
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / f".{name}.{uuid.uuid4().hex}.tmp"
         pq.write_table(bad, tmp)
         tmp.rename(self.dir / name)  # atomic publish
@@ -467,8 +475,9 @@ def _block_name(table: pa.Table) -> str:
 
 
 def count_quarantined(quarantine_dir: str | Path) -> tuple[int, dict[str, int]]:
-    """Rows in the quarantine folder, total and by reason."""
-    files = sorted(Path(quarantine_dir).glob("part-*.parquet")) if Path(quarantine_dir).is_dir() else []
+    """Rows in the quarantine folder (a local folder or an object-store URI), total and by reason."""
+    files = [storage.join(quarantine_dir, f) for f in storage.files_under(quarantine_dir)
+             if "/" not in f and f.startswith("part-") and f.endswith(".parquet")]
     if not files:
         return 0, {}
     reasons = pa.concat_tables([pq.read_table(f, columns=[REASON]) for f in files]).column(REASON)
