@@ -36,6 +36,17 @@ def is_uri(path: str | Path) -> bool:
     return "://" in s and not s.startswith("file://")
 
 
+def location(value: str | Path) -> Path | str:
+    """A command-line location: a ``Path`` for a local one, the URI string itself for an object
+    store (``Path("s3://b/k")`` would fold the ``//``)."""
+    return str(value) if is_uri(value) else Path(value)
+
+
+def absolute(path: str | Path) -> str:
+    """The location as recorded in tags and logs: a resolved local path, or the URI."""
+    return str(path) if is_uri(path) else str(Path(path).resolve())
+
+
 def filesystem(path: str | Path) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem of ``path`` and the path inside it (``bucket/key`` for S3, an
     absolute path for local files). Raises ``ValueError`` for a scheme pyarrow cannot open."""
@@ -82,6 +93,15 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float =
 def exists(path: str | Path) -> bool:
     fs, p = filesystem(path)
     return retry(lambda: fs.get_file_info(p).type != pafs.FileType.NotFound, f"checking {path}")
+
+
+def size(path: str | Path) -> int:
+    """A file's size in bytes. Raises ``FileNotFoundError`` when it is not there."""
+    fs, p = filesystem(path)
+    info = retry(lambda: fs.get_file_info(p), f"checking {path}")
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"{path}: no such file")
+    return info.size
 
 
 def isdir(path: str | Path) -> bool:

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
 from deploy.export import load_servable
+from embedding import storage
 from model.diagnostics import analyze, plot
 from pipeline.collate import collate
 from pipeline.days import day_files, parse_days
@@ -42,7 +43,7 @@ def run_analyze(run_ids: list[str], tracking_uri: str, rows: int = 2048, log=pri
             raise ValueError(f"run {run_id} has no exported model (tag tokenrec.export); was it a train run?")
         export = Path(tags["tokenrec.export"])
         model, schema = load_servable(export / "model.pt", export / "config.json")
-        batch = held_out_batch(schema, Path(tags["tokenrec.data_root"]), tags["tokenrec.eval_day"], rows)
+        batch = held_out_batch(schema, storage.location(tags["tokenrec.data_root"]), tags["tokenrec.eval_day"], rows)
         name = f"{tags.get('tokenrec.tower', 'model')} {run_id[:8]}"
         reports[name] = analyze(model, batch)
         dirs[name] = (run_id, export.parent / "diagnostics")

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from embedding import storage
 from pipeline.validate import SchemaMismatchError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train", help="train on days of logs, evaluate on the next day, register")
     _common(t)
     t.add_argument("--days", help="YYYY-MM-DD..YYYY-MM-DD (default: [train].days)")
-    t.add_argument("--data", type=Path, required=True, help="root of the day=YYYY-MM-DD folders")
+    t.add_argument("--data", type=storage.location, required=True, help="root of the day=YYYY-MM-DD folders")
     t.add_argument("--workdir", type=Path, default=Path(".tokenrec"), help="runs, checkpoints, MLflow store")
     t.add_argument("--tracking-uri", help=TRACKING_HELP)
     t.add_argument("--address", help=ADDRESS_HELP)
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "then seeds on test days")
     _common(tu)
     tu.add_argument("--study", type=Path, required=True, help="study TOML ([tune]: towers, trials, seeds, space)")
-    tu.add_argument("--data", type=Path, required=True, help="root of the day=YYYY-MM-DD folders")
+    tu.add_argument("--data", type=storage.location, required=True, help="root of the day=YYYY-MM-DD folders")
     tu.add_argument("--workdir", type=Path, default=Path(".tokenrec"), help="runs, studies/<name>, MLflow store")
     tu.add_argument("--tracking-uri", help=TRACKING_HELP)
     tu.add_argument("--address", help=ADDRESS_HELP)
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def daily_flags(p: argparse.ArgumentParser) -> None:
         registry_flags(p)
-        p.add_argument("--data", type=Path, required=True, help="root of the day=YYYY-MM-DD folders")
+        p.add_argument("--data", type=storage.location, required=True, help="root of the day=YYYY-MM-DD folders")
         p.add_argument("--address", help=ADDRESS_HELP)
         p.add_argument("--force", action="store_true", help="retrain days that are already done")
         p.add_argument("--cold-start", action="store_true", help="train from scratch, not from the champion")
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--version", type=int, required=True)
     pr.add_argument("--no-gate", action="store_true", help="skip the gate")
     pr.add_argument("--eval-day", help="day to compare on (default: the version's evaluation day)")
-    pr.add_argument("--data", type=Path, help="data root (default: the version's training data root)")
+    pr.add_argument("--data", type=storage.location, help="data root (default: the version's training data root)")
     pr.set_defaults(fn=cmd_promote)
 
     rb = sub.add_parser("rollback", help="give champion back to the previous champion")
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sc = sub.add_parser("score", help="batch predictions of a registered model over days of logs → Parquet")
     sc.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN/model")
-    sc.add_argument("--data", type=Path, required=True, help="root of the day=YYYY-MM-DD folders")
+    sc.add_argument("--data", type=storage.location, required=True, help="root of the day=YYYY-MM-DD folders")
     sc.add_argument("--days", required=True, help="YYYY-MM-DD or YYYY-MM-DD..YYYY-MM-DD")
     sc.add_argument("--out", type=Path, required=True, help="output folder (Parquet files; must not exist)")
     sc.add_argument("--workdir", type=Path, default=Path(".tokenrec"), help="MLflow store, quarantine")

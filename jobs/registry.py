@@ -35,6 +35,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from deploy.export import load_servable
+from embedding import storage
 from jobs.metrics import evaluate
 from pipeline.collate import collate
 from pipeline.days import day_files, parse_days
@@ -227,7 +228,7 @@ class Registry:
                    metrics: tuple[str, ...] = GATE_METRICS) -> dict[str, float]:
         """``evaluate_export`` of the version's export on ``day``; ``metrics`` are cached as tags."""
         v = self.version(number)
-        root = hashlib.sha1(str(Path(data_root).resolve()).encode()).hexdigest()[:8]
+        root = hashlib.sha1(storage.absolute(data_root).encode()).hexdigest()[:8]
         prefix = f"tokenrec.eval.{day}.{root}."
         cached = {k[len(prefix):]: float(val) for k, val in v.tags.items() if k.startswith(prefix)}
         if all(m in cached for m in metrics):

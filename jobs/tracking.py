@@ -101,15 +101,18 @@ class StepLogger:
 def log_day_inputs(client: MlflowClient, run_id: str, data_root: Path, ranges: dict[str, tuple[list, list, int]],
                    schema=None) -> None:
     """Each day range of a run as an MLflow dataset input (the run page's "Datasets used"): name
-    ``<context> <days>``, source the data root, a digest of the range's files (names and sizes),
+    ``<context> <days>``, source the data root (a local folder or an ``s3://`` URI), a digest of
+    the range's files (names and sizes),
     the schema's columns, and a profile with the row and file counts. ``ranges``: context
     (``training``, or an evaluation range's name) → (days, files, rows)."""
     import hashlib
     import json
 
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.data.sources import LocalArtifactDatasetSource
     from mlflow.entities import DatasetInput, InputTag
+
+    from embedding import storage
 
     class _Days(MetaDataset):
         def __init__(self, source, name, digest, profile, schema) -> None:
@@ -137,9 +140,11 @@ def log_day_inputs(client: MlflowClient, run_id: str, data_root: Path, ranges: d
     inputs = []
     for context, (days, files, rows) in ranges.items():
         spec = str(days[0]) if len(days) == 1 else f"{days[0]}..{days[-1]}"
-        digest = hashlib.sha256(json.dumps([(f"{Path(f).parent.name}/{Path(f).name}", Path(f).stat().st_size)
-                                            for f in files]).encode()).hexdigest()[:16]
-        ds = _Days(LocalArtifactDatasetSource(str(Path(data_root).resolve())), f"{context} {spec}", digest,
+        names = [f"{Path(str(f)).parent.name}/{Path(str(f)).name}" for f in files]
+        sizes = [(n, storage.size(f)) for n, f in zip(names, files)]
+        digest = hashlib.sha256(json.dumps(sizes).encode()).hexdigest()[:16]
+        source = resolve_dataset_source(str(data_root) if storage.is_uri(data_root) else str(Path(data_root).resolve()))
+        ds = _Days(source, f"{context} {spec}", digest,
                    {"num_rows": int(rows), "num_files": len(files), "days": spec}, mlflow_schema)
         inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
     client.log_inputs(run_id, datasets=inputs)

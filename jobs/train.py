@@ -26,6 +26,7 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from deploy.export import export_checkpoint, log_pyfunc, request_example
+from embedding import storage
 from embedding.dense_parallel import check_tower
 from jobs.checkpoint import check_layout, is_published, read_position
 from jobs.config import JobConfig
@@ -81,10 +82,10 @@ def init_ray(address: str | None, num_workers: int) -> None:
                  dashboard_host="127.0.0.1", configure_logging=False)
 
 
-def oracle_auc(data_root: Path, day: str) -> float | None:
-    meta = data_root / "_generator.json"
-    if meta.exists():
-        return json.loads(meta.read_text()).get(day, {}).get("oracle_auc")
+def oracle_auc(data_root: Path | str, day: str) -> float | None:
+    meta = storage.join(data_root, "_generator.json")
+    if storage.exists(meta):
+        return json.loads(storage.read_text(meta)).get(day, {}).get("oracle_auc")
     return None
 
 
@@ -257,7 +258,7 @@ def run_train(cfg: JobConfig, req: TrainRequest, log=print) -> dict:
     run = client.create_run(exp_id, run_name=f"{cfg.model.tower} {days[0]}..{days[-1]}", tags={
         "mlflow.note.content": run_description(cfg, days, evals, req.command),
         "tokenrec.days": f"{days[0]}..{days[-1]}", "tokenrec.eval_day": str(eval_day),
-        "tokenrec.schema": cfg.schema.fingerprint(), "tokenrec.data_root": str(req.data_root.resolve()),
+        "tokenrec.schema": cfg.schema.fingerprint(), "tokenrec.data_root": storage.absolute(req.data_root),
         "tokenrec.tower": cfg.model.tower,
         "tokenrec.eval_ranges": json.dumps({name: spec for name, (_, _, spec) in evals.items()}),
     } | ({"tokenrec.init_from": req.init_from} if req.init_from else {})

@@ -58,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+from embedding import storage
 from embedding.typed_config import from_dict, non_defaults
 from jobs.config import JobConfig, apply_override, config_from_doc, set_dotted
 from jobs.study_report import _toml_value, best_settings, markdown, summarize, tower_costs, write_best  # noqa: F401
@@ -281,7 +282,8 @@ def fingerprint(cfg: JobConfig, data_root: Path) -> str:
 
     days = parse_days(cfg.train.days)
     all_days = days + [d for ds in eval_ranges(cfg.train, days).values() for d in ds]
-    files = [(f"{f.parent.name}/{f.name}", f.stat().st_size) for f in day_files(data_root, all_days)]
+    files = [(f"{Path(str(f)).parent.name}/{Path(str(f)).name}", storage.size(f))
+             for f in day_files(data_root, all_days)]
     settings = json.dumps(non_defaults(cfg), sort_keys=True)  # a key added later with its default
     return hashlib.sha256((settings + json.dumps(files)).encode()).hexdigest()[:16]  # changes nothing
 
@@ -447,7 +449,8 @@ def run_study(req: StudyRequest, log=print) -> dict:
     (study_dir / "points.json").write_text(json.dumps(points, indent=1))
     costs = tower_costs({t: configs[t] for t in study.towers}, req.data_root)
     (study_dir / "costs.json").write_text(json.dumps(costs, indent=1))
-    req = dataclasses.replace(req, workdir=req.workdir.resolve(), data_root=req.data_root.resolve())
+    req = dataclasses.replace(req, workdir=req.workdir.resolve(),
+                              data_root=storage.location(storage.absolute(req.data_root)))
     tracking_uri = req.tracking_uri or default_tracking_uri(req.workdir)
     client, exp_id = connect(tracking_uri, cfg.tracking.experiment, req.workdir / "mlartifacts")
     parent_id = _parent_run(client, exp_id, study)
