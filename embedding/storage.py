@@ -1,5 +1,5 @@
-"""Where the jobs read and write: a local path or an object-store URI (``s3://bucket/key``,
-``gs://…``, ``hdfs://…``), through pyarrow filesystems — no hand-written clients.
+"""Where the jobs read and write: a local path or an object-store URI (``s3://bucket/key``),
+through pyarrow filesystems — no hand-written clients.
 
 Credentials and endpoints come from each library's standard environment variables and config
 files, never from tokenrec's config: for S3-compatible stores ``AWS_ACCESS_KEY_ID``,
@@ -9,8 +9,10 @@ MLflow's artifact client reads ``MLFLOW_S3_ENDPOINT_URL`` instead — ``docs/clu
 Object stores have no atomic rename and no folders: a "folder" is a key prefix, a write of one
 object is atomic (readers see the old object or the new one), and a set of objects becomes
 visible as a whole only through a commit marker written last (``jobs.checkpoint``). Transient
-errors (throttling, timeouts, 5xx) are retried with exponential backoff (``retry``); a missing
-object or a refused credential is not transient and raises at once.
+errors (throttling, timeouts, 5xx: read from the error's code, ``transient``) are retried with
+exponential backoff (``retry``); a missing object or a refused credential raises at once.
+Object-store URIs: ``s3://`` is tested here (pyarrow, and s3fs for DCP); other schemes need their
+fsspec package (gcsfs, …) installed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import os
 import posixpath
 import random
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +29,15 @@ from typing import TypeVar
 import pyarrow.fs as pafs
 
 T = TypeVar("T")
-TRANSIENT = ("slowdown", "throttl", "timeout", "timed out", "connection reset", "connection refused",
-             "service unavailable", "internal error", "503", "500", "502", "504", "temporarily")
+# S3 error codes (as pyarrow names them: "AWS Error SLOW_DOWN …", and as botocore does) and HTTP
+# statuses that mean "try again"; network failures below them. Nothing else is retried: a missing
+# key, a refused credential or a bad request raise at once.
+TRANSIENT_CODES = {"SLOW_DOWN", "SLOWDOWN", "SERVICE_UNAVAILABLE", "SERVICEUNAVAILABLE", "INTERNAL_FAILURE",
+                   "INTERNALERROR", "THROTTLING", "THROTTLINGEXCEPTION", "REQUEST_TIMEOUT", "REQUESTTIMEOUT",
+                   "NETWORK_CONNECTION", "REQUEST_TIME_TOO_SKEWED"}
+TRANSIENT_HTTP = {500, 502, 503, 504}
+NETWORK = ("connection reset", "connection refused", "couldn't connect", "timed out", "broken pipe",
+           "curlcode: 28", "curlcode: 7,", "curlcode: 56")
 
 
 def is_uri(path: str | Path) -> bool:
@@ -38,13 +48,21 @@ def is_uri(path: str | Path) -> bool:
 
 def location(value: str | Path) -> Path | str:
     """A command-line location: a ``Path`` for a local one, the URI string itself for an object
-    store (``Path("s3://b/k")`` would fold the ``//``)."""
-    return str(value) if is_uri(value) else Path(value)
+    store (``Path("s3://b/k")`` would fold the ``//``), without a trailing ``/``. Raises
+    ``ValueError`` for a URI that carries credentials (``s3://KEY:SECRET@bucket``): they would
+    reach tags and logs; they belong in the environment."""
+    text = str(value)
+    if is_uri(text):
+        if "@" in text.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError(f"{text.split('://', 1)[0]}://…@…: a location must not carry credentials; set "
+                             "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the store's own variables) instead")
+        return text.rstrip("/")
+    return Path(text.removeprefix("file://"))
 
 
 def absolute(path: str | Path) -> str:
     """The location as recorded in tags and logs: a resolved local path, or the URI."""
-    return str(path) if is_uri(path) else str(Path(path).resolve())
+    return str(path).rstrip("/") if is_uri(path) else str(Path(path).resolve())
 
 
 def filesystem(path: str | Path) -> tuple[pafs.FileSystem, str]:
@@ -67,24 +85,37 @@ def join(base: str | Path, *parts: str) -> str:
 
 
 def transient(e: BaseException) -> bool:
-    """Whether an error may go away when retried (throttling, timeouts, 5xx), as opposed to a
-    missing object, a refused credential or a bad request."""
+    """Whether an error may go away when retried: an S3 error code of ``TRANSIENT_CODES``, an HTTP
+    status of ``TRANSIENT_HTTP``, a network failure or a timeout — read from the error's code
+    fields, never from words that might be part of a key name. A missing object, a refused
+    credential or a bad request is not transient."""
     if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
-    text = str(e).lower()
-    return isinstance(e, (OSError, ConnectionError, TimeoutError)) and any(t in text for t in TRANSIENT)
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    if not isinstance(e, OSError):
+        return False
+    text = str(e)
+    code = re.search(r"AWS Error \[?code (\d+)\]?|AWS Error ([A-Z_]+)", text)
+    if code and code.group(2) is not None:
+        return code.group(2).upper() in TRANSIENT_CODES
+    status = re.search(r"\(HTTP (?:status|response code)?:? ?(\d{3})\)|HTTP (\d{3})\b", text)
+    if status:
+        return int(status.group(1) or status.group(2)) in TRANSIENT_HTTP
+    return any(n in text.lower() for n in NETWORK)
 
 
 def retry(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.2) -> T:
     """``fn()``, retried on transient errors with exponential backoff and jitter (0.2, 0.4, 0.8,
-    1.6 s); the last error is raised with ``what`` named. Non-transient errors raise at once."""
+    1.6 s). The error that ends it is raised as it is (its type kept), with a note naming ``what``
+    and the attempts. Non-transient errors raise at once. ``fn`` must be idempotent."""
     for attempt in range(attempts):
         try:
             return fn()
         except Exception as e:  # noqa: BLE001 - classified just below
             if not transient(e) or attempt == attempts - 1:
                 if attempt:
-                    raise OSError(f"{what}: failed after {attempt + 1} attempts: {e}") from e
+                    e.add_note(f"{what}: failed after {attempt + 1} attempts")
                 raise
             time.sleep(base_delay * 2 ** attempt * (1 + random.random() / 2))
     raise AssertionError("unreachable")
@@ -115,7 +146,13 @@ def isdir(path: str | Path) -> bool:
 
 def files_under(path: str | Path) -> list[str]:
     """Every file under ``path`` (recursively), as paths relative to it with ``/`` separators,
-    sorted part by part. [] when nothing is there."""
+    sorted part by part. [] when nothing is there. Locally symlinked folders are not entered
+    (``Path.rglob``'s rule: a link cycle cannot repeat files)."""
+    if not is_uri(path):
+        root_path = Path(str(path))
+        if not root_path.is_dir():
+            return []
+        return [p.relative_to(root_path).as_posix() for p in sorted(root_path.rglob("*")) if p.is_file()]
     fs, p = filesystem(path)
     infos = retry(lambda: fs.get_file_info(pafs.FileSelector(p, allow_not_found=True, recursive=True)),
                   f"listing {path}")
@@ -170,12 +207,20 @@ def delete(path: str | Path) -> None:
     """Remove a file or a whole folder / prefix; nothing there is not an error."""
     fs, p = filesystem(path)
     info = retry(lambda: fs.get_file_info(p), f"checking {path}")
+
+    def gone(op):  # a retry after a delete whose reply was lost finds nothing: done
+        def run():
+            try:
+                op()
+            except FileNotFoundError:
+                pass
+        return run
     if info.type == pafs.FileType.File:
-        retry(lambda: fs.delete_file(p), f"deleting {path}")
+        retry(gone(lambda: fs.delete_file(p)), f"deleting {path}")
     elif info.type == pafs.FileType.Directory or is_uri(path):
-        retry(lambda: fs.delete_dir_contents(p, missing_dir_ok=True), f"deleting {path}")
+        retry(gone(lambda: fs.delete_dir_contents(p, missing_dir_ok=True)), f"deleting {path}")
         if info.type == pafs.FileType.Directory:
-            retry(lambda: fs.delete_dir(p), f"deleting {path}")
+            retry(gone(lambda: fs.delete_dir(p)), f"deleting {path}")
 
 
 def upload(local_dir: str | Path, dest: str | Path) -> None:

@@ -16,8 +16,10 @@ Publication: on a POSIX filesystem shared by the workers, all ranks write into
 rename, all ranks write straight into ``step-…/`` and rank 0 writes ``meta.json`` last, after a
 barrier: **``meta.json`` is the commit marker** — a folder without it is not a checkpoint, so a
 crash between the shards and the marker leaves the previous checkpoint as the newest, and the next
-save deletes such orphaned objects. Either way a reader never sees a partial checkpoint, and rank 0
-deletes all but the newest ``keep`` published ones (the marker first).
+save deletes such orphaned objects. A step already committed is never rewritten: saving it
+again (same run, same step, so the same state) rewrites only its marker. Either way a reader
+never sees a partial checkpoint, and rank 0 deletes all but the newest ``keep`` published ones
+(the marker first).
 
 Managed-collision (MCH) tables: TorchRec can merge their row-wise shards (N → a divisor of N
 workers) but not split them, because each shard owns the ids of one input range. Loading on a
@@ -146,13 +148,24 @@ def _save_uri(root: str, model, opt, pos: Position, keep: int) -> str:
     rank = dist.get_rank() if dist.is_initialized() else 0
     name = f"step-{pos.step:08d}"
     final = storage.join(root, name)
+    again = torch.tensor([0])
     if rank == 0:
         committed = {str(p) for p in published(root)}
-        if final in committed:  # the same step saved again: unpublish it, the older ones stay
-            storage.delete(storage.join(final, "meta.json"))
+        again[0] = int(final in committed)
         for entry in storage.names(root):
-            if STEP_DIR.match(entry) and storage.join(root, entry) not in committed - {final}:
+            if STEP_DIR.match(entry) and storage.join(root, entry) not in committed:
                 storage.delete(storage.join(root, entry))  # orphans of an uncommitted write
+    if dist.is_initialized():
+        dist.broadcast(again, src=0)
+    if again.item():
+        # the same step saved again in this run (the final save right after a periodic one, a
+        # restarted worker group): the state is the same — no optimizer step in between — so only
+        # the marker is rewritten (one atomic PUT; the committed shards are never unpublished)
+        if rank == 0:
+            storage.write_text(storage.join(final, "meta.json"),
+                               json.dumps(asdict(pos) | {"saved_at": time.time()}, indent=1))
+        _barrier()
+        return final
     _barrier()
     model_sd, _ = _normalized(model.state_dict())
     optim_sd, _ = _optim_state(opt)
@@ -333,6 +346,7 @@ def _resharded_copy(ckpt: Path | str, world: int) -> Path | str:
                 with tempfile.TemporaryDirectory() as tmp:
                     storage.download(ckpt, Path(tmp, "in"))
                     reshard_managed(Path(tmp, "in"), world, Path(tmp, "out"))
+                    storage.delete(storage.join(out, "meta.json"))  # unpublish the old copy first
                     storage.delete(out)
                     marker = Path(tmp, "out", "meta.json")
                     doc = marker.read_text()

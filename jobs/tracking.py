@@ -110,6 +110,7 @@ def log_day_inputs(client: MlflowClient, run_id: str, data_root: Path, ranges: d
 
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
     from mlflow.entities import DatasetInput, InputTag
 
     from embedding import storage
@@ -143,7 +144,8 @@ def log_day_inputs(client: MlflowClient, run_id: str, data_root: Path, ranges: d
         names = [f"{Path(str(f)).parent.name}/{Path(str(f)).name}" for f in files]
         sizes = [(n, storage.size(f)) for n, f in zip(names, files)]
         digest = hashlib.sha256(json.dumps(sizes).encode()).hexdigest()[:16]
-        source = resolve_dataset_source(str(data_root) if storage.is_uri(data_root) else str(Path(data_root).resolve()))
+        source = (resolve_dataset_source(str(data_root)) if storage.is_uri(data_root)  # e.g. S3ArtifactDatasetSource
+                  else LocalArtifactDatasetSource(str(Path(data_root).resolve())))
         ds = _Days(source, f"{context} {spec}", digest,
                    {"num_rows": int(rows), "num_files": len(files), "days": spec}, mlflow_schema)
         inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))

@@ -254,7 +254,7 @@ def check_files(files: list[Path], schema: FeatureSchema, unknown: str = "warn",
     extra: dict[str, int] = {}
     for path in files:
         try:
-            meta = pq.read_metadata(path)
+            meta = storage.retry(lambda path=path: pq.read_metadata(path), f"reading the footer of {path}")
         except (pa.ArrowInvalid, OSError) as e:
             raise SchemaMismatchError(f"{path}: not a readable Parquet file ({e})") from None
         arrow = meta.schema.to_arrow_schema()

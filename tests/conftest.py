@@ -50,11 +50,12 @@ def s3_bucket(s3_server, monkeypatch, request) -> str:
     """A fresh bucket on the session's S3 server, with its environment set for this test;
     returns ``s3://<bucket>``."""
     import re
+    import uuid
 
     import boto3
 
     for k, v in s3_server.items():
         monkeypatch.setenv(k, v)
-    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{os.getpid()}"
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:30].strip("-") + f"-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=name)
     return f"s3://{name}"

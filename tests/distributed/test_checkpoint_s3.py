@@ -97,6 +97,11 @@ def test_a_crash_before_the_commit_marker_keeps_the_previous_checkpoint(s3_bucke
     third = checkpoint.save(root, model, opt, checkpoint.Position(step=3))
     assert checkpoint.published(root) == [first, third]
     assert "step-00000002" not in storage.names(root), "the uncommitted write's objects are cleaned up"
+    # the same step saved again (the final save after a periodic one): stays published throughout,
+    # only its marker is rewritten
+    again = checkpoint.save(root, model, opt, checkpoint.Position(step=3, final=True))
+    assert again == third and checkpoint.published(root) == [first, third]
+    assert checkpoint.read_position(third).final
     fresh = RankingTrain(RankingModel(schema, ModelConfig()))
     checkpoint.load(third, fresh, None)
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):

@@ -22,11 +22,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def ray_with_s3(s3_bucket: str, s3_server: dict):
-    """Local Ray whose workers (Ray Data tasks) see the S3 server's environment."""
+def ray_with_s3(s3_bucket: str):
+    """Local Ray started after ``s3_bucket`` set the S3 server's environment, so its workers (Ray
+    Data tasks, Ray Train workers) inherit it — as on a cluster whose nodes have it set; never
+    through Ray's runtime_env, which Ray writes to its logs."""
     ray.shutdown()
     # CPUs as jobs.train.init_ray asks for: 2 Ray Train workers plus room for Ray Data tasks
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": s3_server})
+    ray.init(num_cpus=4, include_dashboard=False)
     yield s3_bucket
     ray.shutdown()
 

@@ -50,6 +50,31 @@ def test_uri_helpers() -> None:
         storage.filesystem("nosuchscheme://x/y")
 
 
+@pytest.mark.parametrize("error,again", [
+    (OSError("When reading information for key 'x' in bucket 'b': AWS Error SLOW_DOWN during HeadObject "
+             "operation: Please reduce your request rate."), True),
+    (OSError("AWS Error SERVICE_UNAVAILABLE during GetObject operation"), True),
+    (OSError("AWS Error NETWORK_CONNECTION during PutObject operation: curlCode: 7, Couldn't connect to server"), True),
+    (OSError("An error occurred (SlowDown) when calling the PutObject operation (HTTP 503)"), True),
+    (ConnectionResetError("reset by peer"), True),
+    # a key name holding "500" or "timeout" is not an HTTP 500 or a timeout
+    (OSError("When reading information for key 'logs/step-00000500/timeout.json' in bucket 'b': AWS Error "
+             "ACCESS_DENIED during HeadObject operation"), False),
+    (OSError("HTTP 404 not found"), False),
+    (FileNotFoundError("x"), False),
+    (ValueError("bad"), False),
+])
+def test_what_is_transient(error: BaseException, again: bool) -> None:
+    assert storage.transient(error) is again
+
+
+def test_a_location_never_carries_credentials() -> None:
+    assert storage.location("s3://b/logs/") == "s3://b/logs" and storage.location("/tmp/x") == Path("/tmp/x")
+    with pytest.raises(ValueError, match="must not carry credentials") as e:
+        storage.location("s3://AKIAXXXX:PLANTED-SECRET@bucket/logs")
+    assert "PLANTED-SECRET" not in str(e.value) and "AKIAXXXX" not in str(e.value)
+
+
 def test_transient_errors_are_retried_and_others_are_not() -> None:
     calls = []
 
@@ -69,9 +94,10 @@ def test_transient_errors_are_retried_and_others_are_not() -> None:
     assert len(calls) == 1
 
     def always():
-        raise OSError("connection reset by peer")
-    with pytest.raises(OSError, match="reading x: failed after 3 attempts"):
+        raise ConnectionResetError("connection reset by peer")
+    with pytest.raises(ConnectionResetError) as e:  # the type is kept, the attempts noted
         storage.retry(always, "reading x", attempts=3, base_delay=0.001)
+    assert "reading x: failed after 3 attempts" in e.value.__notes__
 
 
 def test_day_partitions_on_s3_list_and_check_like_the_same_files_on_disk(s3_bucket: str, tmp_path: Path) -> None:
