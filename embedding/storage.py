@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import quote
 
 import pyarrow.fs as pafs
 
@@ -82,6 +83,15 @@ def join(base: str | Path, *parts: str) -> str:
     if is_uri(base):
         return posixpath.join(str(base).rstrip("/"), *parts)
     return str(Path(base, *parts))
+
+
+def child(base: str | Path, rel: str) -> str | Path:
+    """The location of ``rel`` (a listed, ``/``-separated relative key) under ``base``. For a URI
+    each part is percent-encoded, as pyarrow's ``FileSystem.from_uri`` decodes it: a key holding
+    ``#``, ``?``, a space or ``%`` names that very key."""
+    if is_uri(base):
+        return join(base, *(quote(part, safe="=") for part in rel.split("/")))
+    return Path(base, rel)
 
 
 def transient(e: BaseException) -> bool:

@@ -93,5 +93,5 @@ def day_files(root: str | Path, days: list[dt.date], log=None) -> list[Path] | l
                 f"starting with '.' or '_' are markers): {', '.join(other[:3])}" + (" …" if len(other) > 3 else ""))
         if not found:
             raise FileNotFoundError(f"no data for day {day}: {d} holds no *.parquet file")
-        files += [storage.join(d, *rel.split("/")) if storage.is_uri(d) else Path(d, rel) for rel in found]
+        files += [storage.child(d, rel) for rel in found]
     return files

@@ -5,6 +5,7 @@ errors retried with backoff, others raised at once."""
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
@@ -111,12 +112,15 @@ def test_day_partitions_on_s3_list_and_check_like_the_same_files_on_disk(s3_buck
     generate(cfg.schema, cfg.generator, local, parse_days("2026-01-01..2026-01-02"), log=lambda *_: None)
     (local / "day=2026-01-02" / "_SUCCESS").write_text("")  # a writer's marker: ignored
     (local / "day=2026-01-02" / "notes.txt").write_text("x")  # not Parquet: reported
+    first = next((local / "day=2026-01-01").glob("*.parquet"))
+    first.rename(first.with_name("part #1?%3A.parquet"))  # characters a URI must encode
     storage.upload(local, s3_bucket + "/logs")
     days = parse_days("2026-01-01..2026-01-02")
     said_local, said_s3 = [], []
     on_disk = day_files(local, days, log=said_local.append)
     on_s3 = day_files(s3_bucket + "/logs", days, log=said_s3.append)
-    assert [str(p.relative_to(local)) for p in on_disk] == [f.removeprefix(s3_bucket + "/logs/") for f in on_s3]
+    assert [str(p.relative_to(local)) for p in on_disk] == \
+        [unquote(f.removeprefix(s3_bucket + "/logs/")) for f in on_s3]
     assert len(on_s3) >= 2 and all(f.startswith("s3://") for f in on_s3)
     assert len(said_s3) == len(said_local) == 1 and "notes.txt" in said_s3[0]
     assert check_files(on_s3, cfg.schema, log=lambda *_: None) == check_files(on_disk, cfg.schema, log=lambda *_: None)
