@@ -77,17 +77,21 @@ class DenseParallelConfig:
                              "(FSDP2's MixedPrecisionPolicy); DDP trains in fp32")
 
 
+def _tower(module: nn.Module) -> nn.Module | None:
+    """The model's dense tower (``RankingModel.tower``) inside any wrapper, or None."""
+    return next((m for name, m in module.named_modules() if name.rsplit(".", 1)[-1] == "tower"), None)
+
+
 def tower_blocks(module: nn.Module) -> list[nn.Module]:
     """The repeated blocks of the model's tower: the elements of its ``layers`` or ``blocks``
     ``ModuleList`` (each called as a module), or [] when it has none (DLRM, HyFormer's nested
     lists): those towers are sharded as part of the root group."""
-    towers = [m for name, m in module.named_modules() if name.rsplit(".", 1)[-1] == "tower"]
-    for tower in towers:
-        for attr in BLOCK_LISTS:
-            blocks = getattr(tower, attr, None)
-            if isinstance(blocks, nn.ModuleList) and all(
-                    not isinstance(b, nn.ModuleList) and any(True for _ in b.parameters()) for b in blocks):
-                return list(blocks)
+    tower = _tower(module)
+    for attr in BLOCK_LISTS:
+        blocks = getattr(tower, attr, None)
+        if isinstance(blocks, nn.ModuleList) and all(
+                not isinstance(b, nn.ModuleList) and any(True for _ in b.parameters()) for b in blocks):
+            return list(blocks)
     return []
 
 
@@ -150,7 +154,7 @@ def check_tower(model: nn.Module, cfg: DenseParallelConfig) -> None:
     wants = [k for k, on in (("mixed_precision = 'bf16'", cfg.mixed_precision == "bf16"),
                              ("activation_checkpointing = true", cfg.activation_checkpointing)) if on]
     if wants and not tower_blocks(model):
-        tower = next((type(m).__name__ for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "tower"), "?")
+        tower = type(_tower(model)).__name__
         raise ValueError(f"[train].{' and '.join(wants)} applies to a tower's blocks, and {tower} has no block "
                          f"list (layers/blocks): remove it, or use a tower with blocks (tokenformer, "
                          f"naive_transformer, hstu, rankmixer_longer, onetrans)")

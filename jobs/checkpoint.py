@@ -114,13 +114,10 @@ def save(root: str | Path, model, opt, pos: Position, keep: int = 3) -> Path:
     model_sd, _ = _normalized(model.state_dict())
     optim_sd, _ = _optim_state(opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout on a GPU draws from it
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, tmp / f"rng-rank{rank}.pt")
+    torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
     _barrier()
     if rank == 0:
-        (tmp / "meta.json").write_text(json.dumps(asdict(pos) | {"saved_at": time.time()}, indent=1))
+        (tmp / "meta.json").write_text(_meta(pos))
         old = root / f".old-{name}"
         if final.exists():  # the same step saved again: move the old one aside, never leave a gap
             shutil.rmtree(old, ignore_errors=True)
@@ -133,6 +130,11 @@ def save(root: str | Path, model, opt, pos: Position, keep: int = 3) -> Path:
                 shutil.rmtree(copy, ignore_errors=True)
     _barrier()
     return final
+
+
+def _meta(pos: Position) -> str:
+    """``meta.json``: the position and the time it was saved (a resharded copy's freshness check)."""
+    return json.dumps(asdict(pos) | {"saved_at": time.time()}, indent=1)
 
 
 def _rng_state() -> dict:
@@ -149,6 +151,7 @@ def _save_uri(root: str, model, opt, pos: Position, keep: int) -> str:
     name = f"step-{pos.step:08d}"
     final = storage.join(root, name)
     again = torch.tensor([0])
+    committed = set()
     if rank == 0:
         committed = {str(p) for p in published(root)}
         again[0] = int(final in committed)
@@ -162,8 +165,7 @@ def _save_uri(root: str, model, opt, pos: Position, keep: int) -> str:
         # restarted worker group): the state is the same — no optimizer step in between — so only
         # the marker is rewritten (one atomic PUT; the committed shards are never unpublished)
         if rank == 0:
-            storage.write_text(storage.join(final, "meta.json"),
-                               json.dumps(asdict(pos) | {"saved_at": time.time()}, indent=1))
+            storage.write_text(storage.join(final, "meta.json"), _meta(pos))
         _barrier()
         return final
     _barrier()
@@ -175,9 +177,9 @@ def _save_uri(root: str, model, opt, pos: Position, keep: int) -> str:
     storage.write_bytes(storage.join(final, f"rng-rank{rank}.pt"), buf.getvalue())
     _barrier()
     if rank == 0:
-        storage.write_text(storage.join(final, "meta.json"),
-                           json.dumps(asdict(pos) | {"saved_at": time.time()}, indent=1))  # the commit
-        for gone in published(root)[:-keep] if keep > 0 else []:
+        storage.write_text(storage.join(final, "meta.json"), _meta(pos))  # the commit
+        now = sorted(committed | {final})  # = published(root): zero-padded step names sort by step
+        for gone in now[:-keep] if keep > 0 else []:
             storage.delete(storage.join(gone, "meta.json"))
             storage.delete(gone)
             for entry in storage.names(root):

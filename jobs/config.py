@@ -87,9 +87,7 @@ class TrainConfig:
         for key in ("checkpoint_every", "max_steps", "max_failures", "diagnostics_rows"):
             if getattr(self, key) < 0:
                 raise ValueError(f"[train].{key}: must be >= 0 (0 turns it off), got {getattr(self, key)}")
-        DenseParallelConfig(dense_parallel=self.dense_parallel, mixed_precision=self.mixed_precision,
-                            activation_checkpointing=self.activation_checkpointing)  # raises on a bad value
-        if self.mixed_precision != "fp32" and not self.use_gpu:
+        if self.dense.mixed_precision != "fp32" and not self.use_gpu:  # building it checks the three keys
             raise ValueError("[train].mixed_precision = 'bf16' is for GPUs (set [train].use_gpu = true); "
                              "on CPU the dense tower trains in fp32")
 

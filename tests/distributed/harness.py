@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import traceback
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -71,3 +72,15 @@ def copy_into_sharded(sharded_state: dict, full_state: dict) -> None:
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a DTensor (collective), or the tensor itself."""
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def one_day_file(root: Path, schema, rows: int, seed: int, **generator) -> str:
+    """Generate one day (2026-01-01) of ``rows`` rows in one Parquet file under ``root``, from a
+    small world (50 users, 40 items, 4 categories; ``generator`` overrides more fields); its path."""
+    from pipeline.days import parse_days
+    from pipeline.generator import GeneratorConfig, generate
+
+    generate(schema, GeneratorConfig(seed=seed, rows_per_day=rows, files_per_day=1, num_users=50, num_items=40,
+                                     num_categories=4, **generator),
+             root, parse_days("2026-01-01"), log=lambda *_: None)
+    return str(next(Path(root).glob("day=*/*.parquet")))

@@ -17,9 +17,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 
 from jobs import checkpoint
 from pipeline.collate import collate
-from pipeline.days import parse_days
-from pipeline.generator import GeneratorConfig, generate
-from tests.distributed.harness import _entry, _free_port, run_multiprocess
+from tests.distributed.harness import _entry, _free_port, one_day_file, run_multiprocess
 from tests.distributed.test_checkpoint_resharding import BATCH, _build, _predict, _schema
 
 
@@ -62,11 +60,7 @@ def _load_and_resave(rank: int, world: int, data_file: str, root: str) -> None:
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("logs")
-    generate(_schema(), GeneratorConfig(seed=3, rows_per_day=BATCH * 4, files_per_day=1, num_users=50,
-                                        num_items=40, num_categories=4),
-             root, parse_days("2026-01-01"), log=lambda *_: None)
-    return str(next(root.glob("day=*/*.parquet")))
+    return one_day_file(tmp_path_factory.mktemp("logs"), _schema(), BATCH * 4, seed=3)
 
 
 def test_worker_killed_between_shard_writes(data_file: str, tmp_path: Path) -> None:

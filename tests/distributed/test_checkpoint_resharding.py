@@ -21,9 +21,7 @@ from jobs import checkpoint
 from jobs.config import load_config
 from model.ranking import ModelConfig, RankingModel, RankingTrain
 from pipeline.collate import collate
-from pipeline.days import parse_days
-from pipeline.generator import GeneratorConfig, generate
-from tests.distributed.harness import run_multiprocess
+from tests.distributed.harness import one_day_file, run_multiprocess
 
 ROOT = Path(__file__).resolve().parents[2]
 BATCH = 32
@@ -92,12 +90,7 @@ def _load_predict_resave(rank: int, world: int, data_file: str, out: str) -> Non
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("logs")
-    schema = _schema()
-    generate(schema, GeneratorConfig(seed=2, rows_per_day=BATCH * 8, files_per_day=1, num_users=50,
-                                     num_items=40, num_categories=4),
-             root, parse_days("2026-01-01"), log=lambda *_: None)
-    return str(next(root.glob("day=*/*.parquet")))
+    return one_day_file(tmp_path_factory.mktemp("logs"), _schema(), BATCH * 8, seed=2)
 
 
 @pytest.fixture(scope="module")

@@ -17,20 +17,13 @@ from embedding.sharding import ShardingConfig, dense_optimizer
 from jobs import checkpoint
 from model.ranking import ModelConfig, RankingModel, RankingTrain
 from pipeline.collate import collate
-from tests.distributed.harness import run_multiprocess
+from tests.distributed.harness import one_day_file, run_multiprocess
 from tests.distributed.test_checkpoint_resharding import BATCH, _build, _predict, _schema, _train_and_save
 
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> str:
-    from pipeline.days import parse_days
-    from pipeline.generator import GeneratorConfig, generate
-
-    root = tmp_path_factory.mktemp("logs")
-    generate(_schema(), GeneratorConfig(seed=2, rows_per_day=BATCH * 8, files_per_day=1, num_users=50,
-                                        num_items=40, num_categories=4),
-             root, parse_days("2026-01-01"), log=lambda *_: None)
-    return str(next(root.glob("day=*/*.parquet")))
+    return one_day_file(tmp_path_factory.mktemp("logs"), _schema(), BATCH * 8, seed=2)
 
 
 def _load_predict(rank: int, world: int, data_file: str, root: str, expected: str) -> None:

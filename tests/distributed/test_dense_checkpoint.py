@@ -22,9 +22,7 @@ from jobs.optim import decays
 from model.ranking import ModelConfig, RankingModel, RankingTrain
 from model.tokenformer import TokenFormerConfig
 from pipeline.collate import collate
-from pipeline.days import parse_days
-from pipeline.generator import GeneratorConfig, generate
-from tests.distributed.harness import full, run_multiprocess
+from tests.distributed.harness import full, one_day_file, run_multiprocess
 
 ROOT = Path(__file__).resolve().parents[2]
 BATCH = 32
@@ -78,11 +76,7 @@ def _load_predict_resave(rank: int, world: int, mode: str, source: str, data_fil
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("logs")
-    generate(load_schema(ROOT / "configs/tiny.toml"),
-             GeneratorConfig(seed=4, rows_per_day=BATCH * 8, files_per_day=1, num_users=50, num_items=40,
-                             num_categories=4), root, parse_days("2026-01-01"), log=lambda *_: None)
-    return str(next(root.glob("day=*/*.parquet")))
+    return one_day_file(tmp_path_factory.mktemp("logs"), load_schema(ROOT / "configs/tiny.toml"), BATCH * 8, seed=4)
 
 
 @pytest.fixture(scope="module")

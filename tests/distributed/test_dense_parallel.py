@@ -22,9 +22,7 @@ from jobs.worker import strip_prefixes
 from model.ranking import ModelConfig, RankingModel, RankingTrain
 from model.tokenformer import TokenFormerConfig
 from pipeline.collate import collate
-from pipeline.days import parse_days
-from pipeline.generator import GeneratorConfig, generate
-from tests.distributed.harness import copy_into_sharded, full, run_multiprocess
+from tests.distributed.harness import copy_into_sharded, full, one_day_file, run_multiprocess
 
 ROOT = Path(__file__).resolve().parents[2]
 BATCH = 16
@@ -118,13 +116,8 @@ def _check(rank: int, world: int, tower: str, mode: str, ac: bool, data_file: st
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("logs")
-    schema = load_schema(ROOT / "configs/tiny.toml")
-    generate(schema, GeneratorConfig(seed=3, rows_per_day=BATCH * 4, files_per_day=1, num_users=50,
-                                     candidates_per_request=4,  # evaluation scores requests together
-                                     num_items=40, num_categories=4),
-             root, parse_days("2026-01-01"), log=lambda *_: None)
-    return str(next(root.glob("day=*/*.parquet")))
+    return one_day_file(tmp_path_factory.mktemp("logs"), load_schema(ROOT / "configs/tiny.toml"), BATCH * 4, seed=3,
+                        candidates_per_request=4)  # evaluation scores requests together
 
 
 @pytest.mark.parametrize("tower,mode,ac,world", [

@@ -17,9 +17,7 @@ from embedding.sharding import ShardingConfig, apply_sparse_optimizer, shard
 from jobs.worker import strip_prefixes
 from model.ranking import ModelConfig, RankingModel
 from pipeline.collate import collate
-from pipeline.days import parse_days
-from pipeline.generator import GeneratorConfig, generate
-from tests.distributed.harness import copy_into_sharded, run_multiprocess
+from tests.distributed.harness import copy_into_sharded, one_day_file, run_multiprocess
 
 ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
@@ -89,12 +87,7 @@ def _check(rank: int, world: int, sharding_type: str, data_file: str) -> None:
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("logs")
-    schema = load_schema(ROOT / "configs/tiny.toml")
-    generate(schema, GeneratorConfig(seed=1, rows_per_day=BATCH * WORLD, files_per_day=1, num_users=50,
-                                     num_items=40, num_categories=4),
-             root, parse_days("2026-01-01"), log=lambda *_: None)
-    return str(next(root.glob("day=*/*.parquet")))
+    return one_day_file(tmp_path_factory.mktemp("logs"), load_schema(ROOT / "configs/tiny.toml"), BATCH * WORLD, seed=1)
 
 
 @pytest.mark.parametrize(

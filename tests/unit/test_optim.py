@@ -80,4 +80,3 @@ def test_optim_section_parses_and_rejects_unknown_keys() -> None:
     assert cfg.train.optim.warmup_steps == 5 and cfg.train.optim.decay == "cosine"
     with pytest.raises(ValueError, match="warmup"):
         load_config(ROOT / "configs/tiny.toml", ["train.optim.warmup=5"])
-
