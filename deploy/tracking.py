@@ -25,10 +25,18 @@ from mlflow.tracking import MlflowClient
 USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
-def default_tracking_uri(workdir: Path) -> str:
+def default_tracking_uri(workdir: Path | str) -> str:
     """``$MLFLOW_TRACKING_URI`` as the process started with it (a tracking server: credentials
-    stay in the environment, never in a config), else the embedded SQLite store in the work folder."""
-    return USER_TRACKING_URI or f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
+    stay in the environment, never in a config), else the embedded SQLite store in the work folder.
+    Raises ``ValueError`` for an object-store work folder without either: SQLite needs a local
+    file (and one store every node reaches: a tracking server)."""
+    if USER_TRACKING_URI:
+        return USER_TRACKING_URI
+    if "://" in str(workdir) and not str(workdir).startswith("file://"):
+        raise ValueError(f"--workdir {workdir} is on object storage, where the default MLflow store (SQLite in the "
+                         "work folder) cannot live: give --tracking-uri (an MLflow tracking server every node "
+                         "reaches, e.g. http://mlflow:5000) or set MLFLOW_TRACKING_URI")
+    return f"sqlite:///{(Path(workdir) / 'mlflow.db').resolve()}"
 
 
 def is_local_store(uri: str) -> bool:
@@ -107,8 +115,12 @@ def _probe(tracking_uri: str, timeout: float = 5.0, attempts: int = 3) -> None:
             time.sleep(1.0)
 
 
-def connect(tracking_uri: str, experiment: str, artifact_root: Path) -> tuple[RetryingClient, str]:
-    """Client and experiment id; fails with a clear message when the store is unreachable."""
+def connect(tracking_uri: str, experiment: str, artifact_root: Path | str) -> tuple[RetryingClient, str]:
+    """Client and experiment id; fails with a clear message when the store is unreachable. A new
+    experiment keeps its artifacts under ``artifact_root`` when that is an object-store URI (the
+    work folder's store: MLflow's client writes there itself, with boto3 for ``s3://`` —
+    ``MLFLOW_S3_ENDPOINT_URL`` names an S3-compatible endpoint) or when the store is local; a
+    tracking server otherwise picks its own artifact store. An existing experiment keeps its own."""
     if tracking_uri.startswith(("http://", "https://")):
         _probe(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
@@ -116,7 +128,9 @@ def connect(tracking_uri: str, experiment: str, artifact_root: Path) -> tuple[Re
     try:
         exp = client.get_experiment_by_name(experiment)
         # a local store keeps artifacts beside it; a tracking server picks its own artifact store
-        location = artifact_root.resolve().as_uri() if is_local_store(tracking_uri) else None
+        remote = "://" in str(artifact_root) and not str(artifact_root).startswith("file://")
+        location = (str(artifact_root).rstrip("/") if remote
+                    else Path(artifact_root).resolve().as_uri() if is_local_store(tracking_uri) else None)
         exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=location)
     except Exception as e:  # noqa: BLE001 - any failure here means the same thing to the user
         raise RuntimeError(f"cannot reach the MLflow tracking store at {redact(tracking_uri)}: {e}") from None

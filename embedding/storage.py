@@ -247,3 +247,81 @@ def download(src: str | Path, local_dir: str | Path) -> None:
     Path(local_dir).mkdir(parents=True, exist_ok=True)
     retry(lambda: pafs.copy_files(s, str(Path(local_dir).resolve()), source_filesystem=src_fs,
                                   destination_filesystem=pafs.LocalFileSystem()), f"downloading {src}")
+
+
+def under(base: str | Path, *parts: str) -> Path | str:
+    """``base/part/…`` as a job passes it on: a resolved ``Path`` for a local base, the URI string
+    for an object store (parts are plain names: run ids, ``checkpoints``, ``quarantine``)."""
+    if is_uri(base):
+        return join(base, *parts)
+    return Path(str(base)).resolve().joinpath(*parts)
+
+
+def local_dir(workdir: str | Path) -> Path:
+    """Where a job keeps the files that must be local for a work folder ``workdir``: command and
+    run logs (uploaded at the end), staging of exports and plots before upload. The folder
+    itself when it is local; for a URI ``$TOKENREC_LOCAL_DIR/<hash of the URI>`` (default the
+    system temp folder's ``tokenrec/``), so two work folders never share one."""
+    if not is_uri(workdir):
+        return Path(str(workdir))
+    import hashlib
+    import tempfile
+
+    base = Path(os.environ.get("TOKENREC_LOCAL_DIR") or Path(tempfile.gettempdir()) / "tokenrec")
+    return base / hashlib.sha1(str(workdir).rstrip("/").encode()).hexdigest()[:12]
+
+
+MARKER = "_SUCCESS"  # the commit marker of a published folder on an object store (Hadoop's name)
+
+
+def publish(src: str | Path, dest: str | Path, consume: bool = True) -> None:
+    """Make the local folder ``src`` visible at ``dest`` as a whole, or not at all; ``src`` is
+    consumed (kept with ``consume=False`` for an object-store ``dest``; a local one is always
+    moved). Local: one ``os.replace`` (atomic on a POSIX filesystem). Object store (no rename):
+    objects left by an earlier unpublished attempt are deleted, every file is uploaded, then the
+    commit marker ``_SUCCESS`` (a JSON list of the files and their sizes) is written last —
+    readers (``is_published_folder``) see the folder only once it is there. Raises
+    ``FileExistsError`` when ``dest`` is already published: a published folder is never
+    rewritten."""
+    import shutil
+
+    src = Path(src)
+    if is_published_folder(dest):
+        raise FileExistsError(f"{dest} is already published; a published folder is never rewritten")
+    if not is_uri(dest):
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dest)
+        return
+    delete(dest)  # orphans of an attempt that never wrote its marker
+    files = {p.relative_to(src).as_posix(): p.stat().st_size for p in sorted(src.rglob("*")) if p.is_file()}
+    upload(src, dest)
+    import json
+
+    write_text(join(dest, MARKER), json.dumps({"files": files}, indent=1))
+    if consume:
+        shutil.rmtree(src, ignore_errors=True)
+
+
+def is_published_folder(path: str | Path) -> bool:
+    """Whether ``publish`` finished for ``path``: a local folder that exists (it appears by one
+    rename), or an object-store prefix with its commit marker."""
+    if not is_uri(path):
+        return Path(str(path)).is_dir()
+    return exists(join(path, MARKER))
+
+
+def fetch(path: str | Path, scratch: str | Path | None = None) -> Path:
+    """A local folder holding the published folder ``path``: ``path`` itself when local, else a
+    fresh download under ``scratch`` (default a new temp folder; the caller removes it). Raises
+    ``FileNotFoundError`` when ``path`` is not published (missing, or an upload that never
+    committed)."""
+    if not is_published_folder(path):
+        raise FileNotFoundError(f"{path} does not exist or was never published (no {MARKER} marker)")
+    if not is_uri(path):
+        return Path(str(path))
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(prefix="tokenrec-fetch-", dir=scratch))
+    download(path, out)
+    (out / MARKER).unlink(missing_ok=True)
+    return out

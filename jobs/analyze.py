@@ -8,6 +8,8 @@ and log ``diagnostics.json`` + ``diagnostics.png`` (all given runs on one plot) 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -41,21 +43,31 @@ def run_analyze(run_ids: list[str], tracking_uri: str, rows: int = 2048, log=pri
         tags = client.get_run(run_id).data.tags
         if "tokenrec.export" not in tags:
             raise ValueError(f"run {run_id} has no exported model (tag tokenrec.export); was it a train run?")
-        export = Path(tags["tokenrec.export"])
-        model, schema = load_servable(export / "model.pt", export / "config.json")
+        export = tags["tokenrec.export"]
+        local = storage.fetch(export)  # object storage: a temporary download
+        try:
+            model, schema = load_servable(local / "model.pt", local / "config.json")
+        finally:
+            if storage.is_uri(export):
+                shutil.rmtree(local, ignore_errors=True)
         batch = held_out_batch(schema, storage.location(tags["tokenrec.data_root"]), tags["tokenrec.eval_day"], rows)
         name = f"{tags.get('tokenrec.tower', 'model')} {run_id[:8]}"
         reports[name] = analyze(model, batch)
-        dirs[name] = (run_id, export.parent / "diagnostics")
+        # beside the export on a local work folder; only on the run (MLflow) on object storage
+        dirs[name] = (run_id, None if storage.is_uri(export) else Path(export).parent / "diagnostics")
         for layer in reports[name]["layers"]:
             log(f"{name} layer {layer['layer']} (window {layer['window']}): effective rank "
                 f"{layer['effective_rank']:.2f}, MI(K=16) {layer.get('mi_k16', float('nan')):.4f}, "
                 f"field attention {layer['field_attention_mass']}")
     for name, (run_id, out) in dirs.items():
+        scratch = out is None
+        out = Path(tempfile.mkdtemp(prefix="tokenrec-diagnostics-")) if scratch else out
         out.mkdir(parents=True, exist_ok=True)
         (out / "diagnostics.json").write_text(json.dumps(reports[name], indent=1))
         plot(reports, out / "diagnostics.png")
         client.log_artifacts(run_id, str(out), "diagnostics")
+        if scratch:
+            shutil.rmtree(out, ignore_errors=True)
         for layer in reports[name]["layers"]:
             client.log_metric(run_id, "effective_rank", layer["effective_rank"], step=layer["layer"])
     return reports

@@ -43,15 +43,21 @@ def _captured(a: argparse.Namespace):
     (each training run nests its own runs/<id>/run.log), the job's lines on the terminal. Ray is
     shut down inside it, so its last forwarded worker lines land in the log too."""
     name = f"{a.command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    with a.console.capture(Path(a.workdir) / "logs" / name):
-        try:
-            yield
-        finally:
-            if "ray" in sys.modules:
-                import ray
+    local = storage.local_dir(a.workdir) / "logs" / name  # an object-store work folder: uploaded after
+    try:
+        with a.console.capture(local):
+            try:
+                yield
+            finally:
+                if "ray" in sys.modules:
+                    import ray
 
-                if ray.is_initialized():
-                    ray.shutdown()
+                    if ray.is_initialized():
+                        ray.shutdown()
+    finally:
+        if storage.is_uri(a.workdir) and local.exists():
+            with contextlib.suppress(Exception):  # the log is a convenience: never fail the command on it
+                storage.write_bytes(storage.join(a.workdir, "logs", name), local.read_bytes())
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -152,7 +158,7 @@ def _registry(a: argparse.Namespace):
     if not a.verbose:  # the registry commands print their answer only, not MLflow's store set-up
         for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    client, _ = connect(uri, cfg.tracking.experiment, a.workdir / "mlartifacts")
+    client, _ = connect(uri, cfg.tracking.experiment, storage.join(a.workdir, "mlartifacts"))
     return cfg, Registry(client, cfg.tracking.model_name)
 
 
@@ -263,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     _common(t)
     t.add_argument("--days", help="YYYY-MM-DD..YYYY-MM-DD (default: [train].days)")
     t.add_argument("--data", type=storage.location, required=True, help="root of the day=YYYY-MM-DD folders")
-    t.add_argument("--workdir", type=Path, default=Path(".tokenrec"), help="runs, checkpoints, MLflow store")
+    t.add_argument("--workdir", type=storage.location, default=Path(".tokenrec"),
+                   help="runs, checkpoints, MLflow store")
     t.add_argument("--tracking-uri", help=TRACKING_HELP)
     t.add_argument("--address", help=ADDRESS_HELP)
     t.add_argument("--num-workers", type=int, help="Ray Train workers (default: [train].num_workers)")
@@ -276,10 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     _common(tu)
     tu.add_argument("--study", type=Path, required=True, help="study TOML ([tune]: towers, trials, seeds, space)")
     tu.add_argument("--data", type=storage.location, required=True, help="root of the day=YYYY-MM-DD folders")
-    tu.add_argument("--workdir", type=Path, default=Path(".tokenrec"), help="runs, studies/<name>, MLflow store")
+    tu.add_argument("--workdir", type=storage.location, default=Path(".tokenrec"),
+                    help="runs, studies/<name>, MLflow store")
     tu.add_argument("--tracking-uri", help=TRACKING_HELP)
     tu.add_argument("--address", help=ADDRESS_HELP)
-    tu.add_argument("--results", type=Path, help="each run's result, the best settings, the summary (default: "
+    tu.add_argument("--results", type=storage.location,
+                    help="each run's result, the best settings, the summary (default: "
                     "WORKDIR/studies/NAME); a lasting place lets a long study resume in a fresh workdir")
     tu.set_defaults(fn=cmd_tune)
 
@@ -292,14 +301,15 @@ def main(argv: list[str] | None = None) -> int:
 
     z = sub.add_parser("analyze", help="collapse diagnostics (effective rank, MI, field attention) of runs")
     z.add_argument("--run", action="append", required=True, help="MLflow run id (repeat to compare)")
-    z.add_argument("--workdir", type=Path, default=Path(".tokenrec"))
+    z.add_argument("--workdir", type=storage.location, default=Path(".tokenrec"))
     z.add_argument("--tracking-uri", help=TRACKING_HELP)
     z.add_argument("--rows", type=int, default=2048, help="held-out rows of the run's evaluation day")
     z.set_defaults(fn=cmd_analyze)
 
     def registry_flags(p: argparse.ArgumentParser) -> None:
         _common(p)
-        p.add_argument("--workdir", type=Path, default=Path(".tokenrec"), help="runs, checkpoints, MLflow store")
+        p.add_argument("--workdir", type=storage.location, default=Path(".tokenrec"),
+                       help="runs, checkpoints, MLflow store")
         p.add_argument("--tracking-uri", help=TRACKING_HELP)
         p.add_argument("--model-name", help="registered model (default: [tracking].model_name of --config)")
 
@@ -341,8 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN/model")
     sc.add_argument("--data", type=storage.location, required=True, help="root of the day=YYYY-MM-DD folders")
     sc.add_argument("--days", required=True, help="YYYY-MM-DD or YYYY-MM-DD..YYYY-MM-DD")
-    sc.add_argument("--out", type=Path, required=True, help="output folder (Parquet files; must not exist)")
-    sc.add_argument("--workdir", type=Path, default=Path(".tokenrec"), help="MLflow store, quarantine")
+    sc.add_argument("--out", type=storage.location, required=True,
+                    help="output folder or URI (Parquet files; must not exist)")
+    sc.add_argument("--workdir", type=storage.location, default=Path(".tokenrec"),
+                    help="MLflow store, quarantine")
     sc.add_argument("--tracking-uri", help=TRACKING_HELP)
     sc.add_argument("--address", help=ADDRESS_HELP)
     sc.add_argument("--batch-size", type=int, default=4096, help="rows per scoring call")
@@ -401,7 +413,7 @@ def _library_error(a: argparse.Namespace, e: BaseException) -> int:
         cause = next(iter(failures.values()))
     message = _one_line(cause if isinstance(cause, BaseException) else e)
     message = re.sub(r"\x1b\[[0-9;]*m", "", message)
-    runs = Path(getattr(a, "workdir", "") or ".") / "runs"
+    runs = storage.local_dir(getattr(a, "workdir", "") or ".") / "runs"
     print(f"tokenrec {a.command}: error ({_origin(e)}): {message}\n"
           f"  the full traceback is in {log}{'' if a.verbose else ' (--verbose prints it here)'}"
           + (f"; the workers' output is in the run's log, {runs}/<run id>/run.log" if runs.exists() else ""),
@@ -431,8 +443,8 @@ def _write_traceback(a: argparse.Namespace) -> Path:
     import tempfile
     import traceback
 
-    base = getattr(a, "workdir", None) or Path(tempfile.gettempdir())
-    out = Path(base) / "logs"
+    base = getattr(a, "workdir", None)
+    out = (storage.local_dir(base) if base else Path(tempfile.gettempdir())) / "logs"
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError:

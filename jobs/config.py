@@ -48,6 +48,9 @@ class TrainConfig:
     log_every: int = 50  # steps between progress lines and logged training metrics
     seed: int = 0  # model initialisation, dropout masks and (deterministic) data order
     use_gpu: bool = False  # one GPU per worker, NCCL, CUDA FBGEMM (requirements/gpu.txt)
+    # where Ray places the workers: PACK = as few nodes as possible (Ray Train's default: gloo /
+    # NCCL traffic stays inside a node), SPREAD = over as many nodes as possible (docs/cluster.md)
+    placement_strategy: str = "PACK"
     checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end
     keep_checkpoints: int = 3  # published checkpoints kept per run (the newest)
     max_steps: int = 0  # stop (with a checkpoint) after this many steps; 0: no limit
@@ -71,6 +74,8 @@ class TrainConfig:
                     "keep_checkpoints", "eval_days"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"[train].{key}: must be positive, got {getattr(self, key)}")
+        if self.placement_strategy not in ("PACK", "SPREAD"):
+            raise ValueError(f"[train].placement_strategy: choose PACK or SPREAD, got '{self.placement_strategy}'")
         if self.unknown_columns not in ("warn", "error", "ignore"):
             raise ValueError(f"[train].unknown_columns: choose warn, error or ignore, got '{self.unknown_columns}'")
         for name, spec in self.eval_ranges.items():

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from embedding import storage
 from jobs.checkpoint import is_published
 from jobs.config import JobConfig
 from jobs.registry import Registry
@@ -36,8 +37,8 @@ DAY_TAG = "tokenrec.daily_date"
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DailyRequest:
-    data_root: Path
-    workdir: Path
+    data_root: Path | str
+    workdir: Path | str  # a local folder or an object-store URI (s3://bucket/prefix)
     tracking_uri: str | None = None
     address: str | None = None
     force: bool = False
@@ -58,8 +59,9 @@ def run_daily(cfg: JobConfig, day: str, req: DailyRequest, log=print) -> dict:
     day = parse_day(day).isoformat()
     eval_day = eval_spec(next(iter(eval_ranges(cfg.train, [parse_day(day)]).values())))  # the gate's range
     tracking_uri = req.tracking_uri or default_tracking_uri(req.workdir)
-    req.workdir.mkdir(parents=True, exist_ok=True)
-    client, exp_id = connect(tracking_uri, cfg.tracking.experiment, req.workdir / "mlartifacts")
+    if not storage.is_uri(req.workdir):
+        Path(req.workdir).mkdir(parents=True, exist_ok=True)
+    client, exp_id = connect(tracking_uri, cfg.tracking.experiment, storage.join(req.workdir, "mlartifacts"))
     reg = Registry(client, cfg.tracking.model_name)
 
     if cfg.train.max_steps:

@@ -10,21 +10,24 @@
 * Champion history — the registered model's tag ``tokenrec.champion_history`` (a JSON list of
   versions, newest last) makes ``rollback`` restore the previous champion.
 * Concurrency — changing the champion reads the history, then writes it and the alias: two
-  ``promote`` / ``rollback`` / ``daily`` at once could lose one's update. ``Registry.lock`` (an
-  exclusive ``flock`` beside a SQLite store, or per tracking URI under ``~/.cache/tokenrec/locks``
-  for a server) serializes them on one machine; on a cluster, point the lock at the shared mount
-  with ``TOKENREC_REGISTRY_LOCK_DIR``.
+  ``promote`` / ``rollback`` / ``daily`` at once could lose one's update. ``Registry.lock``
+  serializes them on any number of machines with the one thing every MLflow store guarantees,
+  a unique registered-model name: the lock is the registered model ``<name>.tokenrec-lock``,
+  created to take it and deleted to leave it (no shared filesystem needed).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import math
 import os
+import random
+import shutil
+import socket
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +47,7 @@ from pipeline.validate import REQUEST_ID, expected_kinds, normalize, split_valid
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY = "tokenrec.champion_history"
+LOCK_SUFFIX, LOCK_HOLDER, LOCK_TOKEN = ".tokenrec-lock", "tokenrec.lock_holder", "tokenrec.lock_token"
 GATE_METRICS = ("eval_auc", "eval_logloss", "eval_calibration", "eval_rows", "eval_positive_rate")
 
 
@@ -145,26 +149,52 @@ class Registry:
     def __init__(self, client: MlflowClient, name: str) -> None:
         self.client, self.name = client, name
 
-    def lock_path(self) -> Path:
-        uri = self.client.tracking_uri if hasattr(self.client, "tracking_uri") else ""
-        key = hashlib.sha256(f"{uri}|{self.name}".encode()).hexdigest()[:16]
-        if os.environ.get("TOKENREC_REGISTRY_LOCK_DIR"):
-            return Path(os.environ["TOKENREC_REGISTRY_LOCK_DIR"]) / f"registry-{key}.lock"
-        if uri.startswith("sqlite:///"):
-            return Path(uri.removeprefix("sqlite:///") + f".{key}.lock")
-        return Path.home() / ".cache" / "tokenrec" / "locks" / f"registry-{key}.lock"
+    def lock_name(self) -> str:
+        """The registered model that is the lock of ``lock``: ``<name>.tokenrec-lock``."""
+        return f"{self.name}{LOCK_SUFFIX}"
 
     @contextlib.contextmanager
-    def lock(self):
-        """Exclusive while the champion alias and its history change (read, then write)."""
-        path = self.lock_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+    def lock(self, timeout: float = 300.0, poll: float = 0.5):
+        """Exclusive while the champion alias and its history change (read, then write), across
+        processes and machines, through what every MLflow tracking store guarantees: a registered
+        model name is unique. Taking the lock creates the registered model ``lock_name()``
+        (tagged with its holder: host, pid, time, a random token); a second creator gets
+        ``RESOURCE_ALREADY_EXISTS`` and waits, polling every ``poll`` s; leaving deletes it. No
+        shared filesystem is needed (object-storage clusters, ``docs/cluster.md``). Raises
+        ``TimeoutError`` after ``timeout`` s, naming the holder and how to remove a lock whose
+        holder died while holding it (the lock is held for a few MLflow calls, not a training)."""
+        name, token = self.lock_name(), uuid.uuid4().hex
+        holder = f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}"
+        deadline = time.monotonic() + timeout
+        while True:
             try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+                self.client.create_registered_model(name, tags={LOCK_HOLDER: holder, LOCK_TOKEN: token},
+                                                    description=f"tokenrec's lock on the champion of '{self.name}', "
+                                                                f"held by {holder}; deleted when released")
+                break
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                held = self._lock_tags(name)
+                if held.get(LOCK_TOKEN) == token:  # our create went through; its reply was lost and retried
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"the champion lock of '{self.name}' is held by {held.get(LOCK_HOLDER, 'another process')} "
+                        f"(waited {timeout:.0f}s). If that process is gone, delete the registered model '{name}' "
+                        f"(MLflow UI, or MlflowClient().delete_registered_model('{name}')) and run again") from None
+                time.sleep(poll * (1 + random.random()))
+        try:
+            yield
+        finally:
+            with contextlib.suppress(MlflowException):  # already gone: nothing to release
+                self.client.delete_registered_model(name)
+
+    def _lock_tags(self, name: str) -> dict[str, str]:
+        try:
+            return dict(self.client.get_registered_model(name).tags)
+        except MlflowException:  # released between our create and this read
+            return {}
 
     # -- reading ---------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -234,11 +264,17 @@ class Registry:
         if all(m in cached for m in metrics):
             return cached
         export = self.run_tags(number).get("tokenrec.export")
-        if not export or not (Path(export) / "model.pt").exists():
-            raise FileNotFoundError(f"version {number}: exported model {export} is missing")
+        if (not export or not storage.is_published_folder(export)
+                or not storage.exists(storage.join(export, "model.pt"))):
+            raise FileNotFoundError(f"version {number}: exported model {export} is missing (or was never published)")
         # detail, not a phase: under a capturing console stdout is the command's log file
         print(f"[tokenrec] evaluating version {number} on {day}", flush=True)
-        m = evaluate_export(export, data_root, day)
+        local = storage.fetch(export)  # object storage: a temporary download, removed after
+        try:
+            m = evaluate_export(local, data_root, day)
+        finally:
+            if storage.is_uri(export):
+                shutil.rmtree(local, ignore_errors=True)
         missing = [k for k in metrics if k not in m]
         if missing:  # e.g. [gate].label names a label this version was not trained with
             raise ValueError(f"version {number} has no {missing} on {day} (its labels differ from [gate].label's); "

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from deploy.candidates import load_candidate_program, score_requests
 from deploy.export import load_program, score_table
+from embedding import storage
 from embedding.schema import FeatureSchema
 from jobs.tracking import default_tracking_uri, redact
 from pipeline.days import day_files, parse_days
@@ -39,10 +40,10 @@ from pipeline.validate import REASON, REQUEST_ID, QuarantineWriter, canonical_sc
 @dataclass(frozen=True, kw_only=True)
 class ScoreRequest:
     model_uri: str
-    data_root: Path
+    data_root: Path | str
     days: str
-    out: Path
-    workdir: Path = Path(".tokenrec")
+    out: Path | str  # a local folder or an object-store URI
+    workdir: Path | str = Path(".tokenrec")
     tracking_uri: str | None = None
     address: str | None = None
     batch_size: int = 4096
@@ -98,7 +99,7 @@ class Scorer:
 
 def run_score(req: ScoreRequest, log=print) -> dict:
     t0 = time.perf_counter()
-    if req.out.exists() and any(req.out.iterdir()):
+    if storage.names(req.out) if storage.is_uri(req.out) else (Path(req.out).exists() and any(Path(req.out).iterdir())):
         raise FileExistsError(f"--out {req.out} exists and is not empty; choose a new folder")
     tracking_uri = req.tracking_uri or default_tracking_uri(req.workdir)
     mlflow.set_tracking_uri(tracking_uri)
@@ -120,14 +121,16 @@ def run_score(req: ScoreRequest, log=print) -> dict:
     from jobs.train import init_ray
 
     init_ray(req.address, req.num_actors)
-    quarantine = (req.workdir / "score-quarantine" / time.strftime("%Y%m%dT%H%M%S")).resolve()
+    quarantine = storage.under(req.workdir, "score-quarantine", time.strftime("%Y%m%dT%H%M%S"))
     ds = read_logs(files, schema, quarantine, request_groups=groups).map_batches(
         Scorer, fn_constructor_args=(str(export_dir), req.model_uri, tracking_uri, str(quarantine)),
         batch_size=req.batch_size, batch_format="pyarrow", concurrency=req.num_actors, num_cpus=1)
-    req.out.mkdir(parents=True, exist_ok=True)
-    ds.write_parquet(str(req.out.resolve()))
-    written = sorted(req.out.glob("*.parquet"))
-    rows_scored = sum(pq.read_metadata(f).num_rows for f in written)
+    out = storage.under(req.out)
+    if not storage.is_uri(out):
+        out.mkdir(parents=True, exist_ok=True)
+    ds.write_parquet(str(out))  # Ray Data's writers: a local folder or an object-store URI
+    written = [storage.child(out, rel) for rel in storage.files_under(out) if rel.endswith(".parquet")]
+    rows_scored = sum(storage.retry(lambda f=f: pq.read_metadata(str(f)).num_rows, f"reading {f}") for f in written)
     rows_quarantined, reasons = count_quarantined(quarantine)
     if rows_in != rows_scored + rows_quarantined:
         raise RuntimeError(f"row accounting broken: {rows_in} rows in, {rows_scored} scored, "

@@ -10,6 +10,8 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from embedding import storage
+
 if TYPE_CHECKING:
     from jobs.config import JobConfig
     from jobs.tune import Job, StudyConfig
@@ -48,7 +50,7 @@ def _toml_value(v: Any) -> str:
     raise ValueError(f"cannot write {v!r} as TOML")
 
 
-def write_best(path: Path, tower: str, settings: dict, metric: str, value: float) -> None:
+def write_best(path: Path | str, tower: str, settings: dict, metric: str, value: float) -> None:
     """The chosen settings of a tower as ``--set`` lines and as a TOML fragment to paste into a
     job config (dotted keys grouped by table)."""
     tables: dict[str, list[str]] = {}
@@ -59,8 +61,7 @@ def write_best(path: Path, tower: str, settings: dict, metric: str, value: float
              "# as overrides: " + " ".join(f"--set '{k}={_toml_value(v)}'" for k, v in sorted(settings.items())), ""]
     for table, entries in tables.items():
         lines += [f"[{table}]", *entries, ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+    storage.write_text(path, "\n".join(lines))
 
 
 def _stats(xs: list[float]) -> dict:

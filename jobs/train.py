@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from pipeline.validate import check_files, count_quarantined, first_valid_row
 class TrainRequest:
     days: str
     data_root: Path
-    workdir: Path
+    workdir: Path | str  # a local folder or an object-store URI (s3://bucket/prefix)
     tracking_uri: str | None = None
     address: str | None = None  # a Ray cluster; None starts a local one
     init_from: str | None = None  # warm start from this checkpoint (weights + optimizer state)
@@ -252,9 +253,10 @@ def run_train(cfg: JobConfig, req: TrainRequest, log=print) -> dict:
     log(f"train days {days[0]}..{days[-1]}: {len(train_files)} files, {rows_in:,} rows; "
         + "; ".join(f"{name} {spec}: {n:,} rows" for name, (_, n, spec) in evals.items()))
 
-    req.workdir.mkdir(parents=True, exist_ok=True)
     tracking_uri = req.tracking_uri or default_tracking_uri(req.workdir)
-    client, exp_id = connect(tracking_uri, cfg.tracking.experiment, req.workdir / "mlartifacts")
+    if not storage.is_uri(req.workdir):
+        Path(req.workdir).mkdir(parents=True, exist_ok=True)
+    client, exp_id = connect(tracking_uri, cfg.tracking.experiment, storage.join(req.workdir, "mlartifacts"))
     run = client.create_run(exp_id, run_name=f"{cfg.model.tower} {days[0]}..{days[-1]}", tags={
         "mlflow.note.content": run_description(cfg, days, evals, req.command),
         "tokenrec.days": f"{days[0]}..{days[-1]}", "tokenrec.eval_day": str(eval_day),
@@ -267,7 +269,8 @@ def run_train(cfg: JobConfig, req: TrainRequest, log=print) -> dict:
     run_id = run.info.run_id
     log(f"MLflow run {run_id} in {redact(tracking_uri)}")
     console = active()  # the CLI's: this run's library and worker output goes to runs/<id>/run.log
-    run_log = (req.workdir / "runs" / run_id / "run.log").resolve()
+    # written locally (an object-store work folder: under storage.local_dir), uploaded at the end
+    run_log = (storage.local_dir(req.workdir) / "runs" / run_id / "run.log").resolve()
     try:
         with_retries(log_day_inputs, client, run_id, req.data_root, {"training": (days, train_files, rows_in)}
                      | {name: (ranges[name], files, n) for name, (files, n, _) in evals.items()}, cfg.schema,
@@ -282,6 +285,9 @@ def run_train(cfg: JobConfig, req: TrainRequest, log=print) -> dict:
         if run_log.exists():
             with contextlib.suppress(Exception):  # the log is a convenience: never fail the run on it
                 client.log_artifact(run_id, str(run_log), "logs")
+            if storage.is_uri(req.workdir):
+                with contextlib.suppress(Exception):
+                    storage.write_bytes(storage.join(req.workdir, "runs", run_id, "run.log"), run_log.read_bytes())
     client.set_terminated(run_id, "FINISHED")
     return metrics | {"run_id": run_id, "tracking_uri": tracking_uri, "eval_range": next(iter(evals))}
 
@@ -298,12 +304,12 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
 
     init_ray(req.address, cfg.train.num_workers)
     ray.data.DataContext.get_current().enable_progress_bars = False  # workers print progress
-    run_dir = (req.workdir / "runs" / run_id).resolve()
-    quarantine = run_dir / "quarantine"
+    run_dir = storage.under(req.workdir, "runs", run_id)  # a Path, or a URI on object storage
+    quarantine = storage.join(run_dir, "quarantine")
     # TokenFormer evaluates rows that share a request_id against one prefix per request (exact)
     requests = cfg.model.tokenformer.target_groups if cfg.model.tower == "tokenformer" else None
-    datasets = {"train": read_logs(train_files, cfg.schema, quarantine / "train")} | {
-        name: read_logs(files, cfg.schema, quarantine / name, request_groups=requests)
+    datasets = {"train": read_logs(train_files, cfg.schema, storage.join(quarantine, "train"))} | {
+        name: read_logs(files, cfg.schema, storage.join(quarantine, name), request_groups=requests)
         for name, (files, _, _) in evals.items()}
     template = worker_model_template(cfg)
     for path, flag in ((req.init_from, "--init-from"), (req.resume_from, "--resume")):
@@ -322,18 +328,20 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
             raise ValueError(f"--resume: the checkpoint is at step {pos.step} and [train].max_steps is "
                              f"{cfg.train.max_steps}: raise it or set it to 0 to train on")
     args = WorkerArgs(cfg=cfg, run_id=run_id, tracking_uri=tracking_uri,
-                      checkpoint_root=str(run_dir / "checkpoints"), eval_sets=tuple(evals),
+                      checkpoint_root=storage.join(run_dir, "checkpoints"), eval_sets=tuple(evals),
                       template=first_valid_row(train_files, cfg.schema),
                       init_from=req.init_from, resume_from=req.resume_from,
                       total_steps=planned_steps(train_files, cfg.train))
     trainer = TorchTrainer(
         _worker_entry, train_loop_config={"args": args},
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     placement_strategy=cfg.train.placement_strategy),
         datasets=datasets, dataset_config=UnequalSplit(deterministic=cfg.train.deterministic, sources={
-            "train": (train_files, cfg.schema, quarantine / "train")} | {
-            name: (files, cfg.schema, quarantine / name, requests) for name, (files, _, _) in evals.items()}),
-        run_config=RunConfig(name=f"train-{run_id}", storage_path=str(req.workdir.resolve() / "ray_results"),
+            "train": (train_files, cfg.schema, storage.join(quarantine, "train"))} | {
+            name: (files, cfg.schema, storage.join(quarantine, name), requests)
+            for name, (files, _, _) in evals.items()}),
+        run_config=RunConfig(name=f"train-{run_id}", storage_path=str(storage.under(req.workdir, "ray_results")),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              callbacks=[StopOnDeterministicError()]),
     )
@@ -348,7 +356,11 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
     if result.checkpoint is None or not result.metrics:
         raise RuntimeError(f"training returned no checkpoint/metrics (Ray Train result: {result})")
     m = dict(result.metrics)
-    checkpoint = Path(json.loads((Path(result.checkpoint.path) / "checkpoint.json").read_text())["checkpoint"])
+    checkpoint = m.pop("checkpoint_path")  # a local path or a URI, as jobs.checkpoint published it
+    nodes = json.loads(m.pop("worker_nodes"))  # the Ray node id of each rank
+    client.set_tag(run_id, "tokenrec.worker_nodes", json.dumps(nodes))
+    if len(set(nodes)) > 1:
+        log(f"  {len(nodes)} workers ran on {len(set(nodes))} Ray nodes")
     m["wall_seconds"] = time.perf_counter() - t0
     client.set_tag(run_id, "tokenrec.checkpoint", str(checkpoint))
     m["checkpoint"] = str(checkpoint)
@@ -363,14 +375,14 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
     if m["samples_trained"] != rows_trained * cfg.train.epochs:
         raise RuntimeError(f"row accounting broken: {m['samples_trained']} samples trained over "
                            f"{cfg.train.epochs} epochs of {rows_trained} rows")
-    q_train, reasons = count_quarantined(quarantine / "train")
+    q_train, reasons = count_quarantined(storage.join(quarantine, "train"))
     m |= {"rows_in": rows_in, "rows_trained": rows_trained, "rows_quarantined": q_train}
     if rows_in != rows_trained + q_train:
         raise RuntimeError(f"row accounting broken: train rows_in {rows_in} != trained {rows_trained} + "
                            f"quarantined {q_train}")
     all_reasons, q_evals = {"train": reasons}, 0
     for name, (_, n_in, spec) in evals.items():
-        q, all_reasons[name] = count_quarantined(quarantine / name)
+        q, all_reasons[name] = count_quarantined(storage.join(quarantine, name))
         m |= {f"{name}_rows_in": n_in, f"{name}_rows_quarantined": q}
         if n_in != m[f"{name}_rows"] + q:
             raise RuntimeError(f"row accounting broken: {name} rows_in {n_in} vs evaluated {m[f'{name}_rows']} + {q}")
@@ -388,13 +400,31 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
     client.log_dict(run_id, all_reasons, "quarantine/reasons.json")
 
     t_export = time.perf_counter()
-    export_dir = export_checkpoint(cfg.schema, cfg.model, checkpoint, run_dir / "export", program=req.register)
+    # written to a local staging folder, then published whole (storage.publish: one rename, or
+    # the files then a commit marker on object storage); serving is logged from the local copy
+    local_run = (storage.local_dir(req.workdir) / "runs" / run_id).resolve()
+    staging = local_run / f".export-{os.getpid()}"
+    export_checkpoint(cfg.schema, cfg.model, checkpoint, staging, program=req.register)
+    export_dir = storage.join(run_dir, "export")
+    remote = storage.is_uri(export_dir)
+    storage.publish(staging, export_dir, consume=not remote)
+    local_export = staging if remote else Path(export_dir)
     log(f"  export: {'the serving programs (torch.export)' if req.register else 'the weights'} "
         f"({time.perf_counter() - t_export:.0f}s)")
     client.set_tag(run_id, "tokenrec.export", str(export_dir))
     m["export_dir"] = str(export_dir)
+    try:
+        return _log_and_register(cfg, req, client, run_id, tracking_uri, evals, eval_day, m, local_export, local_run,
+                                 log)
+    finally:
+        if remote:  # the staged copies (the run log beside them is uploaded at the end)
+            for staged in (staging, local_run / "plots"):
+                shutil.rmtree(staged, ignore_errors=True)
+
+
+def _log_and_register(cfg, req, client, run_id, tracking_uri, evals, eval_day, m, export_dir, local_run, log):
     try:  # images for the run page: never the reason a trained run fails
-        log_plots(client, run_id, tracking_uri, cfg, run_dir, log)
+        log_plots(client, run_id, tracking_uri, cfg, local_run, log)
     except Exception as e:  # noqa: BLE001
         log(f"warning: the run's plots were not logged ({type(e).__name__}: {e})")
     if not req.register:

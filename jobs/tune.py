@@ -261,12 +261,12 @@ def job_config(base_doc: dict, study: StudyConfig, job: Job, where: str) -> JobC
 class StudyRequest:
     config: Path  # the base job config
     study: Path  # the study file
-    data_root: Path
-    workdir: Path
+    data_root: Path | str
+    workdir: Path | str  # a local folder or an object-store URI
     overrides: tuple[str, ...] = ()  # --set on the base config
     tracking_uri: str | None = None
     address: str | None = None
-    results: Path | None = None  # where each run's result goes (default <workdir>/studies/<name>); keep
+    results: Path | str | None = None  # where each run's result goes (default <workdir>/studies/<name>); keep
                                  # it somewhere lasting (e.g. in the repository) to resume a long study
 
 
@@ -288,11 +288,9 @@ def fingerprint(cfg: JobConfig, data_root: Path) -> str:
     return hashlib.sha256((settings + json.dumps(files)).encode()).hexdigest()[:16]  # changes nothing
 
 
-def _atomic_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+def _atomic_json(path: Path | str, obj: dict) -> None:
+    """Readers see the old file or the new one (``storage.write_text``: rename, or one PUT)."""
+    storage.write_text(path, json.dumps(obj, indent=1, default=str))
 
 
 def _run_job(config: dict, *, jobs: dict, base_doc: dict, study: StudyConfig, req: StudyRequest,
@@ -309,7 +307,7 @@ def _run_job(config: dict, *, jobs: dict, base_doc: dict, study: StudyConfig, re
 
     t0 = time.perf_counter()
     console = Console()  # this trial's output in a log file, and its run's in runs/<id>/run.log
-    with console.capture(req.workdir / "logs" / f"tune-{study.name}-{job.key}-{os.getpid()}.log"):
+    with console.capture(storage.local_dir(req.workdir) / "logs" / f"tune-{study.name}-{job.key}-{os.getpid()}.log"):
         m = run_train(cfg, TrainRequest(
             days=cfg.train.days, data_root=req.data_root, workdir=req.workdir, tracking_uri=tracking_uri,
             address=req.address, register=False,
@@ -320,7 +318,7 @@ def _run_job(config: dict, *, jobs: dict, base_doc: dict, study: StudyConfig, re
               "metrics": {k: v for k, v in m.items() if isinstance(v, (int, float))}}
     if job.kind == "seed" and study.analyze and cfg.model.tower in LAYER_TOWERS:
         result["effective_rank"] = _effective_ranks(m["run_id"], tracking_uri)
-    _atomic_json(study_dir / "jobs" / f"{job.key}.json", result)
+    _atomic_json(storage.join(study_dir, "jobs", f"{job.key}.json"), result)
     tune.report({study.metric: m.get(study.metric, float("nan")), "seconds": result["seconds"]})
 
 
@@ -376,7 +374,7 @@ def _run_with_tune(pending: list[Job], phase: str, study: StudyConfig, **kw) -> 
         trainable, param_space={"job": tune.grid_search(list(jobs))},
         tune_config=tune.TuneConfig(max_concurrent_trials=study.max_concurrent),
         run_config=tune.RunConfig(name=f"{study.name}-{phase}-{int(time.time())}",
-                                  storage_path=str(kw["req"].workdir.resolve() / "ray_results"), verbose=0))
+                                  storage_path=str(storage.under(kw["req"].workdir, "ray_results")), verbose=0))
     grid = tuner.fit()
     failed = [(r.config.get("job"), r.error) for r in grid if r.error is not None]
     if failed:
@@ -386,17 +384,17 @@ def _run_with_tune(pending: list[Job], phase: str, study: StudyConfig, **kw) -> 
 
 def _load(study_dir: Path, job: Job, stamp: str) -> dict | None:
     """The job's saved result, if it was trained as the job is now (``fingerprint``)."""
-    path = study_dir / "jobs" / f"{job.key}.json"
-    if not path.exists():
+    path = storage.join(study_dir, "jobs", f"{job.key}.json")
+    if not storage.exists(path):
         return None
-    result = json.loads(path.read_text())
+    result = json.loads(storage.read_text(path))
     return result if result.get("fingerprint") == stamp else None
 
 
 def _pending(study_dir: Path, jobs: list[Job], stamps: dict, what: str, log) -> list[Job]:
     """The jobs without a saved result of today's fingerprint; says how many ran before and
     which saved results are stale (trained otherwise: they run again)."""
-    stale = [j.key for j in jobs if (study_dir / "jobs" / f"{j.key}.json").exists()
+    stale = [j.key for j in jobs if storage.exists(storage.join(study_dir, "jobs", f"{j.key}.json"))
              and _load(study_dir, j, stamps[j.key]) is None]
     if stale:
         log(f"{len(stale)} saved {what} results were trained otherwise (settings, config, days or data changed): "
@@ -444,15 +442,14 @@ def run_study(req: StudyRequest, log=print) -> dict:
         day_files(req.data_root, ds)  # a missing evaluation day stops here
     day_files(req.data_root, days)
 
-    study_dir = (req.results or req.workdir / "studies" / study.name).resolve()
-    study_dir.mkdir(parents=True, exist_ok=True)
-    (study_dir / "points.json").write_text(json.dumps(points, indent=1))
+    study_dir = storage.under(req.results) if req.results else storage.under(req.workdir, "studies", study.name)
+    storage.write_text(storage.join(study_dir, "points.json"), json.dumps(points, indent=1))
     costs = tower_costs({t: configs[t] for t in study.towers}, req.data_root)
-    (study_dir / "costs.json").write_text(json.dumps(costs, indent=1))
-    req = dataclasses.replace(req, workdir=req.workdir.resolve(),
+    storage.write_text(storage.join(study_dir, "costs.json"), json.dumps(costs, indent=1))
+    req = dataclasses.replace(req, workdir=storage.under(req.workdir),
                               data_root=storage.location(storage.absolute(req.data_root)))
     tracking_uri = req.tracking_uri or default_tracking_uri(req.workdir)
-    client, exp_id = connect(tracking_uri, cfg.tracking.experiment, req.workdir / "mlartifacts")
+    client, exp_id = connect(tracking_uri, cfg.tracking.experiment, storage.join(req.workdir, "mlartifacts"))
     parent_id = _parent_run(client, exp_id, study)
     log(f"study {study.name}: {len(study.towers)} towers × {study.trials} trials, then "
         f"{sum(study.seeds_of(t) for t in study.towers)} seed runs; results in {study_dir}; "
@@ -474,11 +471,11 @@ def run_study(req: StudyRequest, log=print) -> dict:
             chosen, index, value = {}, None, float("nan")
         settings = {**study.common, **study.fixed.get(tower, {}), **chosen}
         best[tower] = {"trial": index, "settings": settings, "value": value}
-        write_best(study_dir / "best" / f"{tower}.toml", tower, settings, study.metric, value)
+        write_best(storage.join(study_dir, "best", f"{tower}.toml"), tower, settings, study.metric, value)
         seed_jobs += [Job(f"seed-{tower}-{s}", "seed", tower, s, {**chosen, "train.seed": s})
                       for s in range(1, study.seeds_of(tower) + 1)]
     seed_jobs.sort(key=lambda j: j.index)  # seed by seed: an interrupted study has paired seeds
-    (study_dir / "best.json").write_text(json.dumps(best, indent=1))
+    storage.write_text(storage.join(study_dir, "best.json"), json.dumps(best, indent=1))
 
     for j in seed_jobs:
         stamps[j.key] = fingerprint(job_config(base_doc, study, j, str(req.study)), req.data_root)
@@ -487,9 +484,9 @@ def run_study(req: StudyRequest, log=print) -> dict:
     results = {t: sorted((_load(study_dir, j, stamps[j.key]) for j in seed_jobs if j.tower == t),
                          key=lambda r: r["job"]["index"]) for t in study.towers}
     summary = summarize(study, cfg, results, best, costs)
-    _atomic_json(study_dir / "summary.json", summary)
+    _atomic_json(storage.join(study_dir, "summary.json"), summary)
     table = markdown(summary)
-    (study_dir / "summary.md").write_text(table + "\n")
+    storage.write_text(storage.join(study_dir, "summary.md"), table + "\n")
     client.log_dict(parent_id, summary, "study/summary.json")
     client.log_text(parent_id, table, "study/summary.md")
     for tower, row in summary["towers"].items():

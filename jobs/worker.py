@@ -298,6 +298,9 @@ def train_loop(args: WorkerArgs) -> None:
             for label, rate in one_class_labels(metrics, f"{name}_", cfg.schema.labels).items():
                 emit("line", text=f"  warning: every '{label}' label of the {name} rows is {int(rate)}: "
                                   "AUC, GAUC and calibration are undefined (NaN) for it")
+    # which Ray node each rank ran on (the driver tags the run: tokenrec.worker_nodes)
+    nodes = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     if rank == 0:
         slots = (step - start_step) * tc.batch_size * dist.get_world_size()
         new_samples = int(totals[0]) - pos.rows
@@ -306,7 +309,9 @@ def train_loop(args: WorkerArgs) -> None:
                        stopped_early=int(stopped), train_seconds=train_seconds,
                        data_wait_seconds=data_wait,
                        train_rows_per_s=new_samples / max(train_seconds, 1e-9),
-                       padding_share=1.0 - new_samples / max(slots, 1))
+                       padding_share=1.0 - new_samples / max(slots, 1),
+                       checkpoint_path=str(final_ckpt),  # the driver exports it (a path or a URI)
+                       worker_nodes=json.dumps(nodes))  # by rank; the driver tags the run with it
         logger.log(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         logger.close()  # everything queued is sent before the run is reported done
     # Ray Train V2 fills Result.metrics only with a checkpoint: rank 0 hands it a small folder
@@ -316,7 +321,9 @@ def train_loop(args: WorkerArgs) -> None:
         report = tempfile.mkdtemp(prefix="tokenrec-report-")
         with open(f"{report}/checkpoint.json", "w") as f:
             json.dump({"checkpoint": final_ckpt}, f)
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(report) if report else None)
+    # (uploaded to RunConfig.storage_path, then removed here: nothing of the run stays on the node)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(report) if report else None,
+                     delete_local_checkpoint_after_upload=True)
 
 
 def managed_collision_metrics(sparse_arch: SparseArch, phase: str) -> dict[str, float]:

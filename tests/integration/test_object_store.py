@@ -4,6 +4,9 @@ the same files on disk; the quarantine files themselves land on the store."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -78,3 +81,72 @@ def test_train_reads_its_days_from_s3(ray_with_s3: str, tmp_path: Path) -> None:
 
     run = MlflowClient(m["tracking_uri"]).get_run(m["run_id"])
     assert run.data.tags["tokenrec.data_root"] == bucket + "/logs"
+
+
+SECRET = "PLANTED-SECRET-9f3c1e"  # the S3 server's secret key (tests/conftest.py s3_server)
+
+
+def tokenrec(*args: str) -> subprocess.CompletedProcess:
+    """The CLI in its own process, with this test's environment (the S3 endpoint and credentials)."""
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def test_daily_on_an_s3_workdir_trains_once_and_leaks_no_credential(s3_bucket: str, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    """``tokenrec daily`` with ``--data`` and ``--workdir`` on the S3 server (MLflow's store: a
+    local SQLite file; its artifacts on the bucket): the run's checkpoint, quarantine, export,
+    Ray Train's results, the run and command logs and the MLflow artifacts are on the store;
+    the gate scores the export read back from it; a second ``daily`` of the same day trains
+    nothing. Nothing of the run is left on local disk but the logs (written locally, uploaded at
+    the end). The S3 secret appears in no output, log, tag, param or error message."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("TOKENREC_LOCAL_DIR", str(tmp_path / "local"))
+    cfg = load_config(ROOT / "configs/tiny.toml", ["generator.rows_per_day=1024", "generator.files_per_day=2"])
+    generate(cfg.schema, cfg.generator, tmp_path / "logs", parse_days("2026-01-01..2026-01-02"), log=lambda *_: None)
+    logs, work = s3_bucket + "/logs", s3_bucket + "/tokenrec"
+    storage.upload(tmp_path / "logs", logs)
+    shutil.rmtree(tmp_path / "logs")
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    daily = ["daily", "--config", str(ROOT / "configs/tiny.toml"), "--data", logs, "--workdir", work,
+             "--tracking-uri", tracking, "--date", "2026-01-01",
+             "--set", "gate.calibration_band=[0.5, 2.0]"]  # 1,024 rows of one day: a rough calibration
+    first = tokenrec(*daily)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = tokenrec(*daily)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "day 2026-01-01 is already done" in second.stdout
+
+    client = MlflowClient(tracking)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, "the second daily trained again"
+    run = runs[0]
+    tags = run.data.tags
+    assert run.info.artifact_uri.startswith(work + "/mlartifacts/")
+    assert tags["tokenrec.checkpoint"].startswith(f"{work}/runs/{run.info.run_id}/checkpoints/step-")
+    assert tags["tokenrec.export"] == f"{work}/runs/{run.info.run_id}/export"
+    on_store = storage.files_under(f"{work}/runs/{run.info.run_id}")
+    assert {"export/_SUCCESS", "export/model.pt", "export/model.pt2", "run.log"} <= set(on_store)
+    assert any(f.startswith("checkpoints/step-") and f.endswith("/meta.json") for f in on_store)
+    assert [n for n in storage.names(f"{work}/logs") if n.startswith("daily-")], "the command logs are uploaded"
+    assert storage.files_under(f"{work}/ray_results"), "Ray Train's results are on the store"
+    assert storage.files_under(run.info.artifact_uri), "MLflow's artifacts are on the store"
+    version = client.get_model_version_by_alias("tokenrec-ranker", "champion")
+    assert int(version.version) == 1 and "gate on" in version.tags["tokenrec.gate"]
+    assert not client.search_registered_models("name LIKE '%tokenrec-lock%'"), "the champion lock was released"
+
+    local = [p for p in _files(tmp_path) if not p.name.startswith("mlflow.db")]
+    assert local and all(p.suffix == ".log" for p in local), [str(p) for p in local if p.suffix != ".log"]
+    texts = [first.stdout, first.stderr, second.stdout, second.stderr] + [p.read_text(errors="replace") for p in local]
+    texts += [storage.read_text(f"{work}/runs/{run.info.run_id}/run.log")]
+    texts += [f"{k}={v}" for k, v in {**tags, **run.data.params, **version.tags}.items()]
+    assert texts and not [t for t in texts if SECRET in t], "the S3 secret leaked"
+
+    bad = tokenrec("train", "--config", str(ROOT / "configs/tiny.toml"), "--data", s3_bucket + "-missing/logs",
+                   "--workdir", work, "--tracking-uri", tracking, "--days", "2026-01-01")
+    assert bad.returncode != 0 and "s3://" in bad.stderr and SECRET not in bad.stdout + bad.stderr

@@ -60,3 +60,10 @@ def test_per_block_options_need_a_tower_with_blocks() -> None:
         check_tower(_model("dlrm"), DenseParallelConfig(dense_parallel="fsdp", mixed_precision="bf16"))
     with pytest.raises(ValueError, match="activation_checkpointing = true applies to a tower's blocks"):
         check_tower(_model("hyformer"), DenseParallelConfig(activation_checkpointing=True))
+
+
+def test_placement_strategy_is_pack_or_spread() -> None:
+    assert TrainConfig().placement_strategy == "PACK"
+    assert TrainConfig(placement_strategy="SPREAD").placement_strategy == "SPREAD"
+    with pytest.raises(ValueError, match="placement_strategy: choose PACK or SPREAD, got 'spread'"):
+        TrainConfig(placement_strategy="spread")

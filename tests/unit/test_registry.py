@@ -51,3 +51,47 @@ def test_rollback_skips_a_version_deleted_since_it_was_champion(reg: Registry) -
     with pytest.raises(ValueError, match=r"version 3 is the first champion of 'm' still in the registry "
                                          r"\(earlier champions \[1\] were deleted\)"):
         reg.rollback(log=lambda *_: None)
+
+
+def test_the_champion_lock_is_a_unique_registered_model(reg: Registry) -> None:
+    """``Registry.lock`` (no shared filesystem): held = the registered model ``m.tokenrec-lock``
+    exists; a second taker waits and, past its timeout, names the holder and how to clear a
+    dead one; leaving deletes it, also when the body raised; the lock never shows as a version."""
+    with reg.lock():
+        held = reg.client.get_registered_model("m.tokenrec-lock")
+        assert "pid" in held.tags["tokenrec.lock_holder"] and held.tags["tokenrec.lock_token"]
+        other = Registry(reg.client, "m")
+        with pytest.raises(TimeoutError, match=r"held by .* pid .*delete the registered model 'm.tokenrec-lock'"):
+            with other.lock(timeout=0.3, poll=0.05):
+                pass
+        assert reg.client.get_registered_model("m.tokenrec-lock").tags == held.tags, "the waiter left it alone"
+    assert not reg.client.search_registered_models("name = 'm.tokenrec-lock'")
+    with pytest.raises(RuntimeError, match="body"):
+        with reg.lock():
+            raise RuntimeError("body")
+    assert not reg.client.search_registered_models("name = 'm.tokenrec-lock'")
+    with reg.lock(timeout=1):  # free again at once
+        assert reg.champion() is None
+
+
+def test_a_lock_whose_create_reply_was_lost_is_recognised_as_ours(reg: Registry) -> None:
+    """A retried create (the first one went through, its reply was lost) answers
+    RESOURCE_ALREADY_EXISTS: the token in the lock's tags says it is ours, so no deadlock."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS
+
+    class LostReply:
+        def __init__(self, client: MlflowClient) -> None:
+            self.client = client
+
+        def __getattr__(self, name: str):
+            return getattr(self.client, name)
+
+        def create_registered_model(self, *args, **kwargs):
+            self.client.create_registered_model(*args, **kwargs)
+            raise MlflowException("registered model already exists", error_code=RESOURCE_ALREADY_EXISTS)
+
+    lossy = Registry(LostReply(reg.client), "m")
+    with lossy.lock(timeout=0.5, poll=0.05):
+        assert reg.client.search_registered_models("name = 'm.tokenrec-lock'")
+    assert not reg.client.search_registered_models("name = 'm.tokenrec-lock'")

@@ -126,3 +126,45 @@ def test_day_partitions_on_s3_list_and_check_like_the_same_files_on_disk(s3_buck
     assert check_files(on_s3, cfg.schema, log=lambda *_: None) == check_files(on_disk, cfg.schema, log=lambda *_: None)
     with pytest.raises(FileNotFoundError, match="no data for day 2026-01-03"):
         day_files(s3_bucket + "/logs", parse_days("2026-01-03"))
+
+
+def test_publish_is_all_or_nothing_and_never_rewrites(base: str, tmp_path: Path) -> None:
+    """``publish`` (exports): a folder becomes visible whole — one rename on disk, the files then
+    the ``_SUCCESS`` marker on the store; an upload that died before its marker is invisible
+    (``is_published_folder``, ``fetch`` refuses it) and its orphans are deleted by the next
+    publish; a published folder is never rewritten; ``fetch`` gives the same files back."""
+    def staged(tag: str) -> Path:
+        src = tmp_path / f"staging-{tag}"
+        (src / "sub").mkdir(parents=True)
+        (src / "model.pt").write_text(tag)
+        (src / "sub" / "meta.json").write_text("{}")
+        return src
+
+    dest = storage.join(base, "runs", "r1", "export")
+    storage.write_text(storage.join(dest, "model.pt"), "half")  # a crashed attempt: files, no marker
+    storage.write_text(storage.join(dest, "orphan.bin"), "x")
+    if base.startswith("s3://"):
+        assert not storage.is_published_folder(dest)
+        with pytest.raises(FileNotFoundError, match="never published"):
+            storage.fetch(dest)
+    else:  # on disk the folder appears by one rename: a crashed attempt leaves only its staging folder
+        storage.delete(dest)
+    storage.publish(staged("v1"), dest)
+    assert storage.is_published_folder(dest)
+    assert not (tmp_path / "staging-v1").exists(), "the staging folder is consumed"
+    assert set(storage.files_under(dest)) - {storage.MARKER} == {"model.pt", "sub/meta.json"}, "orphans deleted"
+    with pytest.raises(FileExistsError, match="never rewritten"):
+        storage.publish(staged("v2"), dest)
+    local = storage.fetch(dest)
+    assert (local / "model.pt").read_text() == "v1" and (local / "sub" / "meta.json").exists()
+    assert not (local / storage.MARKER).exists()
+
+
+def test_local_dir_is_the_folder_or_one_per_uri(tmp_path: Path, monkeypatch) -> None:
+    assert storage.local_dir(tmp_path / "work") == tmp_path / "work"
+    monkeypatch.setenv("TOKENREC_LOCAL_DIR", str(tmp_path / "local"))
+    a, b = storage.local_dir("s3://bucket/a"), storage.local_dir("s3://bucket/b")
+    assert a.parent == b.parent == tmp_path / "local" and a != b
+    assert storage.local_dir("s3://bucket/a/") == a
+    assert storage.under("s3://bucket/a", "runs", "r") == "s3://bucket/a/runs/r"
+    assert storage.under(tmp_path / "w", "runs") == (tmp_path / "w" / "runs").resolve()
