@@ -99,7 +99,8 @@ def test_train_daily_and_score_on_two_ray_nodes_sharing_only_s3(s3_bucket: str, 
         assert len(nodes) == 2, nodes
 
         def tokenrec(*args: str) -> subprocess.CompletedProcess:
-            out = subprocess.run([sys.executable, "-m", "jobs.cli", *args, "--config", str(TINY), "--data", logs,
+            config = [] if args[0] == "score" else ["--config", str(TINY)]
+            out = subprocess.run([sys.executable, "-m", "jobs.cli", *args, *config, "--data", logs,
                                   "--workdir", work, "--tracking-uri", tracking, "--address", gcs],
                                  env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
             assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
