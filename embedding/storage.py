@@ -294,10 +294,17 @@ def publish(src: str | Path, dest: str | Path, consume: bool = True) -> None:
         return
     delete(dest)  # orphans of an attempt that never wrote its marker
     files = {p.relative_to(src).as_posix(): p.stat().st_size for p in sorted(src.rglob("*")) if p.is_file()}
-    upload(src, dest)
     import json
 
-    write_text(join(dest, MARKER), json.dumps({"files": files}, indent=1))
+    try:
+        upload(src, dest)
+        write_text(join(dest, MARKER), json.dumps({"files": files}, indent=1))
+    except BaseException:
+        try:  # leave no orphans behind (best effort: a lost store keeps them, unpublished, until the next try)
+            delete(dest)
+        except Exception:  # noqa: BLE001 - the upload's own error is the one to report
+            pass
+        raise
     if consume:
         shutil.rmtree(src, ignore_errors=True)
 

@@ -201,6 +201,25 @@ def published(root: str | Path) -> list[Path] | list[str]:
     return sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "meta.json").exists())
 
 
+def discard_uncommitted(root: str | Path) -> list[str]:
+    """Delete what unfinished saves left under ``root``: on an object store the ``step-…``
+    folders without their ``meta.json``, on disk the ``.tmp-step-…`` / ``.old-step-…`` folders.
+    Published checkpoints are never touched. Returns what was deleted (the driver calls it when
+    a run fails; a save in the same root does the same first)."""
+    if storage.is_uri(root):
+        done = {str(p) for p in published(root)}
+        gone = [storage.join(root, n) for n in storage.names(root)
+                if STEP_DIR.match(n) and storage.join(root, n) not in done]
+        for path in gone:
+            storage.delete(path)
+        return gone
+    root = Path(root)
+    gone = [str(p) for pattern in (".tmp-step-*", ".old-step-*") for p in root.glob(pattern)]
+    for path in gone:
+        shutil.rmtree(path, ignore_errors=True)
+    return gone
+
+
 def latest(root: str | Path) -> Path | None:
     found = published(root)
     return found[-1] if found else None

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -69,7 +70,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     with _captured(a):
         m = run_train(cfg, TrainRequest(days=a.days or "", data_root=a.data, workdir=a.workdir,
                                         tracking_uri=a.tracking_uri, address=a.address,
-                                        init_from=a.init_from, resume_from=a.resume), log=a.console.line)
+                                        init_from=a.init_from and storage.absolute(a.init_from),
+                                        resume_from=a.resume and storage.absolute(a.resume)), log=a.console.line)
     _summary(m)
     return 0
 
@@ -274,8 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--tracking-uri", help=TRACKING_HELP)
     t.add_argument("--address", help=ADDRESS_HELP)
     t.add_argument("--num-workers", type=int, help="Ray Train workers (default: [train].num_workers)")
-    t.add_argument("--init-from", help="warm start from a checkpoint folder (weights + optimizer state)")
-    t.add_argument("--resume", help="continue a stopped run of this job from its checkpoint folder")
+    t.add_argument("--init-from", type=storage.location,
+                   help="warm start from a checkpoint folder (weights + optimizer state)")
+    t.add_argument("--resume", type=storage.location,
+                   help="continue a stopped run of this job from its checkpoint folder")
     t.set_defaults(fn=cmd_train)
 
     tu = sub.add_parser("tune", help="fair tower comparison: Ray Tune trials chosen on validation days, "
@@ -376,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     # the console renders every worker's event line: Ray must not fold them as repeats
     os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", r"tokenrec\.event")
     a = parser.parse_args(argv)
+    # SIGTERM (`ray job stop`, a pod's eviction or deadline) as an exception: `finally` blocks run —
+    # the champion lock is released, the logs are uploaded
+    previous = None
+    with contextlib.suppress(ValueError):  # not the main thread (tests calling main in a thread)
+        previous = signal.signal(signal.SIGTERM, _terminated)
     from jobs.console import Console
 
     a.console = Console(verbose=a.verbose)
@@ -392,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"tokenrec {a.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:  # main() called in-process (tests): the caller's handler again
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _is_ray_error(e: BaseException) -> bool:
@@ -425,6 +437,10 @@ def _library_error(a: argparse.Namespace, e: BaseException) -> int:
     return 1
 
 
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _one_line(e: BaseException, limit: int = 400) -> str:
     """The exception's message on one line (its first line, at most ``limit`` characters)."""
     text = str(e).strip() or type(e).__name__
@@ -438,8 +454,9 @@ def _origin(e: BaseException) -> str:
     return f"{module}.{type(e).__name__}" if module not in ("builtins", "__main__") else type(e).__name__
 
 
-def _write_traceback(a: argparse.Namespace) -> Path:
-    """The current exception's traceback in ``<workdir>/logs/`` (or the temp folder)."""
+def _write_traceback(a: argparse.Namespace) -> Path | str:
+    """The current exception's traceback in ``<workdir>/logs/`` (or the temp folder; on an
+    object-store work folder written locally, then uploaded: the uploaded copy is returned)."""
     import tempfile
     import traceback
 
@@ -449,8 +466,14 @@ def _write_traceback(a: argparse.Namespace) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError:
         out = Path(tempfile.gettempdir())
+    from jobs.tracking import redact
+
     path = out / f"tokenrec-{a.command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    path.write_text(f"tokenrec {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}")
+    path.write_text(f"tokenrec {' '.join(redact(x) for x in sys.argv[1:])}\n\n{traceback.format_exc()}")
+    if base and storage.is_uri(base):  # the node's disk may not outlive the job (a pod): upload it
+        with contextlib.suppress(Exception):
+            storage.write_bytes(storage.join(base, "logs", path.name), path.read_bytes())
+            return storage.join(base, "logs", path.name)
     return path
 
 

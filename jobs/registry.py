@@ -48,6 +48,7 @@ from pipeline.validate import REQUEST_ID, expected_kinds, normalize, split_valid
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY = "tokenrec.champion_history"
 LOCK_SUFFIX, LOCK_HOLDER, LOCK_TOKEN = ".tokenrec-lock", "tokenrec.lock_holder", "tokenrec.lock_token"
+LOCK_SINCE = "tokenrec.lock_since"  # epoch seconds
 GATE_METRICS = ("eval_auc", "eval_logloss", "eval_calibration", "eval_rows", "eval_positive_rate")
 
 
@@ -154,30 +155,40 @@ class Registry:
         return f"{self.name}{LOCK_SUFFIX}"
 
     @contextlib.contextmanager
-    def lock(self, timeout: float = 300.0, poll: float = 0.5):
+    def lock(self, timeout: float = 300.0, poll: float = 0.5, stale: float = 120.0):
         """Exclusive while the champion alias and its history change (read, then write), across
         processes and machines, through what every MLflow tracking store guarantees: a registered
         model name is unique. Taking the lock creates the registered model ``lock_name()``
-        (tagged with its holder: host, pid, time, a random token); a second creator gets
-        ``RESOURCE_ALREADY_EXISTS`` and waits, polling every ``poll`` s; leaving deletes it. No
-        shared filesystem is needed (object-storage clusters, ``docs/cluster.md``). Raises
-        ``TimeoutError`` after ``timeout`` s, naming the holder and how to remove a lock whose
-        holder died while holding it (the lock is held for a few MLflow calls, not a training)."""
+        (tagged with its holder — host, pid, time — its start in epoch seconds and a random
+        token); a second creator gets ``RESOURCE_ALREADY_EXISTS`` and waits, polling every
+        ``poll`` s; leaving deletes it, only when the token is still ours. The lock is held for a
+        few MLflow calls, never a training: one older than ``stale`` s was left by a holder that
+        died holding it (SIGKILL, a lost machine) and is removed by the next taker (after reading
+        its token again, so a lock just retaken by someone else is left alone). No shared
+        filesystem is needed (object-storage clusters, ``docs/cluster.md``). Raises
+        ``TimeoutError`` after ``timeout`` s, naming the holder and how to remove its lock."""
         name, token = self.lock_name(), uuid.uuid4().hex
         holder = f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}"
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self.client.create_registered_model(name, tags={LOCK_HOLDER: holder, LOCK_TOKEN: token},
-                                                    description=f"tokenrec's lock on the champion of '{self.name}', "
-                                                                f"held by {holder}; deleted when released")
+                self.client.create_registered_model(
+                    name, tags={LOCK_HOLDER: holder, LOCK_TOKEN: token, LOCK_SINCE: f"{time.time():.3f}"},
+                    description=f"tokenrec's lock on the champion of '{self.name}', held by {holder}; "
+                                "deleted when released")
                 break
             except MlflowException as e:
-                if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
                 held = self._lock_tags(name)
                 if held.get(LOCK_TOKEN) == token:  # our create went through; its reply was lost and retried
                     break
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                since = float(held.get(LOCK_SINCE, "inf"))
+                if time.time() - since > stale and self._lock_tags(name).get(LOCK_TOKEN) == held.get(LOCK_TOKEN):
+                    print(f"[tokenrec] removing the champion lock of '{self.name}' left by "
+                          f"{held.get(LOCK_HOLDER)} ({time.time() - since:.0f}s old: its holder is gone)", flush=True)
+                    self._release(name, held.get(LOCK_TOKEN))
+                    continue
                 if time.monotonic() > deadline:
                     raise TimeoutError(
                         f"the champion lock of '{self.name}' is held by {held.get(LOCK_HOLDER, 'another process')} "
@@ -187,6 +198,11 @@ class Registry:
         try:
             yield
         finally:
+            self._release(name, token)
+
+    def _release(self, name: str, token: str | None) -> None:
+        """Delete the lock ``name`` when it still carries ``token`` (never another holder's)."""
+        if token and self._lock_tags(name).get(LOCK_TOKEN) == token:
             with contextlib.suppress(MlflowException):  # already gone: nothing to release
                 self.client.delete_registered_model(name)
 

@@ -18,6 +18,9 @@ quarantined with the reason (``pipeline.requests``), never scored from one row's
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,8 +106,16 @@ def run_score(req: ScoreRequest, log=print) -> dict:
         raise FileExistsError(f"--out {req.out} exists and is not empty; choose a new folder")
     tracking_uri = req.tracking_uri or default_tracking_uri(req.workdir)
     mlflow.set_tracking_uri(tracking_uri)
+    scratch = tempfile.mkdtemp(prefix="tokenrec-score-")  # the model's local copy, removed at the end
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=req.model_uri))
+        return _score(req, tracking_uri, scratch, t0, log)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _score(req: ScoreRequest, tracking_uri: str, scratch: str, t0: float, log) -> dict:
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=req.model_uri, dst_path=scratch))
     except Exception as e:  # noqa: BLE001 - unknown name, alias, version or an unreachable store
         raise RuntimeError(f"cannot load {req.model_uri} from {redact(tracking_uri)}: {e}") from None
     export_dir = find_export(local)
@@ -135,6 +146,11 @@ def run_score(req: ScoreRequest, log=print) -> dict:
     if rows_in != rows_scored + rows_quarantined:
         raise RuntimeError(f"row accounting broken: {rows_in} rows in, {rows_scored} scored, "
                            f"{rows_quarantined} quarantined")
+    # the commit marker, written last (as for exports, embedding/storage.publish): Ray Data's
+    # writers put the files in place one by one, so a reader waits for it before trusting the folder
+    storage.write_text(storage.join(out, storage.MARKER), json.dumps(
+        {"files": [rel for rel in storage.files_under(out) if rel.endswith(".parquet")],
+         "rows_scored": rows_scored, "model": req.model_uri}, indent=1))
     seconds = time.perf_counter() - t0
     log(f"wrote {rows_scored:,} predictions in {len(written)} files to {req.out} in {seconds:.0f}s "
         f"({rows_scored / max(seconds, 1e-9):,.0f} rows/s)")

@@ -29,7 +29,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from deploy.export import export_checkpoint, log_pyfunc, request_example
 from embedding import storage
 from embedding.dense_parallel import check_tower
-from jobs.checkpoint import check_layout, is_published, read_position
+from jobs.checkpoint import check_layout, discard_uncommitted, is_published, read_position
 from jobs.config import JobConfig
 from jobs.console import active
 from jobs.tracking import connect, default_tracking_uri, flatten, log_day_inputs, log_metrics, redact, with_retries
@@ -138,7 +138,8 @@ def run_description(cfg, days: list, evals: dict, command: str | None = None) ->
 
     prog = Path(sys.argv[0]).name if sys.argv else ""
     if command is None and prog in ("cli.py", "tokenrec"):  # `python -m jobs.cli` is `tokenrec`
-        command = " ".join(shlex.quote(a) for a in ["tokenrec", *sys.argv[1:]])
+        # an argument may be a URI with user:password@ (--tracking-uri): stored redacted
+        command = " ".join(shlex.quote(redact(a)) for a in ["tokenrec", *sys.argv[1:]])
     ranges = ", ".join(f"{name} {spec}" for name, (_, _, spec) in evals.items())
     return (f"**{cfg.model.tower}** trained on {days[0]}..{days[-1]} ({len(cfg.schema.sparse)} sparse fields, "
             f"{len(cfg.schema.sequences)} sequences, labels {', '.join(cfg.schema.labels)}); evaluated on {ranges}."
@@ -349,6 +350,10 @@ def _train_and_register(cfg, req, client, run_id, tracking_uri, train_files, eva
     try:
         result = trainer.fit()
     except Exception as e:  # a deterministic worker error: its own message, one line (exit 2)
+        with contextlib.suppress(Exception):  # a failed run leaves no half-written checkpoint behind
+            gone = discard_uncommitted(args.checkpoint_root)
+            if gone:
+                log(f"deleted {len(gone)} unfinished checkpoint folder(s) of this run: {', '.join(gone)}")
         stop = _find(e, DeterministicWorkerError)
         if stop is not None:
             raise ValueError(str(stop)) from None

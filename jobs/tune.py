@@ -307,12 +307,18 @@ def _run_job(config: dict, *, jobs: dict, base_doc: dict, study: StudyConfig, re
 
     t0 = time.perf_counter()
     console = Console()  # this trial's output in a log file, and its run's in runs/<id>/run.log
-    with console.capture(storage.local_dir(req.workdir) / "logs" / f"tune-{study.name}-{job.key}-{os.getpid()}.log"):
-        m = run_train(cfg, TrainRequest(
-            days=cfg.train.days, data_root=req.data_root, workdir=req.workdir, tracking_uri=tracking_uri,
-            address=req.address, register=False,
-            tags={"mlflow.parentRunId": parent_id, "tokenrec.study": study.name, "tokenrec.study_job": job.key}),
-            log=console.line)
+    name = f"tune-{study.name}-{job.key}-{os.getpid()}.log"
+    trial_log = storage.local_dir(req.workdir) / "logs" / name
+    try:
+        with console.capture(trial_log):
+            m = run_train(cfg, TrainRequest(
+                days=cfg.train.days, data_root=req.data_root, workdir=req.workdir, tracking_uri=tracking_uri,
+                address=req.address, register=False,
+                tags={"mlflow.parentRunId": parent_id, "tokenrec.study": study.name, "tokenrec.study_job": job.key}),
+                log=console.line)
+    finally:  # an object-store work folder: the trial's log goes there too (the trial's node may be gone later)
+        if storage.is_uri(req.workdir) and trial_log.exists():
+            storage.write_bytes(storage.join(req.workdir, "logs", name), trial_log.read_bytes())
     result = {"job": dataclasses.asdict(job), "fingerprint": stamp, "run_id": m["run_id"],
               "seconds": time.perf_counter() - t0,
               "metrics": {k: v for k, v in m.items() if isinstance(v, (int, float))}}

@@ -87,6 +87,10 @@ def test_a_crash_before_the_commit_marker_keeps_the_previous_checkpoint(s3_bucke
     with pytest.raises(FileNotFoundError, match="no meta.json"):
         checkpoint.read_position(storage.join(root, "step-00000002"))
 
+    # a failed run's driver deletes them (jobs.train: checkpoint.discard_uncommitted); so does the next save
+    assert checkpoint.discard_uncommitted(root) == [storage.join(root, "step-00000002")]
+    assert storage.names(root) == ["step-00000001"] and checkpoint.discard_uncommitted(root) == []
+    storage.write_text(storage.join(root, "step-00000002", "__0_0.distcp"), "orphan")
     third = checkpoint.save(root, model, opt, checkpoint.Position(step=3))
     assert checkpoint.published(root) == [first, third]
     assert "step-00000002" not in storage.names(root), "the uncommitted write's objects are cleaned up"

@@ -163,6 +163,8 @@ def test_score_writes_every_valid_row_and_quarantines_the_rest(registered, capsy
     logs = pa.concat_tables([pq.read_table(f) for d in ("day=2026-01-01", "day=2026-01-02")
                              for f in sorted((tmp / "data" / d).glob("*.parquet"))])
     assert scores.num_rows == logs.num_rows - 1 == 600 + 2
+    marker = json.loads((out / "_SUCCESS").read_text())  # written last, after the row accounting
+    assert marker["rows_scored"] == scores.num_rows and len(marker["files"]) == len(list(out.glob("*.parquet")))
     assert {"user_id", "ts", "item_id", "click", "p_click"} <= set(scores.column_names)
     valid = to_canonical(pa.concat_tables([logs.slice(0, 600), good.slice(1)]), schema)
     want = np.sort(score_table(registered["program"], valid, schema)[:, 0])

@@ -91,8 +91,14 @@ def test_train_daily_and_score_on_two_ray_nodes_sharing_only_s3(s3_bucket: str, 
     head_tmp, node_tmp = ray_cluster.temp_dir(), ray_cluster.temp_dir()
     server, tracking = _mlflow_server(env, tmp_path / "tracking-server", work + "/mlartifacts")
     try:
-        gcs, dashboard = ray_cluster.start(env, head_tmp, num_cpus=2, resources={"head_node": 1})
-        ray_cluster.start(env, node_tmp, num_cpus=2, head_address=gcs, resources={"second_node": 1})
+        # each node and the driver get their own scratch folder (TMPDIR), scanned at the end like the rest
+        scratch = {who: tmp_path / f"{who}-tmp" for who in ("head", "node", "driver")}
+        for folder in scratch.values():
+            folder.mkdir()
+        gcs, dashboard = ray_cluster.start(env | {"TMPDIR": str(scratch["head"])}, head_tmp, num_cpus=2,
+                                           resources={"head_node": 1})
+        ray_cluster.start(env | {"TMPDIR": str(scratch["node"])}, node_tmp, num_cpus=2, head_address=gcs,
+                          resources={"second_node": 1})
         deadline = time.time() + 60
         while len(nodes := _node_ids(env, dashboard)) < 2 and time.time() < deadline:
             time.sleep(2)
@@ -102,7 +108,8 @@ def test_train_daily_and_score_on_two_ray_nodes_sharing_only_s3(s3_bucket: str, 
             config = [] if args[0] == "score" else ["--config", str(TINY)]
             out = subprocess.run([sys.executable, "-m", "jobs.cli", *args, *config, "--data", logs,
                                   "--workdir", work, "--tracking-uri", tracking, "--address", gcs],
-                                 env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+                                 env=env | {"TMPDIR": str(scratch["driver"])}, cwd=ROOT, capture_output=True,
+                                 text=True, timeout=900)
             assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
             return out
 
@@ -133,6 +140,7 @@ def test_train_daily_and_score_on_two_ray_nodes_sharing_only_s3(s3_bucket: str, 
             return sum(pq.read_metadata(fs.open_input_file(f"{base}/{f}")).num_rows
                        for f in storage.files_under(folder) if f.endswith(".parquet"))
 
+        assert storage.is_published_folder(s3_bucket + "/scores"), "the scores' commit marker"
         assert rows(s3_bucket + "/scores") == rows(logs + "/day=2026-01-03") == 1024, "every row of day 3 scored"
 
         run_ids = {r.info.run_id for r in runs}

@@ -95,3 +95,26 @@ def test_a_lock_whose_create_reply_was_lost_is_recognised_as_ours(reg: Registry)
     with lossy.lock(timeout=0.5, poll=0.05):
         assert reg.client.search_registered_models("name = 'm.tokenrec-lock'")
     assert not reg.client.search_registered_models("name = 'm.tokenrec-lock'")
+
+
+def test_a_stale_lock_is_removed_and_release_leaves_another_holders_lock(reg: Registry) -> None:
+    """A holder that died holding the lock (no release) blocks nobody past ``stale`` s; a holder
+    whose lock was removed and retaken by someone else does not delete the new holder's lock."""
+    import time
+
+    name = reg.lock_name()
+    reg.client.create_registered_model(name, tags={"tokenrec.lock_holder": "host pid 1", "tokenrec.lock_token": "dead",
+                                                   "tokenrec.lock_since": f"{time.time() - 3600:.3f}"})
+    with reg.lock(timeout=5, poll=0.05, stale=120):  # an hour old: removed, then taken
+        assert reg.client.get_registered_model(name).tags["tokenrec.lock_token"] != "dead"
+    assert not reg.client.search_registered_models(f"name = '{name}'")
+
+    fresh = {"tokenrec.lock_holder": "host pid 2", "tokenrec.lock_token": "alive",
+             "tokenrec.lock_since": f"{time.time():.3f}"}
+    with reg.lock():
+        reg.client.delete_registered_model(name)  # removed by hand while we hold it, then retaken
+        reg.client.create_registered_model(name, tags=fresh)
+    assert reg.client.get_registered_model(name).tags["tokenrec.lock_token"] == "alive", "not ours: left alone"
+    with pytest.raises(TimeoutError):  # a fresh lock is not stale
+        with reg.lock(timeout=0.2, poll=0.05, stale=120):
+            pass

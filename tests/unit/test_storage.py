@@ -141,14 +141,13 @@ def test_publish_is_all_or_nothing_and_never_rewrites(base: str, tmp_path: Path)
         return src
 
     dest = storage.join(base, "runs", "r1", "export")
-    storage.write_text(storage.join(dest, "model.pt"), "half")  # a crashed attempt: files, no marker
-    storage.write_text(storage.join(dest, "orphan.bin"), "x")
-    if base.startswith("s3://"):
-        assert not storage.is_published_folder(dest)
-        with pytest.raises(FileNotFoundError, match="never published"):
-            storage.fetch(dest)
-    else:  # on disk the folder appears by one rename: a crashed attempt leaves only its staging folder
-        storage.delete(dest)
+    if base.startswith("s3://"):  # a crashed attempt: files, no marker
+        storage.write_text(storage.join(dest, "model.pt"), "half")
+        storage.write_text(storage.join(dest, "orphan.bin"), "x")
+    # on disk the folder appears by one rename: a crashed attempt leaves only its staging folder
+    assert not storage.is_published_folder(dest)
+    with pytest.raises(FileNotFoundError, match="never published"):
+        storage.fetch(dest)
     storage.publish(staged("v1"), dest)
     assert storage.is_published_folder(dest)
     assert not (tmp_path / "staging-v1").exists(), "the staging folder is consumed"
@@ -168,3 +167,24 @@ def test_local_dir_is_the_folder_or_one_per_uri(tmp_path: Path, monkeypatch) -> 
     assert storage.local_dir("s3://bucket/a/") == a
     assert storage.under("s3://bucket/a", "runs", "r") == "s3://bucket/a/runs/r"
     assert storage.under(tmp_path / "w", "runs") == (tmp_path / "w" / "runs").resolve()
+
+
+def test_a_publish_whose_upload_fails_leaves_no_orphans(s3_bucket: str, tmp_path: Path, monkeypatch) -> None:
+    src = tmp_path / "staging"
+    src.mkdir()
+    for i in range(3):
+        (src / f"part-{i}.bin").write_text(str(i))
+    dest = s3_bucket + "/runs/r2/export"
+    real = storage.upload
+
+    def dies_half_way(local_dir, to):
+        storage.write_text(storage.join(to, "part-0.bin"), "0")  # one object made it before the failure
+        raise ConnectionError("connection reset by peer")
+    monkeypatch.setattr(storage, "upload", dies_half_way)
+    with pytest.raises(ConnectionError):
+        storage.publish(src, dest)
+    monkeypatch.setattr(storage, "upload", real)
+    assert storage.files_under(dest) == [] and not storage.is_published_folder(dest)
+    assert src.is_dir(), "the staged files are kept for another try"
+    storage.publish(src, dest)
+    assert storage.is_published_folder(dest)
