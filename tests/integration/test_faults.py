@@ -28,9 +28,20 @@ def _cli(*args: str, **kw) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def _train_worker_pids() -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "ray::RayTrainWorker" in line]
+def _train_worker_pids(root: int) -> list[int]:
+    """The Ray Train workers among the descendants of process ``root`` (the job, whose local Ray
+    it started): never another Ray's on the machine (a study running beside the suite)."""
+    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
+    rows = [line.split(None, 2) for line in out.splitlines()[1:]]
+    children: dict[int, list[int]] = {}
+    for pid, ppid, *_ in rows:
+        children.setdefault(int(ppid), []).append(int(pid))
+    mine, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        mine.add(pid)
+        todo += children.get(pid, [])
+    return [int(r[0]) for r in rows if len(r) == 3 and "ray::RayTrainWorker" in r[2] and int(r[0]) in mine]
 
 
 def test_killed_worker_restarts_from_the_last_checkpoint_and_registers_once(tmp_path: Path) -> None:
@@ -47,7 +58,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_registers_once(tmp_
         assert job.poll() is None, "the job ended before a worker could be killed:\n" + job.stdout.read()[-4000:]
         assert time.time() < deadline, "no mid-run checkpoint appeared"
         ckpts = [p for run in (work / "runs").glob("*") for p in checkpoint.published(run / "checkpoints")]
-        pids = _train_worker_pids()
+        pids = _train_worker_pids(job.pid)
         if ckpts and pids:
             killed = pids[-1]
             os.kill(killed, signal.SIGKILL)  # one Ray Train worker dies mid-day
