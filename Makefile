@@ -46,6 +46,8 @@ bench-quality: $(STAMP)
 	  --days 2026-01-01..2026-01-05 --out $(QWORK)/collapse-data; \
 	$(BIN)/tokenrec tune --config configs/collapse.toml --study configs/studies/collapse.toml \
 	  --data $(QWORK)/collapse-data --workdir $(QWORK)/collapse --results benchmarks/results/studies/collapse; \
+	$(BIN)/tokenrec tune --config configs/collapse.toml --study configs/studies/collapse_epochs.toml \
+	  --data $(QWORK)/collapse-data --workdir $(QWORK)/collapse --results benchmarks/results/studies/collapse_epochs; \
 	$(BIN)/tokenrec tune --config configs/collapse.toml --study configs/studies/collapse_ablations.toml \
 	  --data $(QWORK)/collapse-data --workdir $(QWORK)/collapse --results benchmarks/results/studies/collapse_ablations; \
 	test -d $(QWORK)/demo-world-data || $(BIN)/tokenrec generate --config configs/demo_world.toml \
