@@ -17,6 +17,7 @@ fsspec package (gcsfs, …) installed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import random
@@ -332,3 +333,25 @@ def fetch(path: str | Path, scratch: str | Path | None = None) -> Path:
     download(path, out)
     (out / MARKER).unlink(missing_ok=True)
     return out
+
+
+@contextlib.contextmanager
+def fetched(path: str | Path):
+    """``fetch`` as a context: the local folder holding the published folder ``path``; a
+    temporary download (object storage) is removed on leaving. Raises ``FileNotFoundError`` when
+    ``path`` is not published."""
+    local = fetch(path)
+    try:
+        yield local
+    finally:
+        if is_uri(path):
+            import shutil
+
+            shutil.rmtree(local, ignore_errors=True)
+
+
+def mirror(local: Path, workdir: str | Path, *parts: str) -> None:
+    """Copy the local file ``local`` (a log written on the driver's disk) to ``workdir/parts…``
+    when ``workdir`` is an object store; nothing for a local work folder or a missing file."""
+    if is_uri(workdir) and local.exists():
+        write_bytes(join(workdir, *parts), local.read_bytes())

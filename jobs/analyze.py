@@ -44,12 +44,8 @@ def run_analyze(run_ids: list[str], tracking_uri: str, rows: int = 2048, log=pri
         if "tokenrec.export" not in tags:
             raise ValueError(f"run {run_id} has no exported model (tag tokenrec.export); was it a train run?")
         export = tags["tokenrec.export"]
-        local = storage.fetch(export)  # object storage: a temporary download
-        try:
+        with storage.fetched(export) as local:  # object storage: a temporary download
             model, schema = load_servable(local / "model.pt", local / "config.json")
-        finally:
-            if storage.is_uri(export):
-                shutil.rmtree(local, ignore_errors=True)
         batch = held_out_batch(schema, storage.location(tags["tokenrec.data_root"]), tags["tokenrec.eval_day"], rows)
         name = f"{tags.get('tokenrec.tower', 'model')} {run_id[:8]}"
         reports[name] = analyze(model, batch)

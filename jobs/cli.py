@@ -56,9 +56,8 @@ def _captured(a: argparse.Namespace):
                     if ray.is_initialized():
                         ray.shutdown()
     finally:
-        if storage.is_uri(a.workdir) and local.exists():
-            with contextlib.suppress(Exception):  # the log is a convenience: never fail the command on it
-                storage.write_bytes(storage.join(a.workdir, "logs", name), local.read_bytes())
+        with contextlib.suppress(Exception):  # the log is a convenience: never fail the command on it
+            storage.mirror(local, a.workdir, "logs", name)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -472,7 +471,7 @@ def _write_traceback(a: argparse.Namespace) -> Path | str:
     path.write_text(f"tokenrec {' '.join(redact(x) for x in sys.argv[1:])}\n\n{traceback.format_exc()}")
     if base and storage.is_uri(base):  # the node's disk may not outlive the job (a pod): upload it
         with contextlib.suppress(Exception):
-            storage.write_bytes(storage.join(base, "logs", path.name), path.read_bytes())
+            storage.mirror(path, base, "logs", path.name)
             return storage.join(base, "logs", path.name)
     return path
 

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import random
-import shutil
 import socket
 import time
 import uuid
@@ -285,12 +284,8 @@ class Registry:
             raise FileNotFoundError(f"version {number}: exported model {export} is missing (or was never published)")
         # detail, not a phase: under a capturing console stdout is the command's log file
         print(f"[tokenrec] evaluating version {number} on {day}", flush=True)
-        local = storage.fetch(export)  # object storage: a temporary download, removed after
-        try:
+        with storage.fetched(export) as local:  # object storage: a temporary download, removed after
             m = evaluate_export(local, data_root, day)
-        finally:
-            if storage.is_uri(export):
-                shutil.rmtree(local, ignore_errors=True)
         missing = [k for k in metrics if k not in m]
         if missing:  # e.g. [gate].label names a label this version was not trained with
             raise ValueError(f"version {number} has no {missing} on {day} (its labels differ from [gate].label's); "

@@ -286,9 +286,8 @@ def run_train(cfg: JobConfig, req: TrainRequest, log=print) -> dict:
         if run_log.exists():
             with contextlib.suppress(Exception):  # the log is a convenience: never fail the run on it
                 client.log_artifact(run_id, str(run_log), "logs")
-            if storage.is_uri(req.workdir):
-                with contextlib.suppress(Exception):
-                    storage.write_bytes(storage.join(req.workdir, "runs", run_id, "run.log"), run_log.read_bytes())
+            with contextlib.suppress(Exception):
+                storage.mirror(run_log, req.workdir, "runs", run_id, "run.log")
     client.set_terminated(run_id, "FINISHED")
     return metrics | {"run_id": run_id, "tracking_uri": tracking_uri, "eval_range": next(iter(evals))}
 

@@ -288,11 +288,6 @@ def fingerprint(cfg: JobConfig, data_root: Path) -> str:
     return hashlib.sha256((settings + json.dumps(files)).encode()).hexdigest()[:16]  # changes nothing
 
 
-def _atomic_json(path: Path | str, obj: dict) -> None:
-    """Readers see the old file or the new one (``storage.write_text``: rename, or one PUT)."""
-    storage.write_text(path, json.dumps(obj, indent=1, default=str))
-
-
 def _run_job(config: dict, *, jobs: dict, base_doc: dict, study: StudyConfig, req: StudyRequest,
              tracking_uri: str, parent_id: str, study_dir: Path) -> None:
     """One Tune trial: one ``tokenrec train`` run, its result saved (then reported to Tune)."""
@@ -317,14 +312,14 @@ def _run_job(config: dict, *, jobs: dict, base_doc: dict, study: StudyConfig, re
                 tags={"mlflow.parentRunId": parent_id, "tokenrec.study": study.name, "tokenrec.study_job": job.key}),
                 log=console.line)
     finally:  # an object-store work folder: the trial's log goes there too (the trial's node may be gone later)
-        if storage.is_uri(req.workdir) and trial_log.exists():
-            storage.write_bytes(storage.join(req.workdir, "logs", name), trial_log.read_bytes())
+        storage.mirror(trial_log, req.workdir, "logs", name)
     result = {"job": dataclasses.asdict(job), "fingerprint": stamp, "run_id": m["run_id"],
               "seconds": time.perf_counter() - t0,
               "metrics": {k: v for k, v in m.items() if isinstance(v, (int, float))}}
     if job.kind == "seed" and study.analyze and cfg.model.tower in LAYER_TOWERS:
         result["effective_rank"] = _effective_ranks(m["run_id"], tracking_uri)
-    _atomic_json(storage.join(study_dir, "jobs", f"{job.key}.json"), result)
+    # readers see the old file or the new one (storage.write_text: a rename, or one PUT)
+    storage.write_text(storage.join(study_dir, "jobs", f"{job.key}.json"), json.dumps(result, indent=1, default=str))
     tune.report({study.metric: m.get(study.metric, float("nan")), "seconds": result["seconds"]})
 
 
@@ -490,7 +485,7 @@ def run_study(req: StudyRequest, log=print) -> dict:
     results = {t: sorted((_load(study_dir, j, stamps[j.key]) for j in seed_jobs if j.tower == t),
                          key=lambda r: r["job"]["index"]) for t in study.towers}
     summary = summarize(study, cfg, results, best, costs)
-    _atomic_json(storage.join(study_dir, "summary.json"), summary)
+    storage.write_text(storage.join(study_dir, "summary.json"), json.dumps(summary, indent=1, default=str))
     table = markdown(summary)
     storage.write_text(storage.join(study_dir, "summary.md"), table + "\n")
     client.log_dict(parent_id, summary, "study/summary.json")
