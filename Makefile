@@ -56,7 +56,9 @@ bench-quality: $(STAMP)
 	  --data $(QWORK)/demo-world-data --workdir $(QWORK)/demo-world --results benchmarks/results/studies/demo_world; \
 	$(BIN)/tokenrec data fetch ml-100k; \
 	$(BIN)/tokenrec tune --config configs/movielens.toml --study configs/studies/movielens.toml \
-	  --data $$HOME/.cache/tokenrec/ml-100k/logs --workdir $(QWORK)/ml100k --results benchmarks/results/studies/ml100k
+	  --data $$HOME/.cache/tokenrec/ml-100k/logs --workdir $(QWORK)/ml100k --results benchmarks/results/studies/ml100k; \
+	$(BIN)/tokenrec tune --config configs/movielens.toml --study configs/studies/movielens_tables.toml \
+	  --data $$HOME/.cache/tokenrec/ml-100k/logs --workdir $(QWORK)/ml100k --results benchmarks/results/studies/ml100k_tables
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

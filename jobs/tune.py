@@ -87,7 +87,7 @@ class StudyConfig:
     search_seed: int = 0
     space: dict[str, dict[str, Any]] = field(default_factory=dict)
     common: dict[str, Any] = field(default_factory=dict)  # settings every tower's runs get
-    settings_from: str = ""  # a best/<tower>.toml another study wrote: its settings under common's
+    settings_from: str = ""  # a best/<tower>.toml another study wrote (load_study; "{tower}": per tower)
     fixed: dict[str, dict[str, Any]] = field(default_factory=dict)  # per tower, on top of common
     pairs: tuple[tuple[str, str], ...] = ()
     analyze: bool = True  # effective rank per layer of each seed run (attention towers)
@@ -167,8 +167,11 @@ def metric_range(metric: str, ranges) -> str | None:
 
 def load_study(path: str | Path) -> StudyConfig:
     """Read the ``[tune]`` table of a study TOML file. ``settings_from`` (relative to the study
-    file's folder or the current one) is read now: its settings go under ``common``. Raises
-    ``ValueError`` naming a bad key, ``FileNotFoundError`` for a missing ``settings_from``."""
+    file's folder or the current one) is read now: its settings go under ``common``. With
+    ``{tower}`` in it (``…/best/{tower}.toml``) each entry of ``towers`` reads the file of its own
+    tower (a variant's ``model.tower``), and those settings go under that entry's ``fixed`` ones
+    (over ``common``): every tower keeps the settings another study chose for it. Raises
+    ``ValueError`` naming a bad key, ``FileNotFoundError`` for a missing ``settings_from`` file."""
     with open(path, "rb") as f:
         doc = tomllib.load(f)
     if "tune" not in doc:
@@ -177,16 +180,25 @@ def load_study(path: str | Path) -> StudyConfig:
         study = from_dict(StudyConfig, doc["tune"], "tune")
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    if study.settings_from:
-        source = next((p for p in (Path(path).parent / study.settings_from, Path(study.settings_from)) if p.exists()),
-                      None)
+    if not study.settings_from:
+        return study
+
+    def read(name: str) -> dict[str, Any]:
+        source = next((p for p in (Path(path).parent / name, Path(name)) if p.exists()), None)
         if source is None:
-            raise FileNotFoundError(f"{path}: [tune].settings_from {study.settings_from} does not exist (run the "
+            raise FileNotFoundError(f"{path}: [tune].settings_from {name} does not exist (run the "
                                     "study that writes it first)")
         with open(source, "rb") as f:
-            inherited = _flatten(tomllib.load(f))
-        study = dataclasses.replace(study, common={**inherited, **study.common})
-    return study
+            return _flatten(tomllib.load(f))
+
+    if "{tower}" not in study.settings_from:
+        return dataclasses.replace(study, common={**read(study.settings_from), **study.common})
+    fixed = {}
+    for name in study.towers:
+        own = study.fixed.get(name, {})
+        tower = own.get("model.tower", name)
+        fixed[name] = {**read(study.settings_from.replace("{tower}", str(tower))), **own}
+    return dataclasses.replace(study, fixed=fixed)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -353,3 +353,35 @@ def test_the_ablation_study_inherits_the_chosen_settings(tmp_path: Path) -> None
     missing.write_text(text.replace(shipped, 'settings_from = "no/such/best.toml"'))
     with pytest.raises(FileNotFoundError, match=r"settings_from no/such/best.toml does not exist"):
         load_study(missing)
+
+
+def test_settings_from_per_tower_gives_each_tower_its_own_choice(tmp_path: Path) -> None:
+    """``settings_from`` with ``{tower}``: every entry (a variant by its ``model.tower``) reads its
+    own tower's best file, under its fixed settings; the shipped table study's ``*_own`` variants
+    build with the history on tables of its own, the plain towers on the target's tables."""
+    from jobs.tune import _check_builds, load_study
+
+    lrs = {"tokenformer": 0.002, "naive_transformer": 0.004, "dlrm": 0.008, "rankmixer_longer": 0.001}
+    for tower, lr in lrs.items():
+        write_best(tmp_path / "best" / f"{tower}.toml", tower,
+                   {"train.sharding.dense_lr": lr, "model.tokenformer.d_model": 32,
+                    "model.tokenformer.num_heads": 2, "model.tokenformer.windows": [16, 8],
+                    "model.rankmixer.d_model": 32, "model.rankmixer.num_tokens": 4}, "validation_auc", 0.7)
+    text = (ROOT / "configs/studies/movielens_tables.toml").read_text()
+    shipped = 'settings_from = "../../benchmarks/results/studies/ml100k/best/{tower}.toml"'
+    assert shipped in text
+    study_file = tmp_path / "tables.toml"
+    study_file.write_text(text.replace(shipped, f'settings_from = "{tmp_path}/best/{{tower}}.toml"'))
+    study = load_study(study_file)
+    with open(ROOT / "configs/movielens.toml", "rb") as f:
+        base = tomllib.load(f)
+    for name in study.towers:
+        cfg = job_config(base, study, Job("check", "seed", name, 1, {"train.seed": 1}), "tables")
+        _check_builds(cfg, name)
+        assert cfg.train.sharding.dense_lr == lrs[cfg.model.tower], name
+        tables = {f.table for f in cfg.schema.sequences[0].features}
+        assert tables == ({"hist_item", "hist_genre", "hist_rating"} if name.endswith("_own")
+                          else {"item", "genre", "hist_rating"}), name
+    (tmp_path / "best" / "dlrm.toml").unlink()
+    with pytest.raises(FileNotFoundError, match=r"best/dlrm.toml does not exist"):
+        load_study(study_file)
