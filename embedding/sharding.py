@@ -57,8 +57,10 @@ class ShardingConfig:
     table_sharding_types: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per table name: its allowed types
     sparse_optimizer: str = "rowwise_adagrad"  # the tables' fused optimizer: rowwise_adagrad | sgd
     sparse_lr: float = 0.1  # the tables' learning rate
-    dense_optimizer: str = "adam"  # the dense parameters': adam | adamw ([train.optim] weight decay) | sgd
-    dense_lr: float = 3e-3  # the dense base learning rate ([train.optim] schedules it)
+    # the dense parameters': adam | adamw ([train.optim] weight decay) | sgd; left out of a job
+    # config: the tower's measured default (jobs.optim.tower_recipe, docs/daily.md), not this one
+    dense_optimizer: str = "adam"
+    dense_lr: float = 3e-3  # the dense base learning rate ([train.optim] schedules it); left out: the tower's
 
     def __post_init__(self) -> None:
         bad = [t for ts in (self.sharding_types, *self.table_sharding_types.values()) for t in ts

@@ -13,6 +13,7 @@ Unknown tables and keys are errors naming the key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -25,7 +26,7 @@ from embedding.dense_parallel import DenseParallelConfig
 from embedding.schema import FeatureSchema
 from embedding.sharding import ShardingConfig
 from embedding.typed_config import from_dict
-from jobs.optim import OptimConfig
+from jobs.optim import OptimConfig, tower_recipe
 from model.ranking import ModelConfig
 from pipeline.days import parse_range
 from pipeline.generator import GeneratorConfig
@@ -201,6 +202,7 @@ def config_from_doc(doc: dict, where: str) -> JobConfig:
         raise ValueError(f"{path}: unknown table(s) {unknown}; allowed: {list(SECTIONS)}")
     if "schema" not in doc:
         raise ValueError(f"{path}: a [schema] table is required")
+    doc = tower_recipe(copy.deepcopy(doc))  # a copy: the caller's document stays as written
     try:
         return JobConfig(
             schema=FeatureSchema.from_dict(doc["schema"]),

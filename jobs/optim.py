@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -28,12 +29,19 @@ DECAYS = ("constant", "cosine", "linear")
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
+    """``[train.optim]``. The defaults below are the first wave's recipe; a job config's keys left
+    out take the tower's measured defaults instead (``tower_recipe``) unless ``tower_defaults``
+    is false. Raises ``ValueError`` naming a bad key."""
+
     weight_decay: float = 0.0  # decoupled (AdamW, ``dense_optimizer = "adamw"``), on matrices only
     warmup_steps: int = 0  # linear warmup; the larger of this and warmup_share × total steps
     warmup_share: float = 0.0  # … as a share of the run's planned steps
     decay: str = "constant"  # after the warmup: constant | cosine | linear down to min_lr_ratio
     min_lr_ratio: float = 0.1  # the decay's floor, as a share of the base learning rate
     clip_grad_norm: float = 0.0  # max global L2 norm of the dense gradients; 0: no clipping
+    # true: every recipe key left out (here, dense_optimizer/dense_lr, model.tokenformer.dropout)
+    # takes the tower's measured default (docs/daily.md), not the wave-1 default in this table
+    tower_defaults: bool = True
 
     def __post_init__(self) -> None:
         if self.decay not in DECAYS:
@@ -46,6 +54,58 @@ class OptimConfig:
 
     def warmup(self, total_steps: int) -> int:
         return max(self.warmup_steps, int(self.warmup_share * total_steps))
+
+
+# The recipe's defaults per tower (issue 17), chosen by `tokenrec tune` on two datasets with the
+# same four points for every tower (docs/daily.md has the numbers): filled in by
+# ``tower_recipe`` for every key a job config leaves out. Shared by all towers: AdamW (weight
+# decay 0 won on both), cosine decay to 0.1 × the base rate, clipping at 1.0.
+RECIPE_SHARED: dict[str, Any] = {
+    "train.sharding.dense_optimizer": "adamw",
+    "train.optim.weight_decay": 0.0,
+    "train.optim.decay": "cosine",
+    "train.optim.min_lr_ratio": 0.1,
+    "train.optim.clip_grad_norm": 1.0,
+}
+_SLOW = {"train.sharding.dense_lr": 2e-3, "train.optim.warmup_share": 0.05}  # point 1 of the studies
+_FAST = {"train.sharding.dense_lr": 4e-3, "train.optim.warmup_share": 0.1}  # point 2
+TOWER_RECIPES: dict[str, dict[str, Any]] = {
+    "tokenformer": {**_SLOW, "model.tokenformer.dropout": 0.0},  # point 1 on the collapse preset and ML-100K
+    "hyformer": dict(_SLOW),  # ML-100K
+    "dlrm": dict(_SLOW),  # ML-100K point 1; collapse preset flat (0.803–0.807 over the 4 points)
+    "naive_transformer": {**_FAST, "model.tokenformer.dropout": 0.1},  # point 2 on both
+    "hstu": {**_FAST, "model.tokenformer.dropout": 0.1},  # ML-100K
+    "rankmixer_longer": dict(_FAST),  # point 2 on both
+    # not measured yet: the most common choice
+    "dcnv2": dict(_SLOW), "din": dict(_SLOW), "onetrans": dict(_SLOW),
+}
+
+
+def tower_recipe(doc: dict) -> dict:
+    """Fill the dense recipe's keys a job document leaves out with its tower's measured defaults
+    (``RECIPE_SHARED`` + ``TOWER_RECIPES[model.tower]``), in place; keys the document sets (in
+    the file or by ``--set``) win. ``[train.optim] tower_defaults = false`` turns this off: the
+    dataclass defaults are then the first wave's recipe (Adam at a constant 3e-3, no clipping, no
+    dropout). Returns ``doc``; an unknown tower is left to the model config's own error."""
+    train = doc.get("train", {})
+    if not isinstance(train, dict) or not isinstance(train.get("optim", {}), dict):
+        return doc  # a wrong type: the typed config's error names it
+    if not train.get("optim", {}).get("tower_defaults", True):
+        return doc
+    model = doc.get("model", {})
+    tower = model.get("tower", "dlrm") if isinstance(model, dict) else None
+    if tower not in TOWER_RECIPES:
+        return doc
+    for key, value in {**RECIPE_SHARED, **TOWER_RECIPES[tower]}.items():
+        *parents, leaf = key.split(".")
+        node = doc
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node.setdefault(leaf, value)
+    return doc
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:

@@ -80,3 +80,41 @@ def test_optim_section_parses_and_rejects_unknown_keys() -> None:
     assert cfg.train.optim.warmup_steps == 5 and cfg.train.optim.decay == "cosine"
     with pytest.raises(ValueError, match="warmup"):
         load_config(ROOT / "configs/tiny.toml", ["train.optim.warmup=5"])
+
+
+@pytest.mark.parametrize("tower", ["tokenformer", "naive_transformer", "dlrm", "rankmixer_longer", "hstu",
+                                   "hyformer", "dcnv2"])
+def test_each_tower_gets_its_measured_recipe_unless_a_key_is_set(tower: str) -> None:
+    """``tower_recipe``: keys a config leaves out take the tower's measured defaults (the shared
+    AdamW / cosine / clipping recipe and its learning rate, warmup and dropout); keys the file or
+    ``--set`` gives win; ``tower_defaults = false`` keeps the first wave's dataclass defaults."""
+    from jobs.optim import RECIPE_SHARED, TOWER_RECIPES
+
+    cfg = load_config(ROOT / "configs/tiny.toml", [f'model.tower="{tower}"'])
+    want = {**RECIPE_SHARED, **TOWER_RECIPES[tower]}
+    got = {"train.sharding.dense_optimizer": cfg.train.sharding.dense_optimizer,
+           "train.sharding.dense_lr": cfg.train.sharding.dense_lr,
+           "train.optim.weight_decay": cfg.train.optim.weight_decay,
+           "train.optim.decay": cfg.train.optim.decay, "train.optim.min_lr_ratio": cfg.train.optim.min_lr_ratio,
+           "train.optim.clip_grad_norm": cfg.train.optim.clip_grad_norm,
+           "train.optim.warmup_share": cfg.train.optim.warmup_share,
+           "model.tokenformer.dropout": cfg.model.tokenformer.dropout}
+    assert {k: got[k] for k in want} == want
+    assert cfg.train.sharding.dense_optimizer == "adamw" and cfg.train.optim.clip_grad_norm == 1.0
+    mine = load_config(ROOT / "configs/tiny.toml", [f'model.tower="{tower}"', "train.sharding.dense_lr=0.0005",
+                                                    'train.optim.decay="linear"', "model.tokenformer.dropout=0.3"])
+    assert (mine.train.sharding.dense_lr, mine.train.optim.decay,
+            mine.model.tokenformer.dropout) == (0.0005, "linear", 0.3)
+    assert mine.train.optim.warmup_share == want["train.optim.warmup_share"]  # the rest still filled
+    off = load_config(ROOT / "configs/tiny.toml", [f'model.tower="{tower}"', "train.optim.tower_defaults=false"])
+    assert (off.train.sharding, off.train.optim.decay, off.train.optim.clip_grad_norm, off.model.tokenformer.dropout) \
+        == (ShardingConfig(), "constant", 0.0, 0.0)
+
+
+def test_every_tower_has_a_recipe_and_the_per_tower_choices_differ() -> None:
+    from jobs.optim import TOWER_RECIPES
+    from model.ranking import TOWERS
+
+    assert set(TOWER_RECIPES) == set(TOWERS)
+    lr = "train.sharding.dense_lr"
+    assert TOWER_RECIPES["tokenformer"][lr] != TOWER_RECIPES["naive_transformer"][lr]
