@@ -58,7 +58,9 @@ bench-quality: $(STAMP)
 	$(BIN)/tokenrec tune --config configs/movielens.toml --study configs/studies/movielens.toml \
 	  --data $$HOME/.cache/tokenrec/ml-100k/logs --workdir $(QWORK)/ml100k --results benchmarks/results/studies/ml100k; \
 	$(BIN)/tokenrec tune --config configs/movielens.toml --study configs/studies/movielens_tables.toml \
-	  --data $$HOME/.cache/tokenrec/ml-100k/logs --workdir $(QWORK)/ml100k --results benchmarks/results/studies/ml100k_tables
+	  --data $$HOME/.cache/tokenrec/ml-100k/logs --workdir $(QWORK)/ml100k --results benchmarks/results/studies/ml100k_tables; \
+	$(BIN)/tokenrec tune --config configs/movielens.toml --study configs/studies/movielens_tokenformer.toml \
+	  --data $$HOME/.cache/tokenrec/ml-100k/logs --workdir $(QWORK)/ml100k --results benchmarks/results/studies/ml100k_tokenformer
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
