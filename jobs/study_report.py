@@ -121,10 +121,12 @@ def markdown(summary: dict) -> str:
     for tower, row in summary["towers"].items():
         erank = " / ".join(f"{s['mean']:.1f}" for s in row.get("effective_rank", [])) or "–"
         flops = f"{row['train_flops_per_example'] / 1e6:.2f} M" if "train_flops_per_example" in row else "–"
+        chosen = row["chosen_on"][summary["metric"]]
+        chosen = "– (not tuned)" if math.isnan(chosen) else f"{chosen:.4f}"  # trials = 0: fixed settings
         for i, label in enumerate(summary["labels"]):
             s = row[label]
             lines.append(f"| {tower} | {label} | {_fmt(s['auc'])} | {_fmt(s['gauc'])} | {_fmt(s['logloss'])} | "
-                         f"{s['auc']['n']} | {row['chosen_on'][summary['metric']]:.4f} | {erank if i == 0 else ''} | "
+                         f"{s['auc']['n']} | {chosen} | {erank if i == 0 else ''} | "
                          f"{flops if i == 0 else ''} |")
     if summary["pairs"]:
         lines += ["", f"| pair | paired Δ {test} AUC (mean ± SE) | seeds | \\|Δ\\| > 2 SE |", "|---|---|---|---|"]

@@ -238,6 +238,9 @@ def test_summary_pairs_seeds_and_gives_the_standard_error() -> None:
     assert row["effective_rank"][0]["mean"] == pytest.approx(13.0) and row["effective_rank"][1]["std"] == 0.0
     table = markdown(s)
     assert "| tokenformer − naive_transformer |" in table and "| tokenformer | like |" in table
+    assert "| 0.7000 |" in table
+    untuned = summarize(study, cfg, results, {t: {"settings": {}, "value": float("nan")} for t in results})
+    assert "| 5 | – (not tuned) |" in markdown(untuned)  # trials = 0: no nan in the chosen-on column
 
 
 def test_layer_towers_are_the_ones_with_layer_states() -> None:
