@@ -6,6 +6,12 @@ rank of sequence-token states (Sequential Collapse Propagation), over several se
 Each (tower, seed) is a real `tokenrec train` run (2 Ray Train workers, MLflow in --workdir);
 then `tokenrec analyze` on all runs. Results: benchmarks/results/collapse.json and a markdown
 table on stdout (copied into docs/quality.md).
+
+Since issue 17 this runs with the per-tower recipe defaults (``jobs.optim.TOWER_RECIPES``), the
+paper's TokenFormer layout and the history on the target's item table; the recorded results were
+measured before (Adam at a constant 3e-3, one target token per group, tables of its own). Add
+``train.optim.tower_defaults=false`` to the overrides for the old recipe. The tuned, seeded
+comparisons are ``tokenrec tune`` studies (``configs/studies/``, docs/quality.md).
 """
 
 from __future__ import annotations

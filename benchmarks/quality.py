@@ -12,6 +12,12 @@
    layer) of every run on held-out validation rows.
 
 Results: benchmarks/results/quality_ml100k.json and a markdown table on stdout (docs/quality.md).
+
+Since issue 17 this runs with the per-tower recipe defaults (``jobs.optim.TOWER_RECIPES``), the
+paper's TokenFormer layout and the history on the target's item table; the recorded results were
+measured before (Adam at a constant 3e-3, one target token per group, tables of its own). Add
+``train.optim.tower_defaults=false`` to the overrides for the old recipe. The tuned, seeded
+comparisons are ``tokenrec tune`` studies (``configs/studies/``, docs/quality.md).
 """
 
 from __future__ import annotations

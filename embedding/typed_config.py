@@ -30,11 +30,29 @@ def from_dict(cls: type[T], d: dict[str, Any] | None, where: str) -> T:
         elif isinstance(value, list):
             kwargs[key] = tuple(value)
         else:
+            _check_scalar(hint, value, f"[{where}].{key}")
             kwargs[key] = value
     try:
         return cls(**kwargs)
     except TypeError as e:
         raise ValueError(f"[{where}]: {e}") from None
+
+
+_SCALARS = {bool: "a boolean (true / false)", int: "an integer", float: "a number", str: "a string"}
+
+
+def _check_scalar(hint: Any, value: Any, where: str) -> None:
+    """Refuse a TOML value of the wrong kind for a ``bool`` / ``int`` / ``float`` / ``str`` field
+    (``"false"`` for a boolean reads as true in Python; ``"3"`` for a count fails later and
+    obscurely). Ints are numbers; bools are not ints here. Other annotations are not checked."""
+    if hint not in _SCALARS:
+        return
+    ok = (isinstance(value, bool) if hint is bool
+          else isinstance(value, int) and not isinstance(value, bool) if hint is int
+          else isinstance(value, (int, float)) and not isinstance(value, bool) if hint is float
+          else isinstance(value, str))
+    if not ok:
+        raise ValueError(f"{where}: expected {_SCALARS[hint]}, got {value!r} ({type(value).__name__})")
 
 
 _MISSING = object()

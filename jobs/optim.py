@@ -90,10 +90,12 @@ def tower_recipe(doc: dict) -> dict:
     train = doc.get("train", {})
     if not isinstance(train, dict) or not isinstance(train.get("optim", {}), dict):
         return doc  # a wrong type: the typed config's error names it
-    if not train.get("optim", {}).get("tower_defaults", True):
+    if train.get("optim", {}).get("tower_defaults", True) is False:  # a non-bool: OptimConfig names it
         return doc
+    from model.ranking import ModelConfig
+
     model = doc.get("model", {})
-    tower = model.get("tower", "dlrm") if isinstance(model, dict) else None
+    tower = model.get("tower", ModelConfig().tower) if isinstance(model, dict) else None
     if tower not in TOWER_RECIPES:
         return doc
     for key, value in {**RECIPE_SHARED, **TOWER_RECIPES[tower]}.items():
@@ -143,3 +145,17 @@ def clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor | None:
     if max_norm <= 0:
         return None
     return torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
+
+
+def describe(sharding, cfg: OptimConfig, model) -> str:
+    """One line for a run's log: the dense recipe it trains with (after the tower defaults);
+    ``sharding`` is the ``ShardingConfig``, ``model`` the ``ModelConfig`` (its dropout is shown for
+    the towers that read ``[model.tokenformer].dropout``)."""
+    warm = f"warmup {cfg.warmup_share:.0%}" + (f" or {cfg.warmup_steps} steps" if cfg.warmup_steps else "")
+    decay = "constant" if cfg.decay == "constant" else f"{cfg.decay} to {cfg.min_lr_ratio:g}×"
+    clip_ = f"clip {cfg.clip_grad_norm:g}" if cfg.clip_grad_norm > 0 else "no clipping"
+    dropout = (f", dropout {model.tokenformer.dropout:g}"
+               if model.tower in ("tokenformer", "naive_transformer", "hstu") else "")
+    return (f"{sharding.dense_optimizer} lr {sharding.dense_lr:g}, weight decay {cfg.weight_decay:g}, {warm}, "
+            f"{decay}, {clip_}{dropout}"
+            + (" (tower defaults for keys not set)" if cfg.tower_defaults else " (tower defaults off)"))

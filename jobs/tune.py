@@ -169,8 +169,8 @@ def load_study(path: str | Path) -> StudyConfig:
     """Read the ``[tune]`` table of a study TOML file. ``settings_from`` (relative to the study
     file's folder or the current one) is read now: its settings go under ``common``. With
     ``{tower}`` in it (``…/best/{tower}.toml``) each entry of ``towers`` reads the file of its own
-    tower (a variant's ``model.tower``), and those settings go under that entry's ``fixed`` ones
-    (over ``common``): every tower keeps the settings another study chose for it. Raises
+    tower (a variant's ``model.tower``), under ``common`` and that entry's ``fixed`` settings (which
+    win, as in the one-file form): every tower keeps the settings another study chose for it. Raises
     ``ValueError`` naming a bad key, ``FileNotFoundError`` for a missing ``settings_from`` file."""
     with open(path, "rb") as f:
         doc = tomllib.load(f)
@@ -197,7 +197,7 @@ def load_study(path: str | Path) -> StudyConfig:
     for name in study.towers:
         own = study.fixed.get(name, {})
         tower = own.get("model.tower", name)
-        fixed[name] = {**read(study.settings_from.replace("{tower}", str(tower))), **own}
+        fixed[name] = {**read(study.settings_from.replace("{tower}", str(tower))), **study.common, **own}
     return dataclasses.replace(study, fixed=fixed)
 
 

@@ -34,6 +34,7 @@ from jobs.config import JobConfig
 from jobs.console import emit
 from jobs.metrics import evaluate, one_class_labels
 from jobs.optim import clip, decays, lr_factor, set_lr
+from jobs.optim import describe as describe_recipe
 from jobs.tracking import StepLogger
 from model.ranking import RankingModel, RankingTrain
 from model.sparse import SparseArch
@@ -174,6 +175,7 @@ def train_loop(args: WorkerArgs) -> None:
               f"{time.perf_counter() - t_enter:.1f}s", flush=True)
         emit("line", text=f"  plan and shard: {cfg.model.tower} over {dist.get_world_size()} workers "
                           f"({time.perf_counter() - t_enter:.0f}s)")
+        emit("line", text=f"  dense recipe: {describe_recipe(tc.sharding, tc.optim, cfg.model)}")
 
     pos = checkpoint.Position(world_size=dist.get_world_size())
     if restarted is not None:

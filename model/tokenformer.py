@@ -76,7 +76,9 @@ class TokenFormerConfig:
     action_loss_weight: float = 1.0  # user_centric: weight of the next-action loss beside the label loss
     action_positive_min: int = 1  # user_centric: an action is positive when its raw id >= this (ratings: 4)
     trim: bool = True  # new-impression: compute only the receptive field of the read-out (exact)
-    dropout: float = 0.0  # on the attention and FFN residual branches (training only)
+    # on the attention and FFN residual branches (training only); left out of a job config: the
+    # tower's measured default (0.1 for naive_transformer and hstu, docs/daily.md)
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.schedule:

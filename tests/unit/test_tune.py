@@ -386,6 +386,14 @@ def test_settings_from_per_tower_gives_each_tower_its_own_choice(tmp_path: Path)
         tables = {f.table for f in cfg.schema.sequences[0].features}
         assert tables == ({"hist_item", "hist_genre", "hist_rating"} if name.endswith("_own")
                           else {"item", "genre", "hist_rating"}), name
+    # [tune.common] wins over the inherited settings, as in the one-file form; fixed wins over both
+    with_common = tmp_path / "tables_common.toml"
+    common = '[tune.common]\n"model.tokenformer.num_heads" = 4\n\n'
+    with_common.write_text(study_file.read_text().replace("[tune.fixed.tokenformer_own]",
+                                                          common + "[tune.fixed.tokenformer_own]"))
+    study = load_study(with_common)
+    cfg = job_config(base, study, Job("check", "seed", "tokenformer_own", 1, {"train.seed": 1}), "tables")
+    assert cfg.model.tokenformer.num_heads == 4 and cfg.schema.sequences[0].features[0].table == "hist_item"
     (tmp_path / "best" / "dlrm.toml").unlink()
     with pytest.raises(FileNotFoundError, match=r"best/dlrm.toml does not exist"):
         load_study(study_file)
