@@ -60,7 +60,9 @@ bench-quality: $(STAMP)
 	$(BIN)/tokenrec tune --config configs/movielens.toml --study configs/studies/movielens_tables.toml \
 	  --data $$HOME/.cache/tokenrec/ml-100k/logs --workdir $(QWORK)/ml100k --results benchmarks/results/studies/ml100k_tables; \
 	$(BIN)/tokenrec tune --config configs/movielens.toml --study configs/studies/movielens_tokenformer.toml \
-	  --data $$HOME/.cache/tokenrec/ml-100k/logs --workdir $(QWORK)/ml100k --results benchmarks/results/studies/ml100k_tokenformer
+	  --data $$HOME/.cache/tokenrec/ml-100k/logs --workdir $(QWORK)/ml100k --results benchmarks/results/studies/ml100k_tokenformer; \
+	$(BIN)/tokenrec tune --config configs/movielens.toml --study configs/studies/movielens_layout.toml \
+	  --data $$HOME/.cache/tokenrec/ml-100k/logs --workdir $(QWORK)/ml100k --results benchmarks/results/studies/ml100k_layout
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

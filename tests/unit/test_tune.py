@@ -5,6 +5,7 @@ standard errors are right. The runs themselves: ``tests/e2e/test_tune_cli.py``."
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tomllib
 from pathlib import Path
@@ -276,6 +277,27 @@ def test_shipped_studies_load_and_build(name: str) -> None:
         _check_builds(job_config(base, study, Job("check", "seed", tower, 1, points[0]), name), tower)
 
 
+def test_the_layout_study_gives_the_group_layout_the_ml100k_budget() -> None:
+    """movielens_layout: the same points as the ml100k study (so its paper-layout runs are reused),
+    and the variant differs from TokenFormer by the target-token layout only."""
+    from embedding.typed_config import non_defaults
+    from jobs.tune import _check_builds, load_study
+
+    layout = load_study(ROOT / "configs/studies/movielens_layout.toml")
+    ml100k = load_study(ROOT / "configs/studies/movielens.toml")
+    assert sample_points(layout) == sample_points(ml100k) and layout.eval_ranges == ml100k.eval_ranges
+    with open(ROOT / "configs/movielens.toml", "rb") as f:
+        base = tomllib.load(f)
+    point = sample_points(layout)[1]
+    paper = job_config(base, layout, Job("a", "seed", "tokenformer", 1, point), "layout")
+    assert non_defaults(paper) == non_defaults(job_config(base, ml100k, Job("b", "seed", "tokenformer", 1, point), "m"))
+    group = job_config(base, layout, Job("c", "seed", "tokenformer_group", 1, point), "layout")
+    assert group.model.tower == "tokenformer" and group.model.tokenformer.target_tokens == "group"
+    assert dataclasses.replace(group.model.tokenformer, target_tokens=paper.model.tokenformer.target_tokens) \
+        == paper.model.tokenformer
+    _check_builds(group, "tokenformer_group")
+
+
 def test_the_demo_world_study_is_seeds_only_with_one_recipe_for_all() -> None:
     from jobs.tune import _check_builds, load_study
 
@@ -352,6 +374,7 @@ def test_the_ablation_study_inherits_the_chosen_settings(tmp_path: Path) -> None
         tf = cfg.model.tokenformer
         windows[name] = (tf.num_full_layers, tf.windows, tf.nlir)
     assert windows["bfts_4F"] == (4, (), True) and windows["bfts_4S"][0] == 0
+    assert windows["bfts_2F2S"] == (2, (32, 16), True)  # the preset's own layout is 2F2S (its seeds are reused)
     assert windows["nlir_off"][2] is False and windows["uniform_windows"] == (2, (32, 32), True)
     missing = tmp_path / "missing.toml"
     missing.write_text(text.replace(shipped, 'settings_from = "no/such/best.toml"'))
