@@ -50,6 +50,8 @@ bench-quality: $(STAMP)
 	  --data $(QWORK)/collapse-data --workdir $(QWORK)/collapse --results benchmarks/results/studies/collapse_epochs; \
 	$(BIN)/tokenrec tune --config configs/collapse.toml --study configs/studies/collapse_ablations.toml \
 	  --data $(QWORK)/collapse-data --workdir $(QWORK)/collapse --results benchmarks/results/studies/collapse_ablations; \
+	$(BIN)/tokenrec tune --config configs/collapse.toml --study configs/studies/collapse_layout.toml \
+	  --data $(QWORK)/collapse-data --workdir $(QWORK)/collapse --results benchmarks/results/studies/collapse_layout; \
 	test -d $(QWORK)/demo-world-data || $(BIN)/tokenrec generate --config configs/demo_world.toml \
 	  --days 2026-01-01..2026-01-04 --out $(QWORK)/demo-world-data; \
 	$(BIN)/tokenrec tune --config configs/demo_world.toml --study configs/studies/demo_world.toml \

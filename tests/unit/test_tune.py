@@ -298,6 +298,28 @@ def test_the_layout_study_gives_the_group_layout_the_ml100k_budget() -> None:
     _check_builds(group, "tokenformer_group")
 
 
+def test_the_collapse_layout_control_gives_the_naive_transformer_the_same_layout() -> None:
+    """collapse_layout: TokenFormer and the naive Transformer both with one target token per item
+    group, each on its own tower's chosen settings; the naive one stays all-full, no gate."""
+    from jobs.tune import _check_builds, load_study
+
+    study = load_study(ROOT / "configs/studies/collapse_layout.toml")
+    with open(ROOT / "configs/collapse.toml", "rb") as f:
+        base = tomllib.load(f)
+    cfgs = {t: job_config(base, study, Job(f"seed-{t}-1", "seed", t, 1, {"train.seed": 1}), "layout")
+            for t in study.towers}
+    tf, naive = cfgs["tokenformer_group"], cfgs["naive_group"]
+    assert tf.model.tokenformer.target_tokens == naive.model.tokenformer.target_tokens == "group"
+    assert tf.model.tower == "tokenformer" and naive.model.tower == "naive_transformer"
+    assert tf.model.tokenformer.num_full_layers == 2 and tf.model.tokenformer.windows == (32, 16)
+    from model.tokenformer import naive_transformer
+    full = naive_transformer(naive.model.tokenformer)
+    assert full.num_full_layers == full.num_layers and full.windows == () and not full.nlir
+    assert full.target_tokens == "group"
+    for tower, cfg in cfgs.items():
+        _check_builds(cfg, tower)
+
+
 def test_the_demo_world_study_is_seeds_only_with_one_recipe_for_all() -> None:
     from jobs.tune import _check_builds, load_study
 
