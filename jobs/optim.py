@@ -154,8 +154,9 @@ def describe(sharding, cfg: OptimConfig, model) -> str:
     warm = f"warmup {cfg.warmup_share:.0%}" + (f" or {cfg.warmup_steps} steps" if cfg.warmup_steps else "")
     decay = "constant" if cfg.decay == "constant" else f"{cfg.decay} to {cfg.min_lr_ratio:g}×"
     clip_ = f"clip {cfg.clip_grad_norm:g}" if cfg.clip_grad_norm > 0 else "no clipping"
-    dropout = (f", dropout {model.tokenformer.dropout:g}"
-               if model.tower in ("tokenformer", "naive_transformer", "hstu") else "")
+    from model.ranking import TOKENFORMER_TOWERS
+
+    dropout = f", dropout {model.tokenformer.dropout:g}" if model.tower in TOKENFORMER_TOWERS else ""
     return (f"{sharding.dense_optimizer} lr {sharding.dense_lr:g}, weight decay {cfg.weight_decay:g}, {warm}, "
             f"{decay}, {clip_}{dropout}"
             + (" (tower defaults for keys not set)" if cfg.tower_defaults else " (tower defaults off)"))

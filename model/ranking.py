@@ -19,6 +19,7 @@ from model.tokenformer import TokenFormer, TokenFormerConfig, naive_transformer
 
 TOWERS = ("dlrm", "dcnv2", "din", "rankmixer_longer", "onetrans", "tokenformer", "naive_transformer", "hstu",
           "hyformer")
+TOKENFORMER_TOWERS = ("tokenformer", "naive_transformer", "hstu")  # built from [model.tokenformer]
 
 
 @dataclass(frozen=True, kw_only=True)
