@@ -72,7 +72,7 @@ def non_defaults(obj: Any) -> Any:
     a default are always kept.
 
     What a value *means* does not change when a later version adds a key with a default, so a
-    hash of this (``jobs.tune.fingerprint``) stays the same for results that are still valid —
+    hash of this (``jobs.study_store.fingerprint``) stays the same for results that are still valid —
     where a hash of ``dataclasses.asdict`` would make every saved result stale.
     """
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

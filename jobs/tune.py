@@ -59,9 +59,10 @@ from typing import Any
 import numpy as np
 
 from embedding import storage
-from embedding.typed_config import from_dict, non_defaults
+from embedding.typed_config import from_dict
 from jobs.config import JobConfig, apply_override, config_from_doc, set_dotted
 from jobs.study_report import _toml_value, best_settings, markdown, summarize, tower_costs, write_best  # noqa: F401
+from jobs.study_store import fingerprint, load_result, pending
 from model.diagnostics import LAYER_TOWERS  # effective rank per layer for these
 from pipeline.days import day_files, parse_days
 
@@ -282,24 +283,6 @@ class StudyRequest:
                                  # it somewhere lasting (e.g. in the repository) to resume a long study
 
 
-def fingerprint(cfg: JobConfig, data_root: Path) -> str:
-    """What a job's result depends on: its resolved config (schema, model, training, days,
-    ranges, seed) and its data (every training and evaluation day's files, by name and size —
-    the same generated data in another folder matches). Config values equal to their declared
-    defaults are left out (``non_defaults``), so a new config key with a default keeps saved
-    results valid. A saved result with another fingerprint is stale: the job runs again."""
-    import hashlib
-
-    from jobs.train import eval_ranges
-
-    days = parse_days(cfg.train.days)
-    all_days = days + [d for ds in eval_ranges(cfg.train, days).values() for d in ds]
-    files = [(f"{Path(str(f)).parent.name}/{Path(str(f)).name}", storage.size(f))
-             for f in day_files(data_root, all_days)]
-    settings = json.dumps(non_defaults(cfg), sort_keys=True)  # a key added later with its default
-    return hashlib.sha256((settings + json.dumps(files)).encode()).hexdigest()[:16]  # changes nothing
-
-
 def _run_job(config: dict, *, jobs: dict, base_doc: dict, study: StudyConfig, req: StudyRequest,
              tracking_uri: str, parent_id: str, study_dir: Path) -> None:
     """One Tune trial: one ``tokenrec train`` run, its result saved (then reported to Tune)."""
@@ -395,28 +378,6 @@ def _run_with_tune(pending: list[Job], phase: str, study: StudyConfig, **kw) -> 
                            "finished jobs are saved, run the same command again to retry the rest")
 
 
-def _load(study_dir: Path, job: Job, stamp: str) -> dict | None:
-    """The job's saved result, if it was trained as the job is now (``fingerprint``)."""
-    path = storage.join(study_dir, "jobs", f"{job.key}.json")
-    if not storage.exists(path):
-        return None
-    result = json.loads(storage.read_text(path))
-    return result if result.get("fingerprint") == stamp else None
-
-
-def _pending(study_dir: Path, jobs: list[Job], stamps: dict, what: str, log) -> list[Job]:
-    """The jobs without a saved result of today's fingerprint; says how many ran before and
-    which saved results are stale (trained otherwise: they run again)."""
-    stale = [j.key for j in jobs if storage.exists(storage.join(study_dir, "jobs", f"{j.key}.json"))
-             and _load(study_dir, j, stamps[j.key]) is None]
-    if stale:
-        log(f"{len(stale)} saved {what} results were trained otherwise (settings, config, days or data changed): "
-            f"they run again ({', '.join(stale[:4])}{', …' if len(stale) > 4 else ''})")
-    pending = [j for j in jobs if _load(study_dir, j, stamps[j.key]) is None]
-    log(f"{what}: {len(jobs) - len(pending)} of {len(jobs)} done before, {len(pending)} to run")
-    return pending
-
-
 def plan_jobs(study: StudyConfig, points: list[dict]) -> list[Job]:
     """Every trial job, tower by tower (seed jobs depend on the trials' outcome). Every tower gets
     every point, keys that do not apply to it included (a DLRM has no attention dropout): the
@@ -471,12 +432,12 @@ def run_study(req: StudyRequest, log=print) -> dict:
     common = dict(base_doc=base_doc, req=req, tracking_uri=tracking_uri, parent_id=parent_id, study_dir=study_dir)
 
     stamps = {j.key: fingerprint(configs[j.key], req.data_root) for j in trials}
-    _run_with_tune(_pending(study_dir, trials, stamps, "trials", log), "trials", study, **common)
+    _run_with_tune(pending(study_dir, trials, stamps, "trials", log), "trials", study, **common)
 
     best, seed_jobs = {}, []
     for tower in study.towers:
         if trials:
-            done = [(j, _load(study_dir, j, stamps[j.key])) for j in trials if j.tower == tower]
+            done = [(j, load_result(study_dir, j, stamps[j.key])) for j in trials if j.tower == tower]
             job, result = best_settings(study, done)
             chosen, index, value = job.settings, job.index, result["metrics"][study.metric]
             log(f"{tower}: best trial {index} ({study.metric} {value:.4f}): {chosen}")
@@ -492,9 +453,9 @@ def run_study(req: StudyRequest, log=print) -> dict:
 
     for j in seed_jobs:
         stamps[j.key] = fingerprint(job_config(base_doc, study, j, str(req.study)), req.data_root)
-    _run_with_tune(_pending(study_dir, seed_jobs, stamps, "seeds", log), "seeds", study, **common)
+    _run_with_tune(pending(study_dir, seed_jobs, stamps, "seeds", log), "seeds", study, **common)
 
-    results = {t: sorted((_load(study_dir, j, stamps[j.key]) for j in seed_jobs if j.tower == t),
+    results = {t: sorted((load_result(study_dir, j, stamps[j.key]) for j in seed_jobs if j.tower == t),
                          key=lambda r: r["job"]["index"]) for t in study.towers}
     summary = summarize(study, cfg, results, best, costs)
     storage.write_text(storage.join(study_dir, "summary.json"), json.dumps(summary, indent=1, default=str))

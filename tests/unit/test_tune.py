@@ -129,7 +129,7 @@ def test_metric_names_follow_the_ranges() -> None:
 
 
 def test_fingerprints_follow_config_and_data(tmp_path: Path) -> None:
-    from jobs.tune import fingerprint
+    from jobs.study_store import fingerprint
     from pipeline.days import parse_days
     from pipeline.generator import GeneratorConfig, generate
 
