@@ -22,7 +22,7 @@ $(STAMP): $(LOCK) requirements/torchrec.txt pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 demo: $(STAMP)
 	$(BIN)/tokenrec demo
