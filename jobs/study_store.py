@@ -35,9 +35,14 @@ def fingerprint(cfg: JobConfig, data_root: Path) -> str:
     return hashlib.sha256((settings + json.dumps(files)).encode()).hexdigest()[:16]  # changes nothing
 
 
+def result_path(study_dir: Path, key: str):
+    """Where job ``key``'s result is saved: ``<study_dir>/jobs/<key>.json``."""
+    return storage.join(study_dir, "jobs", f"{key}.json")
+
+
 def load_result(study_dir: Path, job: Job, stamp: str) -> dict | None:
     """The job's saved result, if it was trained as the job is now (``fingerprint``)."""
-    path = storage.join(study_dir, "jobs", f"{job.key}.json")
+    path = result_path(study_dir, job.key)
     if not storage.exists(path):
         return None
     result = json.loads(storage.read_text(path))
@@ -47,11 +52,10 @@ def load_result(study_dir: Path, job: Job, stamp: str) -> dict | None:
 def pending(study_dir: Path, jobs: list[Job], stamps: dict, what: str, log) -> list[Job]:
     """The jobs without a saved result of today's fingerprint; says how many ran before and
     which saved results are stale (trained otherwise: they run again)."""
-    stale = [j.key for j in jobs if storage.exists(storage.join(study_dir, "jobs", f"{j.key}.json"))
-             and load_result(study_dir, j, stamps[j.key]) is None]
+    todo = [j for j in jobs if load_result(study_dir, j, stamps[j.key]) is None]
+    stale = [j.key for j in todo if storage.exists(result_path(study_dir, j.key))]
     if stale:
         log(f"{len(stale)} saved {what} results were trained otherwise (settings, config, days or data changed): "
             f"they run again ({', '.join(stale[:4])}{', …' if len(stale) > 4 else ''})")
-    pending = [j for j in jobs if load_result(study_dir, j, stamps[j.key]) is None]
-    log(f"{what}: {len(jobs) - len(pending)} of {len(jobs)} done before, {len(pending)} to run")
-    return pending
+    log(f"{what}: {len(jobs) - len(todo)} of {len(jobs)} done before, {len(todo)} to run")
+    return todo

@@ -62,7 +62,7 @@ from embedding import storage
 from embedding.typed_config import from_dict
 from jobs.config import JobConfig, apply_override, config_from_doc, set_dotted
 from jobs.study_report import _toml_value, best_settings, markdown, summarize, tower_costs, write_best  # noqa: F401
-from jobs.study_store import fingerprint, load_result, pending
+from jobs.study_store import fingerprint, load_result, pending, result_path
 from model.diagnostics import LAYER_TOWERS  # effective rank per layer for these
 from pipeline.days import day_files, parse_days
 
@@ -314,7 +314,7 @@ def _run_job(config: dict, *, jobs: dict, base_doc: dict, study: StudyConfig, re
     if job.kind == "seed" and study.analyze and cfg.model.tower in LAYER_TOWERS:
         result["effective_rank"] = _effective_ranks(m["run_id"], tracking_uri)
     # readers see the old file or the new one (storage.write_text: a rename, or one PUT)
-    storage.write_text(storage.join(study_dir, "jobs", f"{job.key}.json"), json.dumps(result, indent=1, default=str))
+    storage.write_text(result_path(study_dir, job.key), json.dumps(result, indent=1, default=str))
     tune.report({study.metric: m.get(study.metric, float("nan")), "seconds": result["seconds"]})
 
 

@@ -19,6 +19,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import mutual_info_score
 
 from model.attention import causal_mask
+from model.ranking import TOKENFORMER_TOWERS
 
 
 def effective_rank(states_ND: torch.Tensor) -> tuple[float, np.ndarray]:
@@ -54,7 +55,7 @@ def _field_attention_mass(block, num_prefix: int, seq_slice: slice) -> float | N
 
 # towers with per-layer sequence states (``has_layer_states`` of their models): the TokenFormer
 # family and HyFormer; ``analyze`` applies to them
-LAYER_TOWERS = ("tokenformer", "naive_transformer", "hstu", "hyformer")
+LAYER_TOWERS = TOKENFORMER_TOWERS + ("hyformer",)
 
 
 def plot_training_curve(history: dict[str, list[tuple[int, float]]], path) -> None:
