@@ -147,6 +147,22 @@ def clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor | None:
     return torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
 
 
+def dense_step(opt: torch.optim.Optimizer, loss: torch.Tensor, step: int, total_steps: int, *,
+               dense_opt: torch.optim.Optimizer, dense_params: list[torch.Tensor], base_lr: float,
+               cfg: OptimConfig) -> None:
+    """One optimizer step of the training loop (``jobs/worker.py``): gradients of ``loss`` (a
+    scalar), the schedule's learning rate for 0-based ``step`` of ``total_steps`` on the dense
+    optimizer (``lr_factor`` × ``base_lr``), the dense gradients clipped to
+    ``cfg.clip_grad_norm``, then ``opt.step()``. ``opt`` steps everything (the worker's combined
+    sparse + dense optimizer, or the dense one alone); ``dense_opt`` and ``dense_params`` are the
+    dense side that the recipe applies to."""
+    opt.zero_grad()
+    loss.backward()
+    set_lr(dense_opt, base_lr, lr_factor(step, total_steps, cfg))
+    clip(dense_params, cfg.clip_grad_norm)
+    opt.step()
+
+
 def describe(sharding, cfg: OptimConfig, model) -> str:
     """One line for a run's log: the dense recipe it trains with (after the tower defaults);
     ``sharding`` is the ``ShardingConfig``, ``model`` the ``ModelConfig`` (its dropout is shown for

@@ -33,7 +33,7 @@ from jobs import checkpoint
 from jobs.config import JobConfig
 from jobs.console import emit
 from jobs.metrics import evaluate, one_class_labels
-from jobs.optim import clip, decays, lr_factor, set_lr
+from jobs.optim import decays, dense_step
 from jobs.optim import describe as describe_recipe
 from jobs.tracking import StepLogger
 from model.ranking import RankingModel, RankingTrain
@@ -236,11 +236,8 @@ def train_loop(args: WorkerArgs) -> None:
                 stopped = True
                 break
             loss, _ = dmp(batch)
-            opt.zero_grad()
-            loss.backward()
-            set_lr(dense_opt, tc.sharding.dense_lr, lr_factor(step, total_steps, tc.optim))
-            clip(dense_params, tc.optim.clip_grad_norm)
-            opt.step()
+            dense_step(opt, loss, step, total_steps, dense_opt=dense_opt, dense_params=dense_params,
+                       base_lr=tc.sharding.dense_lr, cfg=tc.optim)
             zero_miss_rows(dmp)  # unknown ids read zeros, on any number of shards
             step += 1
             if step == start_step + 1 and rank == 0:

@@ -98,3 +98,32 @@ def test_tokenformer_with_dropout_and_the_schedule_mid_warmup_resumes_bit_identi
     differ = [k for k in a if not torch.equal(a[k], c[k])]
     assert not differ, f"{len(differ)} tensors differ after resume, e.g. {differ[:3]}"
     assert full["eval_auc"] == resumed["eval_auc"]
+
+
+def test_a_warm_start_from_another_layout_stops_on_the_driver_before_any_worker(data: Path, tmp_path: Path) -> None:
+    """A wave-1 TokenFormer checkpoint (one target token per item group, summed event tokens)
+    given to a job with today's layout: ``run_train`` raises the layout check's ValueError itself
+    — not a worker failure re-raised by Ray Train — naming the difference, and no checkpoint
+    folder (the workers' first write) exists."""
+    import json
+    import traceback
+
+    from model.ranking import RankingModel, RankingTrain
+
+    tower = ["model.tower=tokenformer", "model.tokenformer.d_model=32"]
+    wave1 = load_config(TINY, SETTINGS + tower + ['model.tokenformer.target_tokens="group"',
+                                                  'model.tokenformer.event_tokens="sum"'])
+    torch.manual_seed(0)
+    dcp.save({"model": RankingTrain(RankingModel(wave1.schema, wave1.model)).state_dict()},
+             checkpoint_id=str(tmp_path / "wave1"))
+    (tmp_path / "wave1" / "meta.json").write_text(json.dumps({"step": 1}))
+
+    with pytest.raises(ValueError) as err:
+        _run(data, tmp_path / "w", tower, init_from=str(tmp_path / "wave1"))
+    assert type(err.value) is ValueError  # Ray re-raises a worker's error as a subclass of its type
+    frames = [(Path(f.filename).name, f.name) for f in traceback.extract_tb(err.value.__traceback__)]
+    assert ("train.py", "_train_and_register") in frames and frames[-1] == ("checkpoint.py", "check_layout")
+    msg = str(err.value)
+    assert msg.startswith("--init-from") and "another layout" in msg and "tower.target_proj" in msg
+    assert 'target_tokens = "group", event_tokens = "sum"' in msg
+    assert not list((tmp_path / "w").rglob("checkpoints"))

@@ -74,6 +74,36 @@ def test_clipping_bounds_the_global_norm() -> None:
     assert clip([a, b], 0.0) is None  # off
 
 
+def test_the_training_step_sets_the_scheduled_lr_and_clips_before_stepping() -> None:
+    """``dense_step`` is the worker loop's step: at step 3 of a 10-step warmup the rate is 0.4 ×
+    the base, the gradients the optimizer sees are clipped to the configured norm, and the update
+    equals AdamW's on those clipped gradients (with clipping off they stay large)."""
+    from jobs.optim import dense_step
+
+    def run(max_norm: float) -> tuple[torch.nn.Linear, torch.optim.AdamW]:
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(4, 3)
+        opt = torch.optim.AdamW(lin.parameters(), lr=1.0)
+        loss = (100 * lin(torch.ones(2, 4))).pow(2).sum()  # a gradient norm in the thousands
+        cfg = OptimConfig(warmup_steps=10, decay="cosine", clip_grad_norm=max_norm)
+        dense_step(opt, loss, 3, 100, dense_opt=opt, dense_params=list(lin.parameters()), base_lr=0.01, cfg=cfg)
+        return lin, opt
+
+    lin, opt = run(0.5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.4)
+    assert torch.cat([p.grad.flatten() for p in lin.parameters()]).norm() == pytest.approx(0.5, rel=1e-5)
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(4, 3)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.004)
+    (100 * ref(torch.ones(2, 4))).pow(2).sum().backward()
+    torch.nn.utils.clip_grad_norm_(list(ref.parameters()), 0.5)
+    ref_opt.step()
+    for p, q in zip(lin.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q)
+    unclipped, _ = run(0.0)
+    assert torch.cat([p.grad.flatten() for p in unclipped.parameters()]).norm() > 1000
+
+
 def test_optim_section_parses_and_rejects_unknown_keys() -> None:
     cfg = load_config(ROOT / "configs/tiny.toml", ["train.optim.warmup_steps=5", "train.optim.decay=cosine",
                                                    "train.sharding.dense_optimizer=adamw"])

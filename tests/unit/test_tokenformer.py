@@ -208,6 +208,34 @@ def test_user_centric_loss_masks_padding_and_trains_the_action_head(uc_batch) ->
     assert (aux["action_logits_BL"][padded] == 0).all()  # padding slots carry no prediction
 
 
+def test_the_user_centric_loss_takes_ratings_of_4_or_more_as_positive(uc_batch) -> None:
+    """MovieLens' action is the rating 1–5 (``action_positive_min = 4``): the loss's labels are
+    rating >= 4 on every real behaviour — not "raw action id > 0", which is 1 for every rating."""
+    from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+
+    jts = uc_batch.sequences.to_dict()
+    act = jts["hist_action"]
+    ratings = torch.arange(act.values().numel()) % 5 + 1  # 1, 2, 3, 4, 5, 1, …
+    jts["hist_action"] = JaggedTensor(values=ratings, lengths=act.lengths())
+    batch = dataclasses.replace(uc_batch, sequences=KeyedJaggedTensor.from_jt_dict(jts))
+    torch.manual_seed(0)
+    train = RankingTrain(RankingModel(UC_SCHEMA, ModelConfig(tower="tokenformer", tokenformer=dataclasses.replace(
+        UC, action_positive_min=4))))
+    with torch.no_grad():
+        _, aux = train.model.forward_with_aux(batch)
+        got = train._action_loss(batch, aux)
+    L = UC_SCHEMA.sequences[0].max_len
+    valid = torch.arange(L)[None] < act.lengths()[:, None]
+    rated = JaggedTensor(values=ratings, lengths=act.lengths()).to_padded_dense(desired_length=L)
+    logits = aux["action_logits_BL"][valid]
+
+    def bce(target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    torch.testing.assert_close(got, bce((rated[valid] >= 4).float()))
+    assert 0.3 < (rated[valid] >= 4).float().mean() < 0.5  # 4 and 5 of 1–5: both kinds of label occur
+    assert not torch.allclose(got, bce(torch.ones_like(logits)))  # the old "> 0" label
+
+
 def test_user_centric_needs_the_action_feature() -> None:
     with pytest.raises(ValueError, match="action_feature 'clicks'"):
         RankingModel(UC_SCHEMA, ModelConfig(tower="tokenformer",
