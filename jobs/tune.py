@@ -386,6 +386,13 @@ def plan_jobs(study: StudyConfig, points: list[dict]) -> list[Job]:
             for i, p in enumerate(points) for tower in study.towers]      # study has paired trials
 
 
+def plan_seed_jobs(study: StudyConfig, tower: str, chosen: dict[str, Any]) -> list[Job]:
+    """A tower's seed jobs: seeds 1..``study.seeds_of(tower)`` (``[tune].tower_seeds`` or
+    ``seeds``), each at the tower's chosen settings plus ``train.seed``."""
+    return [Job(f"seed-{tower}-{s}", "seed", tower, s, {**chosen, "train.seed": s})
+            for s in range(1, study.seeds_of(tower) + 1)]
+
+
 def run_study(req: StudyRequest, log=print) -> dict:
     """Tune, choose, seed, report (module docstring). Everything deterministic is checked before
     any run starts: the study file, every job's config, the data days. Returns the summary."""
@@ -446,8 +453,7 @@ def run_study(req: StudyRequest, log=print) -> dict:
         settings = {**study.common, **study.fixed.get(tower, {}), **chosen}
         best[tower] = {"trial": index, "settings": settings, "value": value}
         write_best(storage.join(study_dir, "best", f"{tower}.toml"), tower, settings, study.metric, value)
-        seed_jobs += [Job(f"seed-{tower}-{s}", "seed", tower, s, {**chosen, "train.seed": s})
-                      for s in range(1, study.seeds_of(tower) + 1)]
+        seed_jobs += plan_seed_jobs(study, tower, chosen)
     seed_jobs.sort(key=lambda j: j.index)  # seed by seed: an interrupted study has paired seeds
     storage.write_text(storage.join(study_dir, "best.json"), json.dumps(best, indent=1))
 

@@ -23,6 +23,7 @@ from jobs.tune import (
     job_config,
     markdown,
     plan_jobs,
+    plan_seed_jobs,
     sample_points,
     summarize,
     write_best,
@@ -53,6 +54,17 @@ def test_points_are_seeded_and_shared_by_every_tower() -> None:
     for tower in study.towers:  # the same budget: the same points, in the same order
         assert [j.settings for j in jobs if j.tower == tower] == points
     assert [j.tower for j in jobs[:3]] == list(study.towers)  # point by point: paired when interrupted
+
+
+def test_tower_seeds_give_a_tower_more_seed_runs_at_its_chosen_settings() -> None:
+    study = _study(seeds=2, tower_seeds={"tokenformer": 4})
+    chosen = {"train.sharding.dense_lr": 2e-3}
+    tf, dlrm = plan_seed_jobs(study, "tokenformer", chosen), plan_seed_jobs(study, "dlrm", chosen)
+    assert [j.key for j in tf] == [f"seed-tokenformer-{s}" for s in (1, 2, 3, 4)]
+    assert [j.key for j in dlrm] == ["seed-dlrm-1", "seed-dlrm-2"]
+    assert tf[2].settings == {"train.sharding.dense_lr": 2e-3, "train.seed": 3} and tf[2].kind == "seed"
+    with pytest.raises(ValueError, match="tower 'hstu', which is not in towers"):
+        _study(tower_seeds={"hstu": 3})
 
 
 def test_job_config_layers_the_study_over_the_base() -> None:
