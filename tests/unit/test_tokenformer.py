@@ -216,7 +216,7 @@ def test_the_user_centric_loss_takes_ratings_of_4_or_more_as_positive(uc_batch) 
     jts = uc_batch.sequences.to_dict()
     act = jts["hist_action"]
     ratings = torch.arange(act.values().numel()) % 5 + 1  # 1, 2, 3, 4, 5, 1, …
-    jts["hist_action"] = JaggedTensor(values=ratings, lengths=act.lengths())
+    jts["hist_action"] = rated_jt = JaggedTensor(values=ratings, lengths=act.lengths())
     batch = dataclasses.replace(uc_batch, sequences=KeyedJaggedTensor.from_jt_dict(jts))
     torch.manual_seed(0)
     train = RankingTrain(RankingModel(UC_SCHEMA, ModelConfig(tower="tokenformer", tokenformer=dataclasses.replace(
@@ -226,7 +226,7 @@ def test_the_user_centric_loss_takes_ratings_of_4_or_more_as_positive(uc_batch) 
         got = train._action_loss(batch, aux)
     L = UC_SCHEMA.sequences[0].max_len
     valid = torch.arange(L)[None] < act.lengths()[:, None]
-    rated = JaggedTensor(values=ratings, lengths=act.lengths()).to_padded_dense(desired_length=L)
+    rated = rated_jt.to_padded_dense(desired_length=L)
     logits = aux["action_logits_BL"][valid]
 
     def bce(target: torch.Tensor) -> torch.Tensor:
